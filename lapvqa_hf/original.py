@@ -85,3 +85,17 @@ class DiffVQAHead(nn.Module):
                 break
             ids = torch.cat([ids, next_ids.unsqueeze(1)], dim=1)
         return answers
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Fills every parameter with seeded noise (norm weights around 1), so parity checks exercise all of them.
+
+    Used to make upstream-layout checkpoints with random weights for tests, benchmarks and dry runs.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in module.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator) * std
+        is_norm_weight = "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight")
+        parameter.copy_(noise + 1.0 if is_norm_weight else noise)
+    return module

@@ -1,0 +1,144 @@
+"""Safe loading of untrusted upstream `.pt` files, strict key mapping and atomic output folders."""
+
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+
+class ConversionError(Exception):
+    """A checkpoint that cannot be converted; the message says what was expected and what was found."""
+
+
+def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a plain `{name: tensor}` state dict with `torch.load(weights_only=True)`.
+
+    Pickles that would run code, corrupt or truncated files and anything that is not a flat dict of tensors
+    are refused with a one-line `ConversionError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"(Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
+        what = f"it imports {refused.group(2)}" if refused else "it holds objects that are not plain tensors"
+        raise ConversionError(
+            f"{path}: refused to load a pickle that could run code ({what}); only plain state dicts are accepted."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
+        first_line = str(error).split(".")[0].strip() or type(error).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line}).") from None
+    if not isinstance(state_dict, dict):
+        raise ConversionError(f"{path}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConversionError(f"{path}: expected only tensors in the state dict, found other values under {not_tensors}.")
+    return state_dict
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StateDictMapper:
+    """Moves tensors from a source state dict to target names, each source tensor used exactly once.
+
+    Usage: call `rename` / `split` / `consume` for every rule, then `finish(expected)` checks that nothing
+    was left over and that the result has exactly the expected names and shapes.
+    """
+
+    def __init__(self, source: dict[str, torch.Tensor]):
+        self.source = source
+        self.used: set[str] = set()
+        self.target: dict[str, torch.Tensor] = {}
+
+    def consume(self, key: str) -> torch.Tensor:
+        if key not in self.source:
+            raise ConversionError(f"missing source tensor {key!r}.")
+        if key in self.used:
+            raise ConversionError(f"source tensor {key!r} would be used twice.")
+        self.used.add(key)
+        return self.source[key]
+
+    def rename(self, source_key: str, target_key: str) -> None:
+        self._put(target_key, self.consume(source_key))
+
+    def split(self, source_key: str, target_keys: list[str]) -> None:
+        """Splits a fused tensor (e.g. `in_proj_weight`) into equal chunks along dim 0."""
+        tensor = self.consume(source_key)
+        if tensor.shape[0] % len(target_keys):
+            raise ConversionError(
+                f"{source_key!r} has {tensor.shape[0]} rows, not divisible into {len(target_keys)} parts."
+            )
+        for key, chunk in zip(target_keys, tensor.chunk(len(target_keys))):
+            self._put(key, chunk.clone())
+
+    def rename_prefix(self, source_prefix: str, target_prefix: str, rule: Callable[[str], str] = lambda s: s) -> None:
+        """Renames every source key under `source_prefix`, applying `rule` to the rest of the name."""
+        for key in [k for k in self.source if k.startswith(source_prefix) and k not in self.used]:
+            self.rename(key, target_prefix + rule(key[len(source_prefix) :]))
+
+    def _put(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.target:
+            raise ConversionError(f"target tensor {key!r} would be written twice.")
+        self.target[key] = tensor.contiguous()
+
+    def finish(self, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        unused = sorted(set(self.source) - self.used)
+        if unused:
+            raise ConversionError(f"unknown keys in the checkpoint (not part of the expected layout): {unused}.")
+        missing = sorted(set(expected) - set(self.target))
+        unexpected = sorted(set(self.target) - set(expected))
+        if missing or unexpected:
+            raise ConversionError(f"mapping left target tensors unfilled {missing} and produced unknown ones {unexpected}.")
+        wrong = [
+            f"{key}: expected {list(expected[key])}, found {list(t.shape)}"
+            for key, t in self.target.items()
+            if t.shape != expected[key]
+        ]
+        if wrong:
+            raise ConversionError("shape mismatch: " + "; ".join(wrong) + ".")
+        return self.target
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `output` and moves it into place only if the block succeeds.
+
+    On any error the temporary folder is removed and `output` is untouched. An existing, non-empty `output`
+    is refused unless `overwrite`, in which case it is replaced whole, never merged.
+    """
+    output = Path(output).absolute()
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise ConversionError(f"{output} already exists and is not empty; pass --overwrite to replace it.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, retired / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

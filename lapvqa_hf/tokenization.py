@@ -1,0 +1,57 @@
+"""The GPT-2 vocabulary of the upstream models as a Transformers tokenizer, built from tiktoken's own files.
+
+tiktoken fetches (or, with `TIKTOKEN_CACHE_DIR`, reads offline) GPT-2's `encoder.json` and `vocab.bpe`, checks
+their sha256, and they become the tokenizer's `vocab.json` / `merges.txt`. The result encodes exactly as
+`tiktoken.get_encoding("gpt2").encode(text, disallowed_special=())`: `<|endoftext|>` spelled in text stays text.
+"""
+
+import json
+
+import torch
+from transformers import BatchEncoding, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from tiktoken.load import read_file_cached
+
+GPT2_ENCODER_JSON = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+END_OF_TEXT = "<|endoftext|>"
+
+
+def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
+    """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256)."""
+    vocab = json.loads(read_file_cached(GPT2_ENCODER_JSON, GPT2_ENCODER_JSON_SHA256))
+    merge_lines = read_file_cached(GPT2_VOCAB_BPE, GPT2_VOCAB_BPE_SHA256).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in merge_lines[1:] if line.strip()]
+    return GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        padding_side="left",
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+
+
+def encode_questions(
+    tokenizer: PreTrainedTokenizerBase, questions: str | list[str], return_tensors: str = "pt"
+) -> BatchEncoding:
+    """Builds DiffVQA prompts `question_ids + [bos]`, left-padded, with the attention mask `generate()` needs."""
+    if isinstance(questions, str):
+        questions = [questions]
+    if not questions:
+        raise ValueError("encode_questions needs at least one question.")
+    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] + [tokenizer.bos_token_id] for q in questions]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = [[pad] * (width - len(p)) + p for p in prompts]
+    attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    encoding = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if return_tensors == "pt":
+        encoding = {key: torch.tensor(value, dtype=torch.long) for key, value in encoding.items()}
+    return BatchEncoding(encoding)
