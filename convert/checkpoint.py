@@ -33,10 +33,14 @@ def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
             warnings.simplefilter("ignore")
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"(Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
-        what = f"it imports {refused.group(2)}" if refused else "it holds objects that are not plain tensors"
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
+        if refused:
+            raise ConversionError(
+                f"{path}: refused to load a pickle that could run code (it imports {refused.group(1)}); "
+                "only plain state dicts are accepted."
+            ) from None
         raise ConversionError(
-            f"{path}: refused to load a pickle that could run code ({what}); only plain state dicts are accepted."
+            f"{path}: not a readable PyTorch checkpoint (corrupt, or pickled objects other than tensors)."
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
         first_line = str(error).split(".")[0].strip() or type(error).__name__
