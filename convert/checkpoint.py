@@ -44,12 +44,16 @@ def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
         first_line = str(error).split(".")[0].strip() or type(error).__name__
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line}).") from None
+        raise ConversionError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line})."
+        ) from None
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{path}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ConversionError(f"{path}: expected only tensors in the state dict, found other values under {not_tensors}.")
+        raise ConversionError(
+            f"{path}: expected only tensors in the state dict, found other values under {not_tensors}."
+        )
     return state_dict
 
 
@@ -91,7 +95,7 @@ class StateDictMapper:
             raise ConversionError(
                 f"{source_key!r} has {tensor.shape[0]} rows, not divisible into {len(target_keys)} parts."
             )
-        for key, chunk in zip(target_keys, tensor.chunk(len(target_keys))):
+        for key, chunk in zip(target_keys, tensor.chunk(len(target_keys)), strict=True):
             self._put(key, chunk.clone())
 
     def rename_prefix(self, source_prefix: str, target_prefix: str, rule: Callable[[str], str] = lambda s: s) -> None:
@@ -111,7 +115,9 @@ class StateDictMapper:
         missing = sorted(set(expected) - set(self.target))
         unexpected = sorted(set(self.target) - set(expected))
         if missing or unexpected:
-            raise ConversionError(f"mapping left target tensors unfilled {missing} and produced unknown ones {unexpected}.")
+            raise ConversionError(
+                f"mapping left target tensors unfilled {missing} and produced unknown ones {unexpected}."
+            )
         wrong = [
             f"{key}: expected {list(expected[key])}, found {list(t.shape)}"
             for key, t in self.target.items()

@@ -204,7 +204,7 @@ def verify(
         num_beams=1,
     )
     converted_answers = [strip_answer(row, config.eos_token_id) for row in generated[:, prompt_length + 1 :].tolist()]
-    identical = sum(a == b for a, b in zip(original_answers, converted_answers))
+    identical = sum(a == b for a, b in zip(original_answers, converted_answers, strict=True))
     return VerifyReport(max_diff, identical, batch_size, tolerance)
 
 

@@ -1,6 +1,6 @@
 """`lapvqa`: the command line of lapvqa-hf, with `hf`-style subcommands.
 
-    lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
+lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
 """
 
 import argparse

@@ -4,7 +4,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
@@ -197,9 +196,7 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList([LapvqaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_final_layer_norm else None
-        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_final_layer_norm else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -264,7 +261,9 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, past_key_values=past_key_values
+        )
 
     def _check_positions(self, past_seen: int, seq_length: int) -> None:
         limit = self.config.max_position_embeddings

@@ -40,7 +40,9 @@ class DiffVQAHead(nn.Module):
             batch_first=True,
             norm_first=True,
         )
-        self.decoder = nn.TransformerDecoder(layer, num_layers=num_layers, norm=nn.LayerNorm(d_model) if final_norm else None)
+        self.decoder = nn.TransformerDecoder(
+            layer, num_layers=num_layers, norm=nn.LayerNorm(d_model) if final_norm else None
+        )
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.tok_emb.weight

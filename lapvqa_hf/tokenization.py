@@ -8,9 +8,8 @@ their sha256, and they become the tokenizer's `vocab.json` / `merges.txt`. The r
 import json
 
 import torch
-from transformers import BatchEncoding, GPT2Tokenizer, PreTrainedTokenizerBase
-
 from tiktoken.load import read_file_cached
+from transformers import BatchEncoding, GPT2Tokenizer, PreTrainedTokenizerBase
 
 GPT2_ENCODER_JSON = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"

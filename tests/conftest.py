@@ -10,9 +10,9 @@ if _TIKTOKEN_CACHE.is_dir():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from lapvqa_hf.convert.diffvqa import convert_state_dict  # noqa: E402
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel  # noqa: E402
-from lapvqa_hf.convert.diffvqa import convert_state_dict  # noqa: E402
 from lapvqa_hf.original import DiffVQAHead, randomize_  # noqa: E402
 
 # A small decoder with the real vocabulary; real-size cases say so explicitly.

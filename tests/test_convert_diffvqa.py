@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import visual_features
+from lapvqa_hf.convert import diffvqa
+
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.convert import diffvqa
 from lapvqa_hf.original import DiffVQAHead, randomize_
 
 SMALL_HEAD = dict(d_model=64, nhead=4, num_layers=3, dim_feedforward=80, max_len=60)
@@ -43,8 +43,13 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
     assert "verify passed: max |Δlogit| = " in printed and "identical for 3/3 samples" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "config.json", "configuration_lapvqa_diffvqa.py", "generation_config.json", "model.safetensors",
-        "modeling_lapvqa_diffvqa.py", "tokenizer.json", "tokenizer_config.json",
+        "config.json",
+        "configuration_lapvqa_diffvqa.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_lapvqa_diffvqa.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["encoder_name"] == "coca" and config["vis_dim"] == 768
@@ -67,7 +72,7 @@ def test_converted_model_matches_the_original_to_1e_5(tmp_path):
         curr_vis, ref_vis = visual_features(2, 7, 3, 1152)
         ids = torch.randint(0, 50256, (2, 11))
         with torch.no_grad():
-            diff = (model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits - original(curr_vis, ref_vis, ids))
+            diff = model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits - original(curr_vis, ref_vis, ids)
         assert diff.abs().max() < 1e-5
 
 
@@ -77,16 +82,33 @@ def test_real_size_checkpoint_converts_with_pinned_defaults(tmp_path):
     out = tmp_path / "out"
     assert run_cli(source, "--encoder", "clip-vit-l14", "--output", out) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["intermediate_size"], config["max_position_embeddings"]) == (6, 2048, 200)
+    assert (config["num_hidden_layers"], config["intermediate_size"], config["max_position_embeddings"]) == (
+        6,
+        2048,
+        200,
+    )
     assert config["num_attention_heads"] == 8 and config["vis_dim"] == 1024
 
 
 def test_module_entry_point(checkpoint, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "lapvqa_hf.convert.diffvqa", str(checkpoint), "--encoder", "coca",
-         "--output", str(out), "--num-heads", "4", "--no-verify"],
-        capture_output=True, text=True, env=os.environ,
+        [
+            sys.executable,
+            "-m",
+            "lapvqa_hf.convert.diffvqa",
+            str(checkpoint),
+            "--encoder",
+            "coca",
+            "--output",
+            str(out),
+            "--num-heads",
+            "4",
+            "--no-verify",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
     )
     assert result.returncode == 0, result.stderr
     assert "verify" not in result.stdout
@@ -164,7 +186,9 @@ def test_missing_keys_are_named(checkpoint, tmp_path, capsys):
     state = torch.load(checkpoint, weights_only=True)
     del state["decoder.layers.1.multihead_attn.in_proj_bias"]
     torch.save(state, checkpoint)
-    assert "missing source tensor 'decoder.layers.1.multihead_attn.in_proj_bias'" in _refused(tmp_path, capsys, checkpoint)
+    assert "missing source tensor 'decoder.layers.1.multihead_attn.in_proj_bias'" in _refused(
+        tmp_path, capsys, checkpoint
+    )
 
 
 def test_wrong_shapes_are_named(checkpoint, tmp_path, capsys):

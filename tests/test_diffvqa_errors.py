@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
+from conftest import make_pair, visual_features
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
-from conftest import make_pair, visual_features
 from lapvqa_hf import LapvqaDiffVQAConfig
 
 
@@ -61,7 +60,10 @@ def test_prompt_longer_than_the_learned_positions(model):
 
 def test_prompt_plus_new_tokens_longer_than_the_learned_positions(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
-    with pytest.raises(ValueError, match=r"prompt \(150 tokens\) plus 60 new tokens needs 209 positions, 9 more .* max_new_tokens <= 51"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt \(150 tokens\) plus 60 new tokens needs 209 positions, 9 more .* max_new_tokens <= 51",
+    ):
         model.generate(**_prompt(150), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=60)
 
 
@@ -81,10 +83,14 @@ def test_forward_refuses_too_many_positions(model):
 
 # Config validation goes through huggingface_hub's strict dataclasses, which wrap the ValueError.
 def test_config_refuses_an_encoder_with_another_width():
-    with pytest.raises(StrictDataclassClassValidationError, match="encoder_name='siglip' gives 1152-dim features, but vis_dim is 768"):
+    with pytest.raises(
+        StrictDataclassClassValidationError, match="encoder_name='siglip' gives 1152-dim features, but vis_dim is 768"
+    ):
         LapvqaDiffVQAConfig(encoder_name="siglip", vis_dim=768)
 
 
 def test_config_refuses_heads_that_do_not_divide_the_width():
-    with pytest.raises(StrictDataclassClassValidationError, match=r"hidden_size \(512\) must be divisible by num_attention_heads \(7\)"):
+    with pytest.raises(
+        StrictDataclassClassValidationError, match=r"hidden_size \(512\) must be divisible by num_attention_heads \(7\)"
+    ):
         LapvqaDiffVQAConfig(num_attention_heads=7)

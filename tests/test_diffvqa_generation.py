@@ -2,20 +2,17 @@
 
 import pytest
 import torch
+from conftest import make_pair, visual_features
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import CompileConfig
 from transformers.generation.streamers import BaseStreamer
-
-from conftest import answers_of, make_pair, visual_features
 
 
 def _inputs(batch=2, prompt_length=6, vis_dim=768, num_curr=10, num_ref=8, seed=0):
     curr_vis, ref_vis = visual_features(batch, num_curr, num_ref, vis_dim, seed=seed)
     input_ids = torch.randint(0, 50256, (batch, prompt_length), generator=torch.Generator().manual_seed(seed))
     input_ids[:, -1] = 50256  # bos
-    return dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), curr_vis=curr_vis, ref_vis=ref_vis
-    )
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), curr_vis=curr_vis, ref_vis=ref_vis)
 
 
 class CallCounter:
@@ -56,8 +53,13 @@ def test_generate_uses_the_kv_cache():
 def test_beam_search_returns_sequences_and_scores():
     _, model = make_pair(768)
     out = model.generate(
-        **_inputs(), max_new_tokens=6, num_beams=4, num_return_sequences=2,
-        do_sample=False, return_dict_in_generate=True, output_scores=True,
+        **_inputs(),
+        max_new_tokens=6,
+        num_beams=4,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     assert out.sequences.shape[0] == 4
     assert out.sequences_scores.shape == (4,)
@@ -117,7 +119,10 @@ class StopAfter(StoppingCriteria):
 def test_stopping_criteria_are_honoured():
     _, model = make_pair(768)
     out = model.generate(
-        **_inputs(), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+        **_inputs(),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
         stopping_criteria=StoppingCriteriaList([StopAfter(9)]),
     )
     assert out.shape[1] == 9
@@ -154,8 +159,12 @@ def test_static_cache_with_torch_compile_matches_eager_generation():
     original_get_compiled_call = model.get_compiled_call
     model.get_compiled_call = lambda cfg: calls.append(cfg) or original_get_compiled_call(cfg)
     found = model.generate(
-        **inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-        cache_implementation="static", compile_config=compile_config,
+        **inputs,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=compile_config,
     )
     assert calls, "generate() did not take the compiled path"
     assert torch.equal(expected, found)

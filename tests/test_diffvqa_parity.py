@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import answers_of, make_pair, visual_features
 
 
@@ -28,7 +27,9 @@ def test_logits_match_original(vis_dim, num_curr, num_ref, final_norm, tied, att
 
 
 def test_logits_match_original_at_real_size():
-    original, model = make_pair(768, final_norm=True, tie_weights=False, std=0.02, d_model=512, nhead=8, num_layers=6, dim_feedforward=2048)
+    original, model = make_pair(
+        768, final_norm=True, tie_weights=False, std=0.02, d_model=512, nhead=8, num_layers=6, dim_feedforward=2048
+    )
     curr_vis, ref_vis = visual_features(2, 256, 256, 768)
     input_ids = torch.randint(0, 50256, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_greedy_answers_identical_including_early_eos(attn_implementation):
     )
     assert answers_of(generated, 6, eos_token_id=7) == expected
     # Finished rows are padded with eos (= pad), as GenerationMixin does.
-    for row, answer in zip(generated[:, 6:].tolist(), expected):
+    for row, answer in zip(generated[:, 6:].tolist(), expected, strict=True):
         assert all(token == 7 for token in row[len(answer) :])
 
 
@@ -107,7 +108,9 @@ def test_left_padded_batch_equals_one_by_one(attn_implementation, gpt2_tokenizer
         )
         assert answers_of(alone, single.input_ids.shape[1], 50256) == [batched[i]]
         question_ids = single.input_ids[:, :-1]
-        assert original.generate(curr_vis[i : i + 1], ref_vis[i : i + 1], question_ids, 50256, 50256, 10) == [batched[i]]
+        assert original.generate(curr_vis[i : i + 1], ref_vis[i : i + 1], question_ids, 50256, 50256, 10) == [
+            batched[i]
+        ]
 
 
 def test_padded_rows_produce_no_nan_logits():
@@ -132,4 +135,3 @@ def test_sdpa_equals_eager():
         b = sdpa(input_ids=input_ids, attention_mask=mask, curr_vis=curr_vis, ref_vis=ref_vis).logits
     assert (a[1] - b[1]).abs().max() < 1e-5
     assert (a[0, 4:] - b[0, 4:]).abs().max() < 1e-5
-

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import make_pair, visual_features
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import make_pair, visual_features
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 
 
@@ -125,12 +125,21 @@ def test_remote_code_loads_without_the_package(saved, tmp_path):
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         assert torch.equal(remote["logits"], model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits)
-    local = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), curr_vis=curr_vis, ref_vis=ref_vis,
-                           max_new_tokens=4, do_sample=False)
+    local = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        curr_vis=curr_vis,
+        ref_vis=ref_vis,
+        max_new_tokens=4,
+        do_sample=False,
+    )
     assert torch.equal(remote["answer"], local)

@@ -46,7 +46,9 @@ def test_encoding_equals_tiktoken(saved_tokenizer, tiktoken_gpt2, text):
 
 def test_whole_corpus_as_one_text(saved_tokenizer, tiktoken_gpt2):
     text = "\n".join(RADIOLOGY_CORPUS)
-    assert saved_tokenizer(text, add_special_tokens=False)["input_ids"] == tiktoken_gpt2.encode(text, disallowed_special=())
+    assert saved_tokenizer(text, add_special_tokens=False)["input_ids"] == tiktoken_gpt2.encode(
+        text, disallowed_special=()
+    )
 
 
 def test_special_tokens_are_the_upstream_ones(saved_tokenizer):
@@ -59,8 +61,8 @@ def test_special_tokens_are_the_upstream_ones(saved_tokenizer):
 def test_encode_questions_appends_bos_and_left_pads(saved_tokenizer, tiktoken_gpt2):
     questions = ["what changed?", "is the effusion larger than before?"]
     batch = encode_questions(saved_tokenizer, questions)
-    for row, mask, question in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), questions):
-        kept = [t for t, m in zip(row, mask) if m]
+    for row, mask, question in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), questions, strict=True):
+        kept = [t for t, m in zip(row, mask, strict=True) if m]
         assert kept == tiktoken_gpt2.encode(question) + [50256]
         assert mask == sorted(mask), "padding must be on the left"
 
