@@ -4,7 +4,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.generation import GenerationMixin
@@ -180,12 +179,6 @@ class LapvqaPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(LapvqaAttention, index=1, layer_name="self_attn"),
         "cross_attentions": OutputRecorder(LapvqaAttention, index=1, layer_name="encoder_attn"),
     }
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
 
 class LapvqaTextDecoder(LapvqaPreTrainedModel):

@@ -143,3 +143,11 @@ def test_remote_code_loads_without_the_package(saved, tmp_path):
         do_sample=False,
     )
     assert torch.equal(remote["answer"], local)
+
+
+def test_fresh_models_are_initialised_like_transformers_models():
+    model = LapvqaDiffVQAModel(LapvqaDiffVQAConfig(num_hidden_layers=2, initializer_range=0.02))
+    assert abs(model.decoder.layers[0].fc1.weight.std().item() - 0.02) < 2e-3
+    assert abs(model.decoder.embed_tokens.weight.std().item() - 0.02) < 2e-3
+    assert torch.all(model.decoder.layers[1].encoder_attn.q_proj.bias == 0)
+    assert torch.all(model.decoder.norm.weight == 1) and torch.all(model.decoder.norm.bias == 0)
