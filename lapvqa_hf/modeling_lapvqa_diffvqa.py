@@ -268,7 +268,64 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
             )
 
 
-class LapvqaDiffVQAModel(LapvqaPreTrainedModel, GenerationMixin):
+class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
+    """`generate()` for LAPVQA decoders: a cross-attention cache over the visual memory, position limits.
+
+    Models define `_visual_memory_length(model_kwargs)`: the number of visual tokens the decoder attends to.
+    """
+
+    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _with_cross_attention_cache(
+        past_key_values: Cache | None, config, use_cache: bool
+    ) -> tuple[EncoderDecoderCache | None, bool]:
+        """Pairs a plain self-attention cache with a cross-attention one; says whether the memory is cached."""
+        if not use_cache:
+            return None, False
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
+        memory_is_cached = past_key_values is not None and bool(past_key_values.is_updated.get(0, False))
+        return past_key_values, memory_is_cached
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        limit = self.config.max_position_embeddings
+        if input_ids_length > limit:
+            raise ValueError(
+                f"The prompt has {input_ids_length} tokens, {input_ids_length - limit} more than the {limit} learned "
+                "positions of this model. Shorten the question."
+            )
+        # The last generated token is never fed back, so max_length tokens need max_length - 1 positions.
+        needed = generation_config.max_length - 1
+        if needed > limit:
+            room = limit - input_ids_length + 1
+            raise ValueError(
+                f"The prompt ({input_ids_length} tokens) plus {generation_config.max_length - input_ids_length} new "
+                f"tokens needs {needed} positions, {needed - limit} more than the {limit} learned positions of this "
+                f"model. Use max_new_tokens <= {room} for this prompt."
+            )
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """Pairs the self-attention cache `generate()` builds with a cross-attention cache for the visual memory.
+
+        A static self-attention cache gets a static cross-attention cache sized to the memory (so compiled
+        decoding sees fixed shapes); otherwise the cross part is dynamic.
+        """
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is None or isinstance(cache, EncoderDecoderCache):
+            return
+        memory_length = self._visual_memory_length(model_kwargs)
+        if isinstance(cache, StaticCache) and memory_length is not None:
+            cross_cache = StaticCache(config=self.config, max_cache_len=memory_length)
+        else:
+            cross_cache = DynamicCache(config=self.config)
+        model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
+
+
+class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
     """The upstream `DiffVQAHead`: answers a question about the change between a prior and a current X-ray.
 
     The visual memory is `[vis_proj(ref_vis) + frame_emb(0) ; vis_proj(curr_vis) + frame_emb(1)]`
@@ -301,6 +358,10 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> LapvqaTextDecoder:
         return self.decoder
+
+    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
+        curr_vis, ref_vis = model_kwargs.get("curr_vis"), model_kwargs.get("ref_vis")
+        return None if curr_vis is None or ref_vis is None else curr_vis.shape[1] + ref_vis.shape[1]
 
     def encode_visual(self, curr_vis: torch.Tensor, ref_vis: torch.Tensor) -> torch.Tensor:
         """Projects both images' patch tokens and tags them with their frame: `[B, N_ref + N_curr, hidden]`."""
@@ -356,12 +417,7 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`): compute logits for the last N positions only (0 = all).
         """
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if use_cache and past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
-        if not use_cache:
-            past_key_values = None
-
-        memory_is_cached = past_key_values is not None and bool(past_key_values.is_updated.get(0, False))
+        past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
         encoder_hidden_states = None if memory_is_cached else self.encode_visual(curr_vis, ref_vis)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != batch_size:
@@ -396,43 +452,11 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, GenerationMixin):
             cross_attentions=outputs.cross_attentions,
         )
 
-    # --- generate() hooks ------------------------------------------------------------------------------------
 
-    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
-        limit = self.config.max_position_embeddings
-        if input_ids_length > limit:
-            raise ValueError(
-                f"The prompt has {input_ids_length} tokens, {input_ids_length - limit} more than the {limit} learned "
-                "positions of this model. Shorten the question."
-            )
-        # The last generated token is never fed back, so max_length tokens need max_length - 1 positions.
-        needed = generation_config.max_length - 1
-        if needed > limit:
-            room = limit - input_ids_length + 1
-            raise ValueError(
-                f"The prompt ({input_ids_length} tokens) plus {generation_config.max_length - input_ids_length} new "
-                f"tokens needs {needed} positions, {needed - limit} more than the {limit} learned positions of this "
-                f"model. Use max_new_tokens <= {room} for this prompt."
-            )
-        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """Pairs the self-attention cache `generate()` builds with a cross-attention cache for the visual memory.
-
-        A static self-attention cache gets a static cross-attention cache sized to the memory (so compiled
-        decoding sees fixed shapes); otherwise the cross part is dynamic.
-        """
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if cache is None or isinstance(cache, EncoderDecoderCache):
-            return
-        curr_vis, ref_vis = model_kwargs.get("curr_vis"), model_kwargs.get("ref_vis")
-        if isinstance(cache, StaticCache) and curr_vis is not None and ref_vis is not None:
-            memory_length = curr_vis.shape[1] + ref_vis.shape[1]
-            cross_cache = StaticCache(config=self.config, max_cache_len=memory_length)
-        else:
-            cross_cache = DynamicCache(config=self.config)
-        model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
-
-
-__all__ = ["LapvqaDiffVQAModel", "LapvqaPreTrainedModel", "LapvqaTextDecoder"]
+__all__ = [
+    "LapvqaCrossAttentionGenerationMixin",
+    "LapvqaDecoderLayer",
+    "LapvqaDiffVQAModel",
+    "LapvqaPreTrainedModel",
+    "LapvqaTextDecoder",
+]

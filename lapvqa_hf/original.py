@@ -9,6 +9,51 @@ import torch
 from torch import nn
 
 
+def transformer_decoder(
+    d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float, activation: str, final_norm: bool
+) -> nn.TransformerDecoder:
+    """The pinned upstream decoder: PyTorch's own pre-norm `TransformerDecoder` (and so its state-dict keys)."""
+    layer = nn.TransformerDecoderLayer(
+        d_model=d_model,
+        nhead=nhead,
+        dim_feedforward=dim_feedforward,
+        dropout=dropout,
+        activation=activation,
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerDecoder(layer, num_layers=num_layers, norm=nn.LayerNorm(d_model) if final_norm else None)
+
+
+def decode(head: nn.Module, input_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """Logits of `head.decoder` over learned positions 0..T-1 with a causal mask, attending to `memory`."""
+    length = input_ids.shape[1]
+    x = head.tok_emb(input_ids) + head.pos_emb(torch.arange(length, device=input_ids.device))
+    causal = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
+    return head.lm_head(head.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))
+
+
+def greedy_answers(
+    logits_of, prompt_ids: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """The upstream loop: append bos, re-run the whole sequence per token, stop each sample at eos."""
+    batch = prompt_ids.shape[0]
+    bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=prompt_ids.device)
+    ids = torch.cat([prompt_ids, bos], dim=1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    for _ in range(max_new_tokens):
+        next_ids = logits_of(ids)[:, -1].argmax(-1)
+        for i in range(batch):
+            if not finished[i] and next_ids[i].item() != eos_id:
+                answers[i].append(next_ids[i].item())
+        finished |= next_ids == eos_id
+        if finished.all():
+            break
+        ids = torch.cat([ids, next_ids.unsqueeze(1)], dim=1)
+    return answers
+
+
 class DiffVQAHead(nn.Module):
     """`lapvqa.diffvqa.model.DiffVQAHead` (SPEC.md section 1)."""
 
@@ -31,18 +76,7 @@ class DiffVQAHead(nn.Module):
         self.frame_emb = nn.Embedding(2, d_model)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_len, d_model)
-        layer = nn.TransformerDecoderLayer(
-            d_model=d_model,
-            nhead=nhead,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            activation=activation,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.decoder = nn.TransformerDecoder(
-            layer, num_layers=num_layers, norm=nn.LayerNorm(d_model) if final_norm else None
-        )
+        self.decoder = transformer_decoder(d_model, nhead, num_layers, dim_feedforward, dropout, activation, final_norm)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.tok_emb.weight
@@ -54,12 +88,7 @@ class DiffVQAHead(nn.Module):
         return torch.cat([self.vis_proj(ref_vis) + ref_frame, self.vis_proj(curr_vis) + curr_frame], dim=1)
 
     def forward(self, curr_vis: torch.Tensor, ref_vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device)
-        x = self.tok_emb(input_ids) + self.pos_emb(positions)
-        causal = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
-        hidden = self.decoder(x, self.memory(curr_vis, ref_vis), tgt_mask=causal, tgt_is_causal=True)
-        return self.lm_head(hidden)
+        return decode(self, input_ids, self.memory(curr_vis, ref_vis))
 
     @torch.no_grad()
     def generate(
@@ -72,21 +101,125 @@ class DiffVQAHead(nn.Module):
         max_new_tokens: int,
     ) -> list[list[int]]:
         """Greedy answers, one list of ids per sample, without the prompt, bos or eos."""
-        batch = prompt_ids.shape[0]
-        bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=prompt_ids.device)
-        ids = torch.cat([prompt_ids, bos], dim=1)
-        finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-        answers: list[list[int]] = [[] for _ in range(batch)]
-        for _ in range(max_new_tokens):
-            next_ids = self(curr_vis, ref_vis, ids)[:, -1].argmax(-1)
-            for i in range(batch):
-                if not finished[i] and next_ids[i].item() != eos_id:
-                    answers[i].append(next_ids[i].item())
-            finished |= next_ids == eos_id
-            if finished.all():
-                break
-            ids = torch.cat([ids, next_ids.unsqueeze(1)], dim=1)
-        return answers
+        return greedy_answers(lambda ids: self(curr_vis, ref_vis, ids), prompt_ids, bos_id, eos_id, max_new_tokens)
+
+
+class TimmAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(batch, length, dim))
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TimmAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = TimmMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmPatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """The captioning model's ViT-L/14 in timm's `VisionTransformer` key layout (SPEC.md section 2).
+
+    Returns the patch tokens after the final norm, CLS dropped: `[B, grid², dim]`.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.patch_embed = TimmPatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, embed_dim))
+        self.blocks = nn.Sequential(*[TimmBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))[:, 1:]
+
+
+class CaptioningModel(nn.Module):
+    """`lapvqa.pretrain.model.CaptioningModel` (SPEC.md section 2): ViT encoder + report decoder."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        vision_width: int = 1024,
+        vision_depth: int = 24,
+        vision_heads: int = 16,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        vocab_size: int = 50257,
+        max_len: int = 256,
+        final_norm: bool = True,
+        tie_weights: bool = False,
+    ):
+        super().__init__()
+        self.vision_encoder = VisionTransformer(img_size, patch_size, 3, vision_width, vision_depth, vision_heads)
+        self.vis_proj = nn.Linear(vision_width, d_model)
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.decoder = transformer_decoder(d_model, nhead, num_layers, dim_feedforward, dropout, activation, final_norm)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return decode(self, input_ids, self.vis_proj(self.vision_encoder(images)))
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+        """Greedy reports from `[bos]`, one list of ids per image, without bos or eos."""
+        memory = self.vis_proj(self.vision_encoder(images))
+        start = torch.empty(images.shape[0], 0, dtype=torch.long, device=images.device)
+        return greedy_answers(lambda ids: decode(self, ids, memory), start, bos_id, eos_id, max_new_tokens)
 
 
 @torch.no_grad()
