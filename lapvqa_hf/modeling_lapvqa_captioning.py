@@ -1,0 +1,141 @@
+"""LAPVQA captioning model: the ViT-L/14 encoder and a 6-layer report decoder, trained on MIMIC-CXR reports."""
+
+import torch
+from torch import nn
+
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .modeling_lapvqa_diffvqa import LapvqaCrossAttentionGenerationMixin, LapvqaTextDecoder
+from .modeling_lapvqa_vision import LapvqaVisionModel
+
+
+class LapvqaCaptioningPreTrainedModel(PreTrainedModel):
+    config: LapvqaCaptioningConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LapvqaDecoderLayer", "LapvqaVisionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+
+class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
+    """Generates a radiology report from a chest X-ray.
+
+    The encoder's patch tokens are projected to the decoder width and form the memory every decoder layer
+    attends to; `generate(pixel_values=...)` starts from `[bos]`, encodes the image once and caches the
+    cross-attention keys/values.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
+    main_input_name = "input_ids"
+
+    def __init__(self, config: LapvqaCaptioningConfig):
+        super().__init__(config)
+        self.vision_model = LapvqaVisionModel(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.hidden_size)
+        self.decoder = LapvqaTextDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> LapvqaTextDecoder:
+        return self.decoder
+
+    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
+        pixel_values = model_kwargs.get("pixel_values")
+        if pixel_values is None:
+            return None
+        patch = self.config.vision_config.patch_size
+        return (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The decoder's memory: projected patch tokens `[B, grid², hidden_size]`."""
+        patch_tokens = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.visual_projection(patch_tokens.last_hidden_state)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch, seq]`): `[bos] + report_ids (+ [eos])`; with a cache,
+                only the tokens not yet seen.
+            attention_mask (`torch.Tensor` of shape `[batch, past + seq]`, *optional*): 0 on padding.
+            pixel_values (`torch.Tensor` of shape `[batch, 3, image_size, image_size]`): from
+                `LapvqaImageProcessor`; needed on the first step, ignored once the visual memory is cached.
+            labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
+                (shifted inside the loss); -100 is ignored.
+            interpolate_pos_encoding (`bool`): let the encoder accept other image sizes (see `LapvqaVisionModel`).
+        """
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
+        encoder_hidden_states = None
+        if not memory_is_cached:
+            if pixel_values is None:
+                raise ValueError(
+                    "Missing pixel_values: the image is required on the first step, before the cross-attention "
+                    "keys/values are cached. Prepare it with LapvqaImageProcessor."
+                )
+            encoder_hidden_states = self.get_image_features(pixel_values, interpolate_pos_encoding)
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if encoder_hidden_states.shape[0] != batch_size:
+                raise ValueError(
+                    f"pixel_values holds {encoder_hidden_states.shape[0]} images but the text holds {batch_size}."
+                )
+
+        outputs = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+        )
+
+
+__all__ = ["LapvqaCaptioningModel", "LapvqaCaptioningPreTrainedModel"]
