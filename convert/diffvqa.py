@@ -9,48 +9,38 @@ is verified against the faithful original before anything is written.
 """
 
 import argparse
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
 from lapvqa_hf.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from lapvqa_hf.original import DiffVQAHead
-from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir, load_untrusted_state_dict, sha256_of
+from .checkpoint import ConversionError, StateDictMapper, load_untrusted_state_dict, sha256_of
+from .common import (
+    DECODER_ASSUMPTIONS,
+    VerifyReport,
+    add_common_arguments,
+    default_generation_config,
+    expected_shapes,
+    map_text_decoder,
+    read_text_decoder_fields,
+    run_reporting_errors,
+    save_gpt2_tokenizer,
+    strip_answer,
+    tensor_shape,
+    write_verified,
+)
 
 ASSUMPTIONS = (
-    "decoder is torch.nn.TransformerDecoder(norm_first=True, batch_first=True) with PyTorch's state-dict keys",
-    "token embeddings are not scaled; positions are 0..T-1 over the text",
-    "prompt layout: question_ids + [bos] + answer_ids + [eos]; bos = eos = pad = 50256 (GPT-2 <|endoftext|>)",
+    *DECODER_ASSUMPTIONS,
+    "prompt layout: question_ids + [bos] + answer_ids + [eos]",
     "memory = [vis_proj(ref) + frame_emb(0) ; vis_proj(curr) + frame_emb(1)]",
 )
 
-DEFAULT_MAX_NEW_TOKENS = 128
-
-LAYER_RENAMES = {
-    "self_attn.out_proj.": "self_attn.out_proj.",
-    "multihead_attn.out_proj.": "encoder_attn.out_proj.",
-    "linear1.": "fc1.",
-    "linear2.": "fc2.",
-    "norm1.": "self_attn_layer_norm.",
-    "norm2.": "encoder_attn_layer_norm.",
-    "norm3.": "final_layer_norm.",
-}
-
-
-def _shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int) -> torch.Size:
-    if key not in state_dict:
-        raise ConversionError(f"not a DiffVQAHead state dict: missing {key!r}.")
-    shape = state_dict[key].shape
-    if len(shape) != ndim:
-        raise ConversionError(f"{key!r} should have {ndim} dimensions, found shape {list(shape)}.")
-    return shape
+WHAT = "DiffVQAHead"
 
 
 def infer_config(
@@ -62,13 +52,13 @@ def infer_config(
     """Reads the architecture from the weights; heads and activation are the pinned (or given) assumptions."""
     if encoder not in KNOWN_ENCODERS:
         raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(KNOWN_ENCODERS)}.")
-    hidden_size, vis_dim = _shape(state_dict, "vis_proj.weight", 2)
-    vocab_size, token_width = _shape(state_dict, "tok_emb.weight", 2)
-    num_positions, position_width = _shape(state_dict, "pos_emb.weight", 2)
-    num_frames, frame_width = _shape(state_dict, "frame_emb.weight", 2)
-    if {token_width, position_width, frame_width} != {hidden_size} or num_frames != 2:
+    decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, WHAT)
+    hidden_size = decoder_fields["hidden_size"]
+    projection_width, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
+    num_frames, frame_width = tensor_shape(state_dict, "frame_emb.weight", 2, WHAT)
+    if projection_width != hidden_size or (num_frames, frame_width) != (2, hidden_size):
         raise ConversionError(
-            f"inconsistent widths: vis_proj {hidden_size}, tok_emb {token_width}, pos_emb {position_width}, "
+            f"inconsistent widths: tok_emb {hidden_size}, vis_proj {projection_width}, "
             f"frame_emb {num_frames}x{frame_width} (expected 2x{hidden_size})."
         )
     if KNOWN_ENCODERS[encoder] != vis_dim:
@@ -76,26 +66,7 @@ def infer_config(
             f"--encoder {encoder} gives {KNOWN_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
             f"takes {vis_dim}; pick the encoder this head was trained on."
         )
-    layer_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
-    if not layer_ids or layer_ids != list(range(len(layer_ids))):
-        raise ConversionError(f"decoder layers must be numbered 0..L-1, found {layer_ids}.")
-    intermediate_size = _shape(state_dict, "decoder.layers.0.linear1.weight", 2)[0]
-    if hidden_size % num_attention_heads:
-        raise ConversionError(f"--num-heads {num_attention_heads} does not divide the width {hidden_size}.")
-    tied = "lm_head.weight" in state_dict and torch.equal(state_dict["lm_head.weight"], state_dict["tok_emb.weight"])
-    return LapvqaDiffVQAConfig(
-        vis_dim=vis_dim,
-        hidden_size=hidden_size,
-        num_hidden_layers=len(layer_ids),
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_act=hidden_act,
-        max_position_embeddings=num_positions,
-        vocab_size=vocab_size,
-        use_final_layer_norm="decoder.norm.weight" in state_dict,
-        tie_word_embeddings=tied,
-        encoder_name=encoder,
-    )
+    return LapvqaDiffVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQAConfig) -> dict[str, torch.Tensor]:
@@ -103,28 +74,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQ
     mapper = StateDictMapper(state_dict)
     mapper.rename_prefix("vis_proj.", "visual_projection.")
     mapper.rename("frame_emb.weight", "frame_embeddings.weight")
-    mapper.rename("tok_emb.weight", "decoder.embed_tokens.weight")
-    mapper.rename("pos_emb.weight", "decoder.embed_positions.weight")
-    if config.tie_word_embeddings:
-        mapper.consume("lm_head.weight")  # the same tensor as tok_emb.weight: tied in the converted model
-    else:
-        mapper.rename("lm_head.weight", "lm_head.weight")
-    if config.use_final_layer_norm:
-        mapper.rename_prefix("decoder.norm.", "decoder.norm.")
-    for i in range(config.num_hidden_layers):
-        source, target = f"decoder.layers.{i}.", f"decoder.layers.{i}."
-        for attention, renamed in (("self_attn", "self_attn"), ("multihead_attn", "encoder_attn")):
-            for kind in ("weight", "bias"):
-                mapper.split(
-                    f"{source}{attention}.in_proj_{kind}",
-                    [f"{target}{renamed}.{p}_proj.{kind}" for p in ("q", "k", "v")],
-                )
-        for old, new in LAYER_RENAMES.items():
-            mapper.rename_prefix(source + old, target + new)
-    expected = {k: v.shape for k, v in LapvqaDiffVQAModel(config).state_dict().items() if k != "lm_head.weight"}
-    if not config.tie_word_embeddings:
-        expected["lm_head.weight"] = torch.Size([config.vocab_size, config.hidden_size])
-    return mapper.finish(expected)
+    map_text_decoder(mapper, config)
+    return mapper.finish(expected_shapes(LapvqaDiffVQAModel(config)))
 
 
 def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQAConfig) -> DiffVQAHead:
@@ -143,25 +94,6 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
     )
     head.load_state_dict(state_dict, strict=True)
     return head.eval()
-
-
-@dataclass
-class VerifyReport:
-    max_abs_logit_diff: float
-    greedy_identical: int
-    greedy_total: int
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_logit_diff <= self.tolerance and self.greedy_identical == self.greedy_total
-
-    def __str__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"verify {verdict}: max |Δlogit| = {self.max_abs_logit_diff:.2e} (tolerance {self.tolerance:.0e}); "
-            f"greedy answers identical for {self.greedy_identical}/{self.greedy_total} samples"
-        )
 
 
 @torch.no_grad()
@@ -203,25 +135,9 @@ def verify(
         do_sample=False,
         num_beams=1,
     )
-    converted_answers = [strip_answer(row, config.eos_token_id) for row in generated[:, prompt_length + 1 :].tolist()]
-    identical = sum(a == b for a, b in zip(original_answers, converted_answers, strict=True))
-    return VerifyReport(max_diff, identical, batch_size, tolerance)
-
-
-def strip_answer(token_ids: list[int], eos_token_id: int) -> list[int]:
-    """The answer ids up to (not including) the first eos."""
-    return token_ids[: token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids
-
-
-def default_generation_config(config: LapvqaDiffVQAConfig) -> GenerationConfig:
-    # The upstream card generates up to 128 new tokens; question + answer must still fit the learned positions.
-    return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-        do_sample=False,
-    )
+    converted = [strip_answer(row, config.eos_token_id) for row in generated[:, prompt_length + 1 :].tolist()]
+    identical = sum(a == b for a, b in zip(original_answers, converted, strict=True))
+    return VerifyReport(max_diff, tolerance, identical, batch_size)
 
 
 def convert_diffvqa(
@@ -251,39 +167,34 @@ def convert_diffvqa(
         f"{config.intermediate_size}, {config.max_position_embeddings} positions, final norm "
         f"{'yes' if config.use_final_layer_norm else 'no'}, lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
     )
-    converted = convert_state_dict(state_dict, config)
-    output = Path(output)
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
-        model = LapvqaDiffVQAModel(config)
-        model.load_state_dict(converted, strict=not config.tie_word_embeddings)
-        model.tie_weights()
-        model.generation_config = default_generation_config(config)
-        model.save_pretrained(staging)
-        build_gpt2_tokenizer(config.max_position_embeddings).save_pretrained(staging)
-        if run_verify:
-            reloaded = LapvqaDiffVQAModel.from_pretrained(staging)
-            report = verify(original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
-            log(str(report))
-            if not report.passed:
-                raise ConversionError(f"{report}; nothing was written to {output}.")
-    log(f"wrote {output}")
-    return output
+    model = LapvqaDiffVQAModel(config)
+    model.load_state_dict(convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
+    model.tie_weights()
+    model.generation_config = default_generation_config(config)
+
+    def verify_written(folder: Path) -> VerifyReport:
+        reloaded = LapvqaDiffVQAModel.from_pretrained(folder)
+        return verify(original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
+
+    return write_verified(
+        model,
+        output,
+        verify_written if run_verify else None,
+        overwrite=overwrite,
+        extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
+        log=log,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="upstream DiffVQAHead state dict, e.g. coca_best.pt")
     parser.add_argument("--encoder", required=True, choices=sorted(KNOWN_ENCODERS), help="frozen encoder of the head")
-    parser.add_argument("--output", required=True, type=Path, help="model folder to write (atomically)")
-    parser.add_argument("--num-heads", type=int, default=8, help="attention heads (not in the weights; default 8)")
-    parser.add_argument("--activation", default="relu", choices=["relu", "gelu"], help="FFN activation (default relu)")
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δlogit| the verify step accepts")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_common_arguments(parser, default_heads=8)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        convert_diffvqa(
+    return run_reporting_errors(
+        lambda: convert_diffvqa(
             args.checkpoint,
             args.encoder,
             args.output,
@@ -293,10 +204,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             tolerance=args.tolerance,
         )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

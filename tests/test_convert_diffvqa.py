@@ -57,7 +57,8 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
     info = config["conversion_info"]
     assert info["source_file"] == "coca_best.pt" and len(info["source_sha256"]) == 64
     assert info["assumed_num_attention_heads"] == 4
-    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 128
+    # The card's 128 new tokens, capped by what the 60 learned positions allow.
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 59
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
@@ -88,6 +89,7 @@ def test_real_size_checkpoint_converts_with_pinned_defaults(tmp_path):
         200,
     )
     assert config["num_attention_heads"] == 8 and config["vis_dim"] == 1024
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 128
 
 
 def test_module_entry_point(checkpoint, tmp_path):

@@ -1,0 +1,198 @@
+"""Pieces every LAPVQA converter shares: the pinned text decoder's key mapping, verification reports,
+generation defaults, the write-verify-publish flow and the command-line options."""
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+
+from lapvqa_hf.tokenization import build_gpt2_tokenizer
+
+from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+DECODER_ASSUMPTIONS = (
+    "decoder is torch.nn.TransformerDecoder(norm_first=True, batch_first=True) with PyTorch's state-dict keys",
+    "token embeddings are not scaled; positions are 0..T-1 over the text",
+    "bos = eos = pad = 50256 (GPT-2 <|endoftext|>)",
+)
+
+_LAYER_RENAMES = {
+    "self_attn.out_proj.": "self_attn.out_proj.",
+    "multihead_attn.out_proj.": "encoder_attn.out_proj.",
+    "linear1.": "fc1.",
+    "linear2.": "fc2.",
+    "norm1.": "self_attn_layer_norm.",
+    "norm2.": "encoder_attn_layer_norm.",
+    "norm3.": "final_layer_norm.",
+}
+
+
+def tensor_shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int, what: str) -> torch.Size:
+    if key not in state_dict:
+        raise ConversionError(f"not a {what} state dict: missing {key!r}.")
+    shape = state_dict[key].shape
+    if len(shape) != ndim:
+        raise ConversionError(f"{key!r} should have {ndim} dimensions, found shape {list(shape)}.")
+    return shape
+
+
+def numbered_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many `{prefix}{i}.` blocks there are; they must be numbered 0..L-1."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    ids = sorted({int(m.group(1)) for key in state_dict if (m := pattern.match(key))})
+    if not ids or ids != list(range(len(ids))):
+        raise ConversionError(f"{prefix}* blocks must be numbered 0..L-1, found {ids}.")
+    return len(ids)
+
+
+def read_text_decoder_fields(
+    state_dict: dict[str, torch.Tensor], num_attention_heads: int, hidden_act: str, what: str
+) -> dict:
+    """The decoder's config fields read from the weights (`tok_emb`, `pos_emb`, `decoder.*`, `lm_head`)."""
+    vocab_size, hidden_size = tensor_shape(state_dict, "tok_emb.weight", 2, what)
+    num_positions, position_width = tensor_shape(state_dict, "pos_emb.weight", 2, what)
+    if position_width != hidden_size:
+        raise ConversionError(f"inconsistent widths: tok_emb {hidden_size}, pos_emb {position_width}.")
+    if hidden_size % num_attention_heads:
+        raise ConversionError(f"--num-heads {num_attention_heads} does not divide the width {hidden_size}.")
+    tied = "lm_head.weight" in state_dict and torch.equal(state_dict["lm_head.weight"], state_dict["tok_emb.weight"])
+    return dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=numbered_blocks(state_dict, "decoder.layers."),
+        num_attention_heads=num_attention_heads,
+        intermediate_size=tensor_shape(state_dict, "decoder.layers.0.linear1.weight", 2, what)[0],
+        hidden_act=hidden_act,
+        max_position_embeddings=num_positions,
+        vocab_size=vocab_size,
+        use_final_layer_norm="decoder.norm.weight" in state_dict,
+        tie_word_embeddings=tied,
+    )
+
+
+def map_text_decoder(mapper: StateDictMapper, config: PreTrainedConfig) -> None:
+    """Upstream decoder names -> `LapvqaTextDecoder` names; fused attention projections split into q/k/v."""
+    mapper.rename("tok_emb.weight", "decoder.embed_tokens.weight")
+    mapper.rename("pos_emb.weight", "decoder.embed_positions.weight")
+    if config.tie_word_embeddings:
+        mapper.consume("lm_head.weight")  # the same tensor as tok_emb.weight: tied in the converted model
+    else:
+        mapper.rename("lm_head.weight", "lm_head.weight")
+    if config.use_final_layer_norm:
+        mapper.rename_prefix("decoder.norm.", "decoder.norm.")
+    for i in range(config.num_hidden_layers):
+        layer = f"decoder.layers.{i}."
+        for attention, renamed in (("self_attn", "self_attn"), ("multihead_attn", "encoder_attn")):
+            for kind in ("weight", "bias"):
+                mapper.split(
+                    f"{layer}{attention}.in_proj_{kind}", [f"{layer}{renamed}.{p}_proj.{kind}" for p in ("q", "k", "v")]
+                )
+        for old, new in _LAYER_RENAMES.items():
+            mapper.rename_prefix(layer + old, layer + new)
+
+
+def expected_shapes(model: PreTrainedModel) -> dict[str, torch.Size]:
+    """Target names and shapes of `model`, leaving out a tied `lm_head.weight` (stored once, as the embedding)."""
+    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    if model.config.get_text_config(decoder=True).tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def strip_answer(token_ids: list[int], eos_token_id: int) -> list[int]:
+    """The answer ids up to (not including) the first eos."""
+    return token_ids[: token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff: float
+    tolerance: float
+    greedy_identical: int | None = None
+    greedy_total: int | None = None
+    compared: str = "logit"
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.greedy_identical == self.greedy_total
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        text = f"verify {verdict}: max |Δ{self.compared}| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e})"
+        if self.greedy_total is not None:
+            text += f"; greedy answers identical for {self.greedy_identical}/{self.greedy_total} samples"
+        return text
+
+
+def default_generation_config(config: PreTrainedConfig) -> GenerationConfig:
+    # The upstream cards generate up to 128 new tokens; text must still fit the learned positions.
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, config.max_position_embeddings - 1),
+        do_sample=False,
+    )
+
+
+def write_verified(
+    model: PreTrainedModel,
+    output: str | Path,
+    verify: Callable[[Path], VerifyReport] | None,
+    overwrite: bool = False,
+    extra_files: Callable[[Path], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Saves `model` (and `extra_files`) into a staging folder, verifies what was written, then publishes it.
+
+    A failed verification (or any error) leaves `output` untouched and removes the staging folder.
+    """
+    output = Path(output)
+    with atomic_output_dir(output, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        if extra_files is not None:
+            extra_files(staging)
+        if verify is not None:
+            report = verify(staging)
+            log(str(report))
+            if not report.passed:
+                raise ConversionError(f"{report}; nothing was written to {output}.")
+    log(f"wrote {output}")
+    return output
+
+
+def save_gpt2_tokenizer(max_length: int) -> Callable[[Path], None]:
+    return lambda folder: build_gpt2_tokenizer(max_length).save_pretrained(folder)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, with_activation: bool = True) -> None:
+    parser.add_argument("--output", required=True, type=Path, help="model folder to write (atomically)")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=default_heads,
+        help=f"attention heads (not in the weights; default {default_heads})",
+    )
+    if with_activation:
+        parser.add_argument(
+            "--activation", default="relu", choices=["relu", "gelu"], help="decoder FFN activation (default relu)"
+        )
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| the verify step accepts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run_reporting_errors(convert: Callable[[], object]) -> int:
+    """Runs a conversion for the CLI: a `ConversionError` becomes one `error:` line and exit code 1."""
+    try:
+        convert()
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
