@@ -100,7 +100,7 @@ def map_text_decoder(mapper: StateDictMapper, config: PreTrainedConfig) -> None:
 def expected_shapes(model: PreTrainedModel) -> dict[str, torch.Size]:
     """Target names and shapes of `model`, leaving out a tied `lm_head.weight` (stored once, as the embedding)."""
     shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    if model.config.get_text_config(decoder=True).tie_word_embeddings:
+    if getattr(model.config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
     return shapes
 
@@ -189,10 +189,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, wi
 
 
 def run_reporting_errors(convert: Callable[[], object]) -> int:
-    """Runs a conversion for the CLI: a `ConversionError` becomes one `error:` line and exit code 1."""
+    """Runs a conversion for the CLI: a `ConversionError` (or `OSError`) becomes one `error:` line and exit 1."""
     try:
         convert()
-    except ConversionError as error:
+    except (ConversionError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -4,14 +4,23 @@ Importing the package registers the model classes with Transformers' Auto classe
 remote-code export so that `save_pretrained` writes `auto_map` and copies the model files.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
+from .image_processing_lapvqa import LapvqaImageProcessor
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
+from .processing_lapvqa import LapvqaProcessor
 
 for _config, _model, _generative in (
     (LapvqaDiffVQAConfig, LapvqaDiffVQAModel, AutoModelForCausalLM),
@@ -24,6 +33,10 @@ for _config, _model, _generative in (
         _generative.register(_config, _model, exist_ok=True)
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModel")
+    AutoImageProcessor.register(_config, slow_image_processor_class=LapvqaImageProcessor, exist_ok=True)
+    AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
+LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
+LapvqaProcessor.register_for_auto_class("AutoProcessor")
 
 __version__ = "0.1.0"
 
@@ -33,6 +46,8 @@ __all__ = [
     "LapvqaCaptioningModel",
     "LapvqaDiffVQAConfig",
     "LapvqaDiffVQAModel",
+    "LapvqaImageProcessor",
+    "LapvqaProcessor",
     "LapvqaVisionConfig",
     "LapvqaVisionModel",
 ]

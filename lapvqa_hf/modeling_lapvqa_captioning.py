@@ -2,7 +2,6 @@
 
 import torch
 from torch import nn
-
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import PreTrainedModel

@@ -20,8 +20,15 @@ END_OF_TEXT = "<|endoftext|>"
 
 def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
     """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256)."""
-    vocab = json.loads(read_file_cached(GPT2_ENCODER_JSON, GPT2_ENCODER_JSON_SHA256))
-    merge_lines = read_file_cached(GPT2_VOCAB_BPE, GPT2_VOCAB_BPE_SHA256).decode("utf-8").split("\n")
+    try:
+        vocab = json.loads(read_file_cached(GPT2_ENCODER_JSON, GPT2_ENCODER_JSON_SHA256))
+        merge_lines = read_file_cached(GPT2_VOCAB_BPE, GPT2_VOCAB_BPE_SHA256).decode("utf-8").split("\n")
+    except Exception as error:  # network errors, hash mismatches
+        raise OSError(
+            "Could not get GPT-2's encoder.json / vocab.bpe through tiktoken "
+            f"({type(error).__name__}). Without a network, set TIKTOKEN_CACHE_DIR to a folder holding them "
+            "under tiktoken's cache names."
+        ) from None
     merges = [tuple(line.split()) for line in merge_lines[1:] if line.strip()]
     return GPT2Tokenizer(
         vocab=vocab,

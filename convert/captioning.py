@@ -1,0 +1,208 @@
+"""Convert the upstream `CaptioningModel` (`model_best.pt`: ViT-L/14 + report decoder) into a Transformers folder.
+
+    lapvqa convert captioning model_best.pt --output lapvqa-pretrain-captioning
+    python -m lapvqa_hf.convert.captioning model_best.pt --output lapvqa-pretrain-captioning
+
+The folder holds the model, the GPT-2 tokenizer, the image processor and `LapvqaProcessor`, so
+`AutoProcessor.from_pretrained(DIR)` and `AutoModel.from_pretrained(DIR)` are all a user needs.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lapvqa_hf.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from lapvqa_hf.original import CaptioningModel
+from lapvqa_hf.processing_lapvqa import LapvqaProcessor
+from lapvqa_hf.tokenization import build_gpt2_tokenizer
+
+from .checkpoint import ConversionError, StateDictMapper, load_untrusted_state_dict, sha256_of
+from .common import (
+    DECODER_ASSUMPTIONS,
+    VerifyReport,
+    add_common_arguments,
+    default_generation_config,
+    expected_shapes,
+    map_text_decoder,
+    read_text_decoder_fields,
+    run_reporting_errors,
+    strip_answer,
+    tensor_shape,
+    write_verified,
+)
+from .vision_encoder import VISION_ASSUMPTIONS, infer_vision_config, map_vision_encoder, random_images
+
+ASSUMPTIONS = (
+    *VISION_ASSUMPTIONS,
+    *DECODER_ASSUMPTIONS,
+    "report layout: [bos] + report_ids + [eos]; memory = vis_proj(encoder patch tokens)",
+)
+WHAT = "CaptioningModel"
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor],
+    num_attention_heads: int = 8,
+    hidden_act: str = "relu",
+    vision_num_attention_heads: int = 16,
+) -> LapvqaCaptioningConfig:
+    vision_config = infer_vision_config(state_dict, "vision_encoder.", vision_num_attention_heads)
+    decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, WHAT)
+    projection = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
+    if tuple(projection) != (decoder_fields["hidden_size"], vision_config.hidden_size):
+        raise ConversionError(
+            f"vis_proj.weight is {list(projection)}, expected [{decoder_fields['hidden_size']}, "
+            f"{vision_config.hidden_size}] (decoder width x encoder width)."
+        )
+    return LapvqaCaptioningConfig(vision_config=vision_config, **decoder_fields)
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaCaptioningConfig) -> dict[str, torch.Tensor]:
+    mapper = StateDictMapper(state_dict)
+    map_vision_encoder(mapper, config.vision_config, source="vision_encoder.", target="vision_model.")
+    mapper.rename_prefix("vis_proj.", "visual_projection.")
+    map_text_decoder(mapper, config)
+    return mapper.finish(expected_shapes(LapvqaCaptioningModel(config)))
+
+
+def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaCaptioningConfig) -> CaptioningModel:
+    vision = config.vision_config
+    original = CaptioningModel(
+        img_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_width=vision.hidden_size,
+        vision_depth=vision.num_hidden_layers,
+        vision_heads=vision.num_attention_heads,
+        d_model=config.hidden_size,
+        nhead=config.num_attention_heads,
+        num_layers=config.num_hidden_layers,
+        dim_feedforward=config.intermediate_size,
+        activation=config.hidden_act,
+        vocab_size=config.vocab_size,
+        max_len=config.max_position_embeddings,
+        final_norm=config.use_final_layer_norm,
+        tie_weights=config.tie_word_embeddings,
+    )
+    original.load_state_dict(state_dict, strict=True)
+    return original.eval()
+
+
+@torch.no_grad()
+def verify(
+    original: CaptioningModel,
+    model: LapvqaCaptioningModel,
+    tolerance: float = 1e-4,
+    batch_size: int = 2,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+) -> VerifyReport:
+    """Teacher-forced logits and greedy reports of both models on the same random images."""
+    config = model.config
+    images = random_images(config.vision_config, batch_size, seed)
+    generator = torch.Generator().manual_seed(seed)
+    report = torch.randint(0, config.bos_token_id, (batch_size, 12), generator=generator)
+    text = torch.cat([torch.full((batch_size, 1), config.bos_token_id), report], dim=1)
+    model = model.eval()
+    expected = original(images, text)
+    found = model(input_ids=text, pixel_values=images).logits
+    max_diff = (expected - found).abs().max().item()
+
+    max_new_tokens = min(max_new_tokens, config.max_position_embeddings)
+    original_reports = original.generate(images, config.bos_token_id, config.eos_token_id, max_new_tokens)
+    bos = torch.full((batch_size, 1), config.bos_token_id)
+    generated = model.generate(
+        input_ids=bos,
+        attention_mask=torch.ones_like(bos),
+        pixel_values=images,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+    )
+    converted = [strip_answer(row, config.eos_token_id) for row in generated[:, 1:].tolist()]
+    identical = sum(a == b for a, b in zip(original_reports, converted, strict=True))
+    return VerifyReport(max_diff, tolerance, identical, batch_size)
+
+
+def convert_captioning(
+    checkpoint: str | Path,
+    output: str | Path,
+    num_attention_heads: int = 8,
+    hidden_act: str = "relu",
+    vision_num_attention_heads: int = 16,
+    run_verify: bool = True,
+    overwrite: bool = False,
+    tolerance: float = 1e-4,
+    log=print,
+) -> Path:
+    checkpoint = Path(checkpoint)
+    state_dict = load_untrusted_state_dict(checkpoint)
+    config = infer_config(state_dict, num_attention_heads, hidden_act, vision_num_attention_heads)
+    config.conversion_info = {
+        "source_file": checkpoint.name,
+        "source_sha256": sha256_of(checkpoint),
+        "assumed_num_attention_heads": num_attention_heads,
+        "assumed_hidden_act": hidden_act,
+        "assumed_vision_num_attention_heads": vision_num_attention_heads,
+        "assumptions": list(ASSUMPTIONS),
+    }
+    vision = config.vision_config
+    log(
+        f"{checkpoint.name}: encoder width {vision.hidden_size}, {vision.num_hidden_layers} layers, "
+        f"{vision.image_size} px ({vision.num_patches} patches); decoder {config.num_hidden_layers} layers, "
+        f"{config.max_position_embeddings} positions, lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
+    )
+    model = LapvqaCaptioningModel(config)
+    model.load_state_dict(convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
+    model.tie_weights()
+    model.generation_config = default_generation_config(config)
+
+    def save_processor(folder: Path) -> None:
+        LapvqaProcessor(
+            image_processor=LapvqaImageProcessor.for_encoder(vision),
+            tokenizer=build_gpt2_tokenizer(config.max_position_embeddings),
+        ).save_pretrained(folder)
+
+    def verify_written(folder: Path) -> VerifyReport:
+        reloaded = LapvqaCaptioningModel.from_pretrained(folder)
+        return verify(original_from_state_dict(state_dict, config), reloaded, tolerance)
+
+    return write_verified(
+        model, output, verify_written if run_verify else None, overwrite=overwrite, extra_files=save_processor, log=log
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="upstream CaptioningModel state dict, e.g. model_best.pt")
+    add_common_arguments(parser, default_heads=8)
+    parser.add_argument(
+        "--vision-num-heads", type=int, default=16, help="encoder attention heads (not in the weights; default 16)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_reporting_errors(
+        lambda: convert_captioning(
+            args.checkpoint,
+            args.output,
+            num_attention_heads=args.num_heads,
+            hidden_act=args.activation,
+            vision_num_attention_heads=args.vision_num_heads,
+            run_verify=args.verify,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.captioning", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

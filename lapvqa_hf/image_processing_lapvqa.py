@@ -1,0 +1,231 @@
+"""Chest X-ray image processing for the LAPVQA encoders: files (8/16-bit PNG, JPEG, DICOM), PIL images, arrays."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+ImageSource = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+RESIZE_MODES = ("pad", "stretch")
+HIGH_BIT_DEPTH_SCALINGS = ("minmax", "full_range")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class LapvqaImageProcessor(BaseImageProcessor):
+    r"""
+    Turns chest X-rays into the encoder's `pixel_values` `[batch, num_channels, image_size, image_size]`.
+
+    Every input first becomes a float image in [0, 1]:
+    - 8-bit data is divided by 255; 16-bit PNGs and integer arrays wider than 8 bits are scaled by
+      `high_bit_depth_scaling`: `"minmax"` (the image's own min..max, default: X-ray PNGs rarely use all 16 bits)
+      or `"full_range"` (divided by 65535);
+    - DICOM files (optional extra `lapvqa-hf[dicom]`, pydicom): the modality LUT (rescale slope/intercept),
+      then the VOI LUT or the first window (centre/width) are applied, the result is scaled min..max, and
+      MONOCHROME1 images are inverted so that bone is bright;
+    - float arrays must already lie in [0, 1].
+    Grayscale is replicated to `num_channels` (colour is reduced to luminance for a 1-channel encoder). Then the
+    image is resized to `image_size` with `resize_mode`: `"pad"` (default) keeps the aspect ratio and pads the
+    short side with black, centred; `"stretch"` resizes both sides. Last, each channel is normalized with
+    `image_mean` / `image_std`.
+
+    The upstream cards do not say how images were prepared: the resize mode, bicubic resampling and the ImageNet
+    mean/std are pinned assumptions, recorded in `preprocessor_config.json` and all configurable.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        num_channels: int = 3,
+        resize_mode: str = "pad",
+        resample: int = Image.Resampling.BICUBIC,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        high_bit_depth_scaling: str = "minmax",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+        if high_bit_depth_scaling not in HIGH_BIT_DEPTH_SCALINGS:
+            raise ValueError(
+                f"high_bit_depth_scaling must be one of {HIGH_BIT_DEPTH_SCALINGS}, got {high_bit_depth_scaling!r}."
+            )
+        if num_channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.resize_mode = resize_mode
+        self.resample = int(resample)
+        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)[:num_channels]
+        self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)[:num_channels]
+        self.high_bit_depth_scaling = high_bit_depth_scaling
+
+    @classmethod
+    def for_encoder(cls, vision_config, **kwargs) -> "LapvqaImageProcessor":
+        """The processor sized for a `LapvqaVisionConfig` (its image size and channels)."""
+        return cls(image_size=vision_config.image_size, num_channels=vision_config.num_channels, **kwargs)
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    def load_image(self, image: ImageSource) -> np.ndarray:
+        """Any supported input as float32 `[H, W]` (grayscale) or `[H, W, 3]` (colour) in [0, 1]."""
+        if isinstance(image, (str, os.PathLike)):
+            return self._read_file(Path(image))
+        if isinstance(image, Image.Image):
+            return self._from_pil(image, source="PIL image")
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray):
+            return self._from_array(image, source="array")
+        raise ValueError(
+            f"Unsupported image type {type(image).__name__}: pass a file path, a PIL image, a numpy array or a tensor."
+        )
+
+    def _read_file(self, path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise ValueError(f"{path}: no such image file.")
+        if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+            return read_dicom(path)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return self._from_pil(opened, source=str(path))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{path}: cannot read it as an image (PNG, JPEG or DICOM expected): {error}") from None
+
+    def _from_pil(self, image: Image.Image, source: str) -> np.ndarray:
+        if image.mode in ("1", "L", "P", "LA", "PA", "RGBA", "CMYK", "YCbCr", "RGB"):
+            converted = image.convert("RGB" if image.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "RGB") else "L")
+            return self._from_array(np.asarray(converted), source)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            return self._from_array(np.asarray(image), source, bits=16 if image.mode.startswith("I;16") else None)
+        raise ValueError(f"{source}: unsupported image mode {image.mode!r} (expected grayscale or RGB).")
+
+    def _from_array(self, array: np.ndarray, source: str, bits: int | None = None) -> np.ndarray:
+        if array.size == 0:
+            raise ValueError(f"{source}: the image is empty (shape {list(array.shape)}).")
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)  # channels-first input
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim == 3 and array.shape[-1] == 4:
+            array = array[..., :3]  # drop alpha
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise ValueError(
+                f"{source}: expected a grayscale [H, W] or colour [H, W, 3] image, got shape {list(array.shape)}."
+            )
+        if array.dtype == np.bool_:
+            return array.astype(np.float32)
+        if array.dtype == np.uint8:
+            return array.astype(np.float32) / 255.0
+        if np.issubdtype(array.dtype, np.integer):
+            return self._scale_high_bit_depth(array.astype(np.float64), bits).astype(np.float32)
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(
+                f"{source}: float images must lie in [0, 1], found values in [{np.nanmin(array):.3g}, "
+                f"{np.nanmax(array):.3g}]; pass integers (8/16-bit) or scale the image first."
+            )
+        return array
+
+    def _scale_high_bit_depth(self, array: np.ndarray, bits: int | None) -> np.ndarray:
+        if self.high_bit_depth_scaling == "full_range":
+            maximum = float(2 ** (bits or 16) - 1)
+            return np.clip(array / maximum, 0.0, 1.0)
+        return min_max_scale(array)
+
+    # --- geometry and normalization ---------------------------------------------------------------------------
+
+    def to_channels(self, image: np.ndarray) -> np.ndarray:
+        """`[H, W]` or `[H, W, 3]` -> `[num_channels, H, W]`."""
+        if image.ndim == 3 and self.num_channels == 1:
+            image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if image.ndim == 2:
+            return np.repeat(image[None], self.num_channels, axis=0)
+        return np.moveaxis(image, -1, 0)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """`[C, H, W]` in [0, 1] -> `[C, image_size, image_size]` by `resize_mode`."""
+        _, height, width = image.shape
+        size = self.image_size
+        if self.resize_mode == "stretch":
+            new_height, new_width = size, size
+        else:
+            scale = size / max(height, width)
+            new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        channels = [
+            np.asarray(Image.fromarray(channel, mode="F").resize((new_width, new_height), resample=self.resample))
+            for channel in image.astype(np.float32)
+        ]
+        resized = np.clip(np.stack(channels), 0.0, 1.0)  # bicubic overshoots a little
+        if (new_height, new_width) == (size, size):
+            return resized
+        canvas = np.zeros((image.shape[0], size, size), dtype=np.float32)
+        top, left = (size - new_height) // 2, (size - new_width) // 2
+        canvas[:, top : top + new_height, left : left + new_width] = resized
+        return canvas
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        return (image - mean) / std
+
+    def preprocess(
+        self, images: ImageSource | list[ImageSource], return_tensors: str | None = "pt", **kwargs
+    ) -> BatchFeature:
+        """One image or a list of them -> `BatchFeature(pixel_values=[B, C, image_size, image_size])`."""
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)}; set options on the image processor instead.")
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("No images given: pass one image or a non-empty list of images.")
+        else:
+            images = [images]
+        pixel_values = [self.normalize(self.resize(self.to_channels(self.load_image(image)))) for image in images]
+        return BatchFeature(data={"pixel_values": np.stack(pixel_values)}, tensor_type=return_tensors)
+
+
+def min_max_scale(array: np.ndarray) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros_like(array)
+    return (array - low) / (high - low)
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with open(path, "rb") as file:
+        header = file.read(132)
+    return len(header) == 132 and header[128:] == b"DICM"
+
+
+def read_dicom(path: str | os.PathLike) -> np.ndarray:
+    """A single-frame grayscale DICOM as float32 `[H, W]` in [0, 1], as a radiologist's viewer would show it."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ImportError("Reading DICOM needs pydicom: pip install 'lapvqa-hf[dicom]'.") from None
+    try:
+        dataset = pydicom.dcmread(path)
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for broken files
+        raise ValueError(f"{path}: cannot read it as a DICOM image: {error}") from None
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"{path}: expected a grayscale X-ray (MONOCHROME1/2), got {photometric}.")
+    if pixels.ndim != 2:
+        raise ValueError(f"{path}: expected a single-frame image, got pixel data of shape {list(pixels.shape)}.")
+    values = apply_modality_lut(pixels, dataset)
+    values = apply_voi_lut(values, dataset, index=0)
+    image = min_max_scale(np.asarray(values, dtype=np.float64)).astype(np.float32)
+    return 1.0 - image if photometric == "MONOCHROME1" else image
+
+
+__all__ = ["LapvqaImageProcessor", "read_dicom"]

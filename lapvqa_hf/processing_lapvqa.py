@@ -1,0 +1,118 @@
+"""`LapvqaProcessor`: chest X-ray images + GPT-2 text in the prompt layouts of the LAPVQA models."""
+
+import torch
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_lapvqa import ImageSource, LapvqaImageProcessor
+
+
+class LapvqaProcessor(ProcessorMixin):
+    r"""
+    Pairs [`LapvqaImageProcessor`] with the GPT-2 tokenizer (bos = eos = pad = `<|endoftext|>`).
+
+    - Captioning: `processor(images=...)` gives `pixel_values` and the `[bos]` start for `generate()`;
+      `processor(images=..., text=reports)` gives `[bos] + report + [eos]`, right-padded, with `labels`
+      (-100 on padding) for training.
+    - DiffVQA: `processor(prior_images=..., current_images=..., text=questions)` gives `prior_pixel_values`,
+      `current_pixel_values` and the prompt `question + [bos]`, left-padded, with its `attention_mask`. The
+      pixel values go through the frozen encoder (e.g. `LapvqaVisionModel`) to become `ref_vis` / `curr_vis`.
+    Text longer than the model's learned positions (`tokenizer.model_max_length`) is refused.
+    """
+
+    def __init__(self, image_processor: LapvqaImageProcessor, tokenizer):
+        super().__init__(image_processor, tokenizer)
+
+    def __call__(
+        self,
+        images: ImageSource | list[ImageSource] | None = None,
+        text: str | list[str] | None = None,
+        prior_images: ImageSource | list[ImageSource] | None = None,
+        current_images: ImageSource | list[ImageSource] | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)}.")
+        if prior_images is not None or current_images is not None:
+            if images is not None:
+                raise ValueError("Pass either images= (captioning) or prior_images= and current_images= (DiffVQA).")
+            return self._diffvqa_inputs(prior_images, current_images, text, return_tensors)
+        if images is None:
+            raise ValueError(
+                "No images given: pass images= (captioning) or prior_images= and current_images= (DiffVQA)."
+            )
+        return self._captioning_inputs(images, text, return_tensors)
+
+    def _pixel_values(self, images, return_tensors: str) -> torch.Tensor:
+        return self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+
+    def _token_ids(self, texts: list[str], reserved: int, role: str) -> list[list[int]]:
+        limit = self.tokenizer.model_max_length
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for i, sample in enumerate(ids):
+            if len(sample) + reserved > limit:
+                raise ValueError(
+                    f"{role} {i} has {len(sample)} tokens; with {reserved} special token(s) it needs "
+                    f"{len(sample) + reserved} of the model's {limit} learned positions "
+                    f"({len(sample) + reserved - limit} too many). Shorten it."
+                )
+        return ids
+
+    def _captioning_inputs(self, images, reports, return_tensors: str) -> BatchFeature:
+        pixel_values = self._pixel_values(images, return_tensors)
+        batch = len(pixel_values)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if reports is None:
+            input_ids = [[bos]] * batch
+            attention_mask = [[1]] * batch
+            data = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+            return BatchFeature(data=data, tensor_type=return_tensors)
+        reports = [reports] if isinstance(reports, str) else list(reports)
+        if len(reports) != batch:
+            raise ValueError(f"Got {batch} images but {len(reports)} reports; pass one report per image.")
+        sequences = [[bos, *ids, eos] for ids in self._token_ids(reports, reserved=2, role="report")]
+        width = max(len(s) for s in sequences)
+        input_ids = [s + [eos] * (width - len(s)) for s in sequences]
+        attention_mask = [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
+        labels = [s + [-100] * (width - len(s)) for s in sequences]
+        data = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _diffvqa_inputs(self, prior_images, current_images, questions, return_tensors: str) -> BatchFeature:
+        if prior_images is None or current_images is None:
+            raise ValueError("DiffVQA needs both prior_images= (the reference study) and current_images=.")
+        if questions is None:
+            raise ValueError("DiffVQA needs text= (one question per image pair).")
+        prior = self._pixel_values(prior_images, return_tensors)
+        current = self._pixel_values(current_images, return_tensors)
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        if not (len(prior) == len(current) == len(questions)):
+            raise ValueError(
+                f"Got {len(prior)} prior images, {len(current)} current images and {len(questions)} questions; "
+                "pass one question per (prior, current) pair."
+            )
+        bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
+        prompts = [ids + [bos] for ids in self._token_ids(questions, reserved=1, role="question")]
+        width = max(len(p) for p in prompts)
+        data = {
+            "prior_pixel_values": prior,
+            "current_pixel_values": current,
+            "input_ids": [[pad] * (width - len(p)) + p for p in prompts],
+            "attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["LapvqaProcessor"]
