@@ -223,6 +223,8 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a single-frame image, got pixel data of shape {list(pixels.shape)}.")
     values = apply_modality_lut(pixels, dataset)
+    if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values)):
+        values = values.astype(np.int64)  # a VOI LUT indexes by integer value
     values = apply_voi_lut(values, dataset, index=0)
     image = min_max_scale(np.asarray(values, dtype=np.float64)).astype(np.float32)
     return 1.0 - image if photometric == "MONOCHROME1" else image

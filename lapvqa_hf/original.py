@@ -231,6 +231,7 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in module.named_parameters():
         noise = torch.randn(parameter.shape, generator=generator) * std
-        is_norm_weight = "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight")
+        owner = name.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in name else ""
+        is_norm_weight = "norm" in owner and name.endswith("weight")
         parameter.copy_(noise + 1.0 if is_norm_weight else noise)
     return module
