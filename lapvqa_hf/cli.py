@@ -1,8 +1,8 @@
 """`lapvqa`: the command line of lapvqa-hf, with `hf`-style subcommands.
 
-    lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
-    lapvqa convert captioning model_best.pt --output DIR
-    lapvqa convert vision-encoder encoder_final.pt --output DIR
+lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
+lapvqa convert captioning model_best.pt --output DIR
+lapvqa convert vision-encoder encoder_final.pt --output DIR
 """
 
 import argparse

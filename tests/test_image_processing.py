@@ -127,7 +127,9 @@ def test_unreadable_and_wrong_inputs_are_refused(processor, tmp_path):
         processor(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="No images given"):
         processor([])
-    with pytest.raises(ValueError, match=r"expected a grayscale \[H, W\] or colour \[H, W, 3\] image, got shape \[8, 8, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"expected a grayscale \[H, W\] or colour \[H, W, 3\] image, got shape \[8, 8, 2\]"
+    ):
         processor(np.zeros((8, 8, 2), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
         processor(np.full((8, 8), 3.0, dtype=np.float32))
@@ -169,7 +171,11 @@ def test_captioning_inputs_for_generation_and_training(lapvqa_processor):
 
 def test_diffvqa_prompt_layout(lapvqa_processor):
     prior, current = np.zeros((30, 30), dtype=np.uint8), np.ones((30, 30), dtype=np.uint8) * 200
-    out = lapvqa_processor(prior_images=[prior, prior], current_images=[current, current], text=["what changed?", "is the effusion larger than before?"])
+    out = lapvqa_processor(
+        prior_images=[prior, prior],
+        current_images=[current, current],
+        text=["what changed?", "is the effusion larger than before?"],
+    )
     assert set(out) == {"prior_pixel_values", "current_pixel_values", "input_ids", "attention_mask"}
     question = lapvqa_processor.tokenizer("what changed?", add_special_tokens=False)["input_ids"]
     kept = [t for t, m in zip(out["input_ids"][0].tolist(), out["attention_mask"][0].tolist(), strict=True) if m]
@@ -187,5 +193,8 @@ def test_processor_refuses_mismatched_or_missing_inputs(lapvqa_processor):
         lapvqa_processor(prior_images=[image, image], current_images=image, text="what changed?")
     with pytest.raises(ValueError, match="Got 1 images but 2 reports"):
         lapvqa_processor(images=image, text=["a", "b"])
-    with pytest.raises(ValueError, match=r"report 0 has 300 tokens; with 2 special token\(s\) it needs 302 of the model's 200 learned positions \(102 too many\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"report 0 has 300 tokens; with 2 special token\(s\) it needs 302 of the model's 200 learned positions \(102 too many\)",
+    ):
         lapvqa_processor(images=image, text=" a" * 300)

@@ -7,15 +7,15 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForImageTextToText
-
 from conftest import answers_of
-from lapvqa_hf import LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.convert.captioning import convert_state_dict as convert_captioning_state_dict
 from lapvqa_hf.convert.captioning import infer_config as infer_captioning_config
-from lapvqa_hf.convert.vision_encoder import infer_vision_config, map_vision_encoder
 from lapvqa_hf.convert.checkpoint import StateDictMapper
 from lapvqa_hf.convert.common import expected_shapes
+from lapvqa_hf.convert.vision_encoder import infer_vision_config, map_vision_encoder
+from transformers import AutoModel, AutoModelForImageTextToText
+
+from lapvqa_hf import LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.original import CaptioningModel, VisionTransformer, randomize_
 
 TINY_VIT = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4)
@@ -35,8 +35,17 @@ def vision_pair(attn_implementation="eager", seed=0, **sizes):
 
 def captioning_pair(vocab_size=50257, max_len=30, seed=0, std=0.05, attn_implementation="eager"):
     original = CaptioningModel(
-        img_size=56, patch_size=14, vision_width=64, vision_depth=2, vision_heads=4,
-        d_model=32, nhead=4, num_layers=2, dim_feedforward=48, vocab_size=vocab_size, max_len=max_len,
+        img_size=56,
+        patch_size=14,
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=4,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        dim_feedforward=48,
+        vocab_size=vocab_size,
+        max_len=max_len,
     )
     randomize_(original, seed=seed, std=std).eval()
     config = infer_captioning_config(original.state_dict(), num_attention_heads=4, vision_num_attention_heads=4)
@@ -64,9 +73,7 @@ def test_encoder_patch_tokens_match_original(attn_implementation):
 
 
 def test_encoder_matches_original_at_vit_l14_size():
-    original, model = vision_pair(
-        "sdpa", img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16
-    )
+    original, model = vision_pair("sdpa", img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16)
     assert (model.config.image_size, model.config.num_patches, model.config.intermediate_size) == (224, 256, 4096)
     pixels = images(1, 224)
     with torch.no_grad():
@@ -119,7 +126,9 @@ def test_encoder_gradient_checkpointing():
 def test_vision_config_refuses_sizes_that_are_not_patch_multiples():
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
-    with pytest.raises(StrictDataclassClassValidationError, match="multiple of patch_size \\(14\\); the nearest are 378 and 392"):
+    with pytest.raises(
+        StrictDataclassClassValidationError, match="multiple of patch_size \\(14\\); the nearest are 378 and 392"
+    ):
         LapvqaVisionConfig(image_size=384)
 
 
@@ -142,7 +151,13 @@ def test_greedy_reports_identical_including_early_eos():
             break
     else:
         raise AssertionError("no seed gave a mix of early-EOS and full-length reports")
-    generated = model.generate(pixel_values=pixels, input_ids=torch.full((5, 1), 7), attention_mask=torch.ones(5, 1, dtype=torch.long), max_new_tokens=10, do_sample=False)
+    generated = model.generate(
+        pixel_values=pixels,
+        input_ids=torch.full((5, 1), 7),
+        attention_mask=torch.ones(5, 1, dtype=torch.long),
+        max_new_tokens=10,
+        do_sample=False,
+    )
     assert answers_of(generated, 1, 7) == expected
 
 
@@ -151,7 +166,14 @@ def test_image_is_encoded_once_per_generation():
     calls = []
     handle = model.vision_model.register_forward_hook(lambda *_: calls.append(1))
     bos = torch.full((2, 1), 50256)
-    model.generate(pixel_values=images(2), input_ids=bos, attention_mask=torch.ones_like(bos), max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    model.generate(
+        pixel_values=images(2),
+        input_ids=bos,
+        attention_mask=torch.ones_like(bos),
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_beams=2,
+    )
     handle.remove()
     assert len(calls) == 1
 
@@ -159,14 +181,23 @@ def test_image_is_encoded_once_per_generation():
 def test_static_cache_matches_dynamic_for_captioning():
     _, model = captioning_pair(attn_implementation="sdpa")
     bos = torch.full((2, 1), 50256)
-    kwargs = dict(pixel_values=images(2), input_ids=bos, attention_mask=torch.ones_like(bos), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    kwargs = dict(
+        pixel_values=images(2),
+        input_ids=bos,
+        attention_mask=torch.ones_like(bos),
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+    )
     assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, cache_implementation="static"))
 
 
 def test_reports_longer_than_the_positions_are_refused():
     _, model = captioning_pair(max_len=30)
     bos = torch.full((1, 1), 50256)
-    with pytest.raises(ValueError, match="plus 40 new tokens needs 40 positions, 10 more than the 30 learned positions"):
+    with pytest.raises(
+        ValueError, match="plus 40 new tokens needs 40 positions, 10 more than the 30 learned positions"
+    ):
         model.generate(pixel_values=images(1), input_ids=bos, attention_mask=torch.ones_like(bos), max_new_tokens=40)
     with pytest.raises(ValueError, match="needs 31 positions"):
         model(input_ids=torch.randint(0, 50256, (1, 31)), pixel_values=images(1))
@@ -219,7 +250,10 @@ def test_remote_code_loads_both_without_the_package(tmp_path):
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "remote.py", "captioning", "encoder", "pixels.pt", "out.pt"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
