@@ -3,13 +3,15 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-# The five frozen encoders of the upstream collection and the width of their patch tokens.
+# The frozen encoders DiffVQA heads are trained on, and the width of their patch tokens: the five of the
+# upstream collection, and the collection's own captioning-pretrained ViT-L/14 (`LapvqaVisionModel`).
 KNOWN_ENCODERS: dict[str, int] = {
     "clip-vit-l14": 1024,
     "coca": 768,
     "florence2": 1024,
     "siglip": 1152,
     "owlv2": 1024,
+    "lapvqa-vit-l14": 1024,
 }
 
 _REMOTE_AUTO_MAP = {

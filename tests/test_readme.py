@@ -1,28 +1,95 @@
-"""The README's commands and code are true."""
+"""The README's commands and code are true: its snippets run on converted random-weight checkpoints."""
 
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
+from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from PIL import Image
+from test_image_processing import write_dicom
 
-from lapvqa_hf.original import DiffVQAHead, randomize_
+from lapvqa_hf.original import CaptioningModel, DiffVQAHead, VisionTransformer, randomize_
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-CI_RUN = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+CI_RUN = (ROOT / ".ci" / "run").read_text()
+QUIET = dict(log=lambda _: None)
 
 
-def test_usage_snippet_runs_on_a_converted_checkpoint(tmp_path, monkeypatch):
-    source = tmp_path / "coca_best.pt"
-    head = DiffVQAHead(vis_dim=768, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
-    torch.save(randomize_(head).state_dict(), source)
-    convert_diffvqa(source, "coca", tmp_path / "lapvqa-diffvqa-coca", num_attention_heads=4, log=lambda _: None)
-    snippet = re.search(r"## Load and generate\n\n```python\n(.*?)```", README, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
+def snippet(heading: str) -> str:
+    return re.search(rf"## {re.escape(heading)}\n.*?```python\n(.*?)```", README, re.S).group(1)
+
+
+def run_snippet(heading: str, folder: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(folder)
     namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
-    assert len(namespace["answers"]) == 2 and all(isinstance(a, str) for a in namespace["answers"])
+    exec(compile(snippet(heading), f"README.md ({heading})", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture
+def xray_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("cxr.png", "prior.png"):
+        Image.fromarray((rng.random((70, 60)) * 65535).astype(np.uint16)).save(tmp_path / name)
+    for name in ("cxr.dcm", "current.dcm"):
+        write_dicom(tmp_path / name, rng.integers(0, 4096, (64, 64)), "MONOCHROME1", window=(2048, 4096))
+    return tmp_path
+
+
+def test_diffvqa_usage_snippet(tmp_path, monkeypatch):
+    head = DiffVQAHead(vis_dim=768, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
+    torch.save(randomize_(head).state_dict(), tmp_path / "coca_best.pt")
+    convert_diffvqa(tmp_path / "coca_best.pt", "coca", tmp_path / "lapvqa-diffvqa-coca", num_attention_heads=4, **QUIET)
+    answers = run_snippet("Load and generate (DiffVQA)", tmp_path, monkeypatch)["answers"]
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_captioning_and_two_image_snippets(xray_files, monkeypatch, capsys):
+    tmp_path = xray_files
+    captioning = CaptioningModel(
+        img_size=56,
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=4,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        dim_feedforward=48,
+        max_len=80,
+    )
+    torch.save(randomize_(captioning).state_dict(), tmp_path / "model_best.pt")
+    convert_captioning(
+        tmp_path / "model_best.pt",
+        tmp_path / "lapvqa-pretrain-captioning",
+        num_attention_heads=4,
+        vision_num_attention_heads=4,
+        **QUIET,
+    )
+    run_snippet("Caption a chest X-ray", tmp_path, monkeypatch)
+    assert capsys.readouterr().out.startswith("[")
+
+    encoder = VisionTransformer(img_size=56, patch_size=14, embed_dim=1024, depth=1, num_heads=4)
+    torch.save(randomize_(encoder).state_dict(), tmp_path / "encoder_final.pt")
+    convert_vision_encoder(
+        tmp_path / "encoder_final.pt", tmp_path / "lapvqa-pretrain-captioning-encoder", num_attention_heads=4, **QUIET
+    )
+    head = DiffVQAHead(vis_dim=1024, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
+    torch.save(randomize_(head).state_dict(), tmp_path / "head.pt")
+    convert_diffvqa(
+        tmp_path / "head.pt",
+        "lapvqa-vit-l14",
+        tmp_path / "lapvqa-diffvqa-lapvqa-vit-l14",
+        num_attention_heads=4,
+        **QUIET,
+    )
+    run_snippet("DiffVQA from two images", tmp_path, monkeypatch)
+    assert capsys.readouterr().out.startswith("[")
 
 
 def test_ci_runs_the_readme_test_command():
