@@ -10,10 +10,10 @@ the multiple of 14 closest to 384.
 
 import argparse
 import platform
-import time
 from datetime import date
 
 import torch
+from timing import time_call
 
 from lapvqa_hf import LapvqaCaptioningConfig, LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 
@@ -27,21 +27,6 @@ def encoder_flops(config: LapvqaVisionConfig) -> float:
     patch_embedding = 2 * config.num_patches * width * config.num_channels * config.patch_size**2
     per_layer = 2 * tokens * width * (4 * width + 2 * config.intermediate_size) + 4 * tokens**2 * width
     return patch_embedding + config.num_hidden_layers * per_layer
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             pixels = torch.randn(batch, 3, image_size, image_size, device=args.device, dtype=dtype)
             with torch.inference_mode():
-                seconds = timed(lambda: forward(pixels), args.device, args.repeats)
+                seconds = time_call(lambda: forward(pixels), args.device, args.repeats)
             tflops = encoder_flops(config) * batch / seconds / 1e12
             mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
             print(
@@ -106,7 +91,7 @@ def main() -> None:
             do_sample=False,
         )
         with torch.inference_mode():
-            seconds = timed(lambda: model.generate(**kwargs), args.device, args.repeats)
+            seconds = time_call(lambda: model.generate(**kwargs), args.device, args.repeats)
         print(
             f"| captioning | {image_size} | {batch} | {seconds:.3f} | {batch / seconds:.2f} "
             f"| {batch * args.new_tokens / seconds:.0f} |",

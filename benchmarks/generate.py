@@ -10,11 +10,11 @@ Weights are random (upstream layout); every mode generates exactly --new-tokens 
 import argparse
 import json
 import platform
-import time
 from datetime import date
 
 import torch
 from lapvqa_hf.convert.diffvqa import convert_state_dict
+from timing import time_call
 from transformers.generation import CompileConfig
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
@@ -30,21 +30,6 @@ def build_models(vis_dim: int, device: str, dtype: torch.dtype, attn_implementat
     model.load_state_dict(convert_state_dict(original.state_dict(), config))
     model.set_attn_implementation(attn_implementation)
     return original.to(device, dtype), model.to(device, dtype).eval()
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:

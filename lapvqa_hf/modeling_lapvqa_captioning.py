@@ -13,7 +13,7 @@ from .modeling_lapvqa_vision import LapvqaVisionModel
 
 class LapvqaCaptioningPreTrainedModel(PreTrainedModel):
     config: LapvqaCaptioningConfig
-    base_model_prefix = "model"
+    base_model_prefix = "decoder"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LapvqaDecoderLayer", "LapvqaVisionLayer"]
@@ -43,21 +43,6 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         self.decoder = LapvqaTextDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.decoder.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.decoder.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
-    def get_decoder(self) -> LapvqaTextDecoder:
-        return self.decoder
 
     def _visual_memory_length(self, model_kwargs: dict) -> int | None:
         pixel_values = model_kwargs.get("pixel_values")

@@ -193,12 +193,6 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -343,21 +337,6 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
         self.decoder = LapvqaTextDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.decoder.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.decoder.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
-    def get_decoder(self) -> LapvqaTextDecoder:
-        return self.decoder
 
     def _visual_memory_length(self, model_kwargs: dict) -> int | None:
         curr_vis, ref_vis = model_kwargs.get("curr_vis"), model_kwargs.get("ref_vis")

@@ -258,3 +258,15 @@ def test_remote_code_loads_both_without_the_package(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "out.pt"), encoder(pixels).last_hidden_state)
+
+
+def test_embedding_accessors_and_vocabulary_resizing():
+    from conftest import make_pair
+
+    for model in (make_pair(768)[1], captioning_pair()[1]):
+        assert model.get_input_embeddings() is model.decoder.embed_tokens
+        assert model.get_output_embeddings() is model.lm_head
+        assert model.get_decoder() is model.decoder
+        model.resize_token_embeddings(50300, mean_resizing=False)
+        assert model.lm_head.weight.shape == (50300, model.config.hidden_size)
+        assert model.config.vocab_size == 50300
