@@ -97,28 +97,17 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
                     f"pixel_values holds {encoder_hidden_states.shape[0]} images but the text holds {batch_size}."
                 )
 
-        outputs = self.decoder(
+        return self._decode_with_memory(
+            encoder_hidden_states,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            encoder_hidden_states=encoder_hidden_states,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
             **kwargs,
-        )
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
         )
 
 

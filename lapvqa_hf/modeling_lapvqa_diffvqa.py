@@ -263,7 +263,8 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
 
 
 class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
-    """`generate()` for LAPVQA decoders: a cross-attention cache over the visual memory, position limits.
+    """Shared by the LAPVQA decoder models (a `self.decoder` attending to a visual memory, then `self.lm_head`):
+    the cross-attention cache over the memory, the language-modeling outputs, and `generate()`'s position limits.
 
     Models define `_visual_memory_length(model_kwargs)`: the number of visual tokens the decoder attends to.
     """
@@ -282,6 +283,34 @@ class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
             past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
         memory_is_cached = past_key_values is not None and bool(past_key_values.is_updated.get(0, False))
         return past_key_values, memory_is_cached
+
+    def _decode_with_memory(
+        self,
+        encoder_hidden_states: torch.Tensor | None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **decoder_inputs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """Runs `self.decoder` over the visual memory, then `self.lm_head` (and the shifted LM loss on `labels`)."""
+        num_items_in_batch = decoder_inputs.pop("num_items_in_batch", None)  # gradient accumulation (Trainer)
+        outputs: BaseModelOutputWithPastAndCrossAttentions = self.decoder(
+            encoder_hidden_states=encoder_hidden_states, **decoder_inputs
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+        )
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         limit = self.config.max_position_embeddings
@@ -404,31 +433,17 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
                 f"The visual features hold {encoder_hidden_states.shape[0]} samples but the text holds {batch_size}."
             )
 
-        outputs: BaseModelOutputWithPastAndCrossAttentions = self.decoder(
+        return self._decode_with_memory(
+            encoder_hidden_states,
             input_ids=input_ids,
             attention_mask=attention_mask,
-            encoder_hidden_states=encoder_hidden_states,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
             **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        return CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
         )
 
 

@@ -181,6 +181,17 @@ def test_loss_is_cross_entropy_on_answer_tokens_only():
     assert torch.allclose(out.loss, expected, atol=1e-6)
 
 
+def test_loss_normalised_by_num_items_in_batch_for_gradient_accumulation():
+    _, model = make_pair(768)
+    inputs = _inputs(prompt_length=10)
+    labels = inputs["input_ids"].clone()
+    labels[:, :6] = -100
+    out = model(**inputs, labels=labels, num_items_in_batch=torch.tensor(100))
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    summed = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert torch.allclose(out.loss, summed / 100, atol=1e-6)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     inputs = _inputs(prompt_length=8)
