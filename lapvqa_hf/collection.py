@@ -1,0 +1,168 @@
+"""The LAPVQA Hub collection: one Transformers-native repo per upstream `.pt` file (`collection.json`, validated)."""
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS
+
+# Converters by model kind; kinds without one (VQA, detection) stay in the manifest as not yet convertible.
+CONVERTIBLE_KINDS = ("diffvqa", "captioning", "vision-encoder")
+KNOWN_KINDS = (*CONVERTIBLE_KINDS, "vqa", "detection")
+PIPELINE_TAGS = {
+    "diffvqa": "visual-question-answering",
+    "vqa": "visual-question-answering",
+    "captioning": "image-to-text",
+    "vision-encoder": "image-feature-extraction",
+    "detection": "object-detection",
+}
+
+
+class ManifestError(ValueError):
+    """The collection manifest is malformed; the message names the entry and the field."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    type: str
+    value: float
+    approximate: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    repo_id: str
+    filename: str
+    filename_assumed: bool = False
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    type: str
+    split: str
+
+
+@dataclass(frozen=True)
+class CollectionModel:
+    repo_id: str
+    kind: str
+    convertible: bool
+    source: Source
+    encoder: str
+    encoder_label: str
+    vis_dim: int
+    dataset: Dataset
+    results: tuple[Metric, ...] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        return self.repo_id.split("/", 1)[1]
+
+    @property
+    def pipeline_tag(self) -> str:
+        return PIPELINE_TAGS[self.kind]
+
+
+@dataclass(frozen=True)
+class Collection:
+    namespace: str
+    title: str
+    models: tuple[CollectionModel, ...]
+
+    def select(self, names: list[str] | None = None, convertible_only: bool = False) -> list[CollectionModel]:
+        """The entries named (by repo id or name; all if none), refusing unknown names."""
+        chosen = list(self.models)
+        if names:
+            by_name = {m.repo_id: m for m in self.models} | {m.name: m for m in self.models}
+            unknown = [n for n in names if n not in by_name]
+            if unknown:
+                raise ManifestError(f"not in the collection manifest: {unknown}; known: {[m.name for m in self.models]}")
+            chosen = [by_name[n] for n in names]
+        return [m for m in chosen if m.convertible] if convertible_only else chosen
+
+
+def _require(entry: dict, key: str, kind: type, where: str):
+    if key not in entry:
+        raise ManifestError(f"{where}: missing field {key!r}.")
+    value = entry[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{where}: field {key!r} should be {kind.__name__}, found {type(value).__name__}.")
+    return value
+
+
+def _model_from_dict(entry: dict, index: int) -> CollectionModel:
+    where = f"models[{index}] ({entry.get('repo_id', '?')})"
+    repo_id = _require(entry, "repo_id", str, where)
+    if repo_id.count("/") != 1:
+        raise ManifestError(f"{where}: repo_id must be 'owner/name', found {repo_id!r}.")
+    kind = _require(entry, "kind", str, where)
+    if kind not in KNOWN_KINDS:
+        raise ManifestError(f"{where}: kind must be one of {KNOWN_KINDS}, found {kind!r}.")
+    convertible = _require(entry, "convertible", bool, where)
+    if convertible and kind not in CONVERTIBLE_KINDS:
+        raise ManifestError(f"{where}: no converter exists for kind {kind!r} yet; set convertible to false.")
+    source = _require(entry, "source", dict, where)
+    encoder = _require(entry, "encoder", str, where)
+    vis_dim = _require(entry, "vis_dim", int, where)
+    if kind == "diffvqa" and KNOWN_ENCODERS.get(encoder) != vis_dim:
+        raise ManifestError(f"{where}: encoder {encoder!r} gives {KNOWN_ENCODERS.get(encoder)}-dim features, not {vis_dim}.")
+    results = []
+    for j, metric in enumerate(_require(entry, "results", list, where)):
+        value = _require(metric, "value", float, f"{where} results[{j}]")
+        if not 0.0 <= value <= 1.0:
+            raise ManifestError(f"{where} results[{j}]: value {value} outside [0, 1].")
+        results.append(
+            Metric(
+                _require(metric, "name", str, f"{where} results[{j}]"),
+                _require(metric, "type", str, f"{where} results[{j}]"),
+                value,
+                bool(metric.get("approximate", False)),
+            )
+        )
+    dataset = _require(entry, "dataset", dict, where)
+    return CollectionModel(
+        repo_id=repo_id,
+        kind=kind,
+        convertible=convertible,
+        source=Source(
+            repo_id=_require(source, "repo_id", str, f"{where} source"),
+            filename=_require(source, "filename", str, f"{where} source"),
+            filename_assumed=bool(source.get("filename_assumed", False)),
+            revision=source.get("revision"),
+        ),
+        encoder=encoder,
+        encoder_label=_require(entry, "encoder_label", str, where),
+        vis_dim=vis_dim,
+        dataset=Dataset(*(_require(dataset, k, str, f"{where} dataset") for k in ("name", "type", "split"))),
+        results=tuple(results),
+    )
+
+
+def load_collection(path: str | Path | None = None) -> Collection:
+    """The manifest shipped with the package (or the one at `path`), validated."""
+    if path is None:
+        text = resources.files("lapvqa_hf").joinpath("collection.json").read_text()
+    else:
+        text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"collection manifest is not valid JSON: {error}") from None
+    header = _require(data, "collection", dict, "manifest")
+    models = tuple(_model_from_dict(entry, i) for i, entry in enumerate(_require(data, "models", list, "manifest")))
+    duplicates = sorted({m.repo_id for m in models if sum(n.repo_id == m.repo_id for n in models) > 1})
+    if duplicates:
+        raise ManifestError(f"repo ids listed twice: {duplicates}.")
+    sources = [(m.source.repo_id, m.source.filename) for m in models]
+    if len(set(sources)) != len(sources):
+        raise ManifestError("two entries convert the same upstream file.")
+    return Collection(
+        namespace=_require(header, "owner", str, "collection"), title=_require(header, "title", str, "collection"), models=models
+    )
+
+
+__all__ = ["Collection", "CollectionModel", "ManifestError", "load_collection"]

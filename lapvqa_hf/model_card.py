@@ -1,0 +1,139 @@
+"""Hub model cards for the converted LAPVQA repos, rendered from `model_cards/model_card.md` with huggingface_hub."""
+
+from importlib import resources
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .collection import Collection, CollectionModel
+
+DESCRIPTIONS = {
+    "diffvqa": (
+        "Differential visual question answering on chest X-rays: given the frozen {encoder} encoder's patch tokens "
+        "of a *prior* (reference) and a *current* study, a 6-layer transformer decoder answers a question about the "
+        "change between them (MIMIC-Diff-VQA)."
+    ),
+    "captioning": (
+        "Radiology report generation: a ViT-L/14 encoder and a 6-layer causal transformer decoder trained from "
+        "scratch on MIMIC-CXR to write the full report of a chest X-ray."
+    ),
+    "vision-encoder": (
+        "The ViT-L/14 encoder of the LAPVQA captioning model, the collection's strongest frozen chest X-ray feature "
+        "extractor: its patch tokens (`[batch, 256, 1024]` at 224 px) feed the LAPVQA task heads."
+    ),
+}
+TRAINING_DATA = {
+    "diffvqa": "MIMIC-Diff-VQA (MIMIC-CXR studies)",
+    "captioning": "MIMIC-CXR reports",
+    "vision-encoder": "MIMIC-CXR reports (captioning objective)",
+}
+TASK_TAGS = {
+    "diffvqa": ["visual-question-answering", "differential-vqa"],
+    "captioning": ["radiology-report-generation", "image-captioning"],
+    "vision-encoder": ["feature-extraction", "vision-transformer"],
+}
+DATASET_IDS = {"diffvqa": ["mimic-diff-vqa", "mimic-cxr"], "captioning": ["mimic-cxr"], "vision-encoder": ["mimic-cxr"]}
+
+USAGE = {
+    "diffvqa": '''import torch
+from transformers import AutoModel, AutoTokenizer
+
+repo = "{repo_id}"
+model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(repo)
+
+# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the current and the prior image.
+curr_vis = torch.randn(1, 256, model.config.vis_dim)
+ref_vis = torch.randn(1, 256, model.config.vis_dim)
+
+question = "what has changed compared to the reference image?"
+input_ids = torch.tensor([tokenizer(question)["input_ids"] + [tokenizer.bos_token_id]])  # question + [bos]
+answer = model.generate(
+    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+    curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=64,
+)
+print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))''',
+    "captioning": '''from transformers import AutoModel, AutoProcessor
+
+repo = "{repo_id}"
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+
+inputs = processor(images=["chest_xray.png"])  # PNG/JPEG (8 or 16 bit) or DICOM (needs pydicom)
+report = model.generate(**inputs, max_new_tokens=128)
+print(processor.batch_decode(report[:, 1:], skip_special_tokens=True)[0])''',
+    "vision-encoder": '''from transformers import AutoImageProcessor, AutoModel
+
+repo = "{repo_id}"
+image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
+
+pixel_values = image_processor("chest_xray.png")["pixel_values"]  # PNG/JPEG or DICOM
+patch_tokens = encoder(pixel_values).last_hidden_state  # [1, num_patches, 1024], CLS dropped
+print(patch_tokens.shape)''',
+}
+
+
+def usage_snippet(entry: CollectionModel) -> str:
+    return USAGE[entry.kind].format(repo_id=entry.repo_id, encoder=entry.encoder_label, vis_dim=entry.vis_dim)
+
+
+def card_data(entry: CollectionModel) -> ModelCardData:
+    """The YAML metadata the Hub reads: license, library, pipeline, tags, base model, datasets, model-index."""
+    eval_results = [
+        EvalResult(
+            task_type=entry.pipeline_tag,
+            dataset_type=entry.dataset.type,
+            dataset_name=entry.dataset.name,
+            dataset_split=entry.dataset.split,
+            metric_type=metric.type,
+            metric_name=metric.name,
+            metric_value=metric.value,
+            source_name="upstream model card",
+            source_url=f"https://huggingface.co/{entry.source.repo_id}",
+        )
+        for metric in entry.results
+    ]
+    return ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=entry.pipeline_tag,
+        tags=["chest-xray", "radiology", "medical-imaging", "lapvqa", "mimic-cxr", *TASK_TAGS[entry.kind]],
+        base_model=entry.source.repo_id,
+        datasets=DATASET_IDS[entry.kind],
+        model_name=entry.name,
+        eval_results=eval_results or None,
+    )
+
+
+def render_model_card(
+    entry: CollectionModel,
+    collection: Collection,
+    conversion_info: dict | None = None,
+    verify_summary: str | None = None,
+) -> ModelCard:
+    """The card of a converted repo; `conversion_info` is the converted `config.json`'s record of assumptions."""
+    if entry.kind not in USAGE:
+        raise ValueError(f"{entry.repo_id}: no model class converts {entry.kind!r} checkpoints yet, so it has no card.")
+    conversion_info = conversion_info or {}
+    template = resources.files("lapvqa_hf.model_cards").joinpath("model_card.md").read_text()
+    return ModelCard.from_template(
+        card_data(entry),
+        template_str=template,
+        title=f"LAPVQA — {entry.name}",
+        description=DESCRIPTIONS[entry.kind].format(encoder=entry.encoder_label),
+        namespace=collection.namespace,
+        source_repo=entry.source.repo_id,
+        source_file=entry.source.filename,
+        source_sha256=conversion_info.get("source_sha256"),
+        verify_summary=verify_summary or "see `lapvqa convert` output",
+        usage=usage_snippet(entry),
+        results=entry.results,
+        dataset_name=entry.dataset.name,
+        dataset_split=entry.dataset.split,
+        assumptions=conversion_info.get("assumptions", ["(converted without recorded assumptions)"]),
+        training_data=TRAINING_DATA[entry.kind],
+        kind=entry.kind,
+    )
+
+
+__all__ = ["card_data", "render_model_card", "usage_snippet"]
