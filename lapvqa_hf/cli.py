@@ -7,6 +7,7 @@ lapvqa convert vision-encoder encoder_final.pt --output DIR
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .convert import captioning, diffvqa, vision_encoder
@@ -28,7 +29,59 @@ def build_parser() -> argparse.ArgumentParser:
         model_parser = models.add_parser(name, help=help_text, description=module.__doc__.split("\n")[0])
         module.add_arguments(model_parser)
         model_parser.set_defaults(handler=module.run)
+
+    pull_parser = commands.add_parser("pull", help="download converted repos (or, with --upstream, the raw .pt files)")
+    pull_parser.add_argument("names", nargs="*", help="repo ids or names from the manifest (default: all)")
+    pull_parser.add_argument("--upstream", action="store_true", help="the upstream .pt files instead, for conversion")
+    pull_parser.add_argument("--revision", help="branch, tag or commit to pin")
+    pull_parser.add_argument("--local-dir", type=Path, help="download into this folder instead of the cache")
+    pull_parser.add_argument("--cache-dir", type=Path, help="huggingface_hub cache folder")
+    pull_parser.add_argument("--offline", action="store_true", help="use the local cache only")
+    pull_parser.set_defaults(handler=run_pull)
+
+    push_parser = commands.add_parser(
+        "push", help="convert (verified), render cards, upload one commit per repo and fill the collection"
+    )
+    push_parser.add_argument("names", nargs="*", help="repo ids or names from the manifest (default: all convertible)")
+    push_parser.add_argument("--work-dir", type=Path, required=True, help="where converted folders are written")
+    push_parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing on the Hub")
+    push_parser.add_argument(
+        "--upstream-dir", type=Path, help="take upstream files from DIR/<upstream repo name>/<file> instead of the Hub"
+    )
+    push_parser.set_defaults(handler=run_push)
     return parser
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    from .collection import ManifestError, load_collection
+    from .hub import pull
+
+    try:
+        pull(
+            load_collection(),
+            args.names,
+            upstream=args.upstream,
+            revision=args.revision,
+            local_dir=args.local_dir,
+            cache_dir=args.cache_dir,
+            offline=args.offline,
+        )
+    except (ManifestError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .collection import ManifestError, load_collection
+    from .hub import push
+
+    try:
+        plan = push(load_collection(), args.names, args.work_dir, dry_run=args.dry_run, upstream_dir=args.upstream_dir)
+    except (ManifestError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 1 if plan.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

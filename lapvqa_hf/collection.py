@@ -80,7 +80,9 @@ class Collection:
             by_name = {m.repo_id: m for m in self.models} | {m.name: m for m in self.models}
             unknown = [n for n in names if n not in by_name]
             if unknown:
-                raise ManifestError(f"not in the collection manifest: {unknown}; known: {[m.name for m in self.models]}")
+                raise ManifestError(
+                    f"not in the collection manifest: {unknown}; known: {[m.name for m in self.models]}"
+                )
             chosen = [by_name[n] for n in names]
         return [m for m in chosen if m.convertible] if convertible_only else chosen
 
@@ -109,7 +111,9 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
     encoder = _require(entry, "encoder", str, where)
     vis_dim = _require(entry, "vis_dim", int, where)
     if kind == "diffvqa" and KNOWN_ENCODERS.get(encoder) != vis_dim:
-        raise ManifestError(f"{where}: encoder {encoder!r} gives {KNOWN_ENCODERS.get(encoder)}-dim features, not {vis_dim}.")
+        raise ManifestError(
+            f"{where}: encoder {encoder!r} gives {KNOWN_ENCODERS.get(encoder)}-dim features, not {vis_dim}."
+        )
     results = []
     for j, metric in enumerate(_require(entry, "results", list, where)):
         value = _require(metric, "value", float, f"{where} results[{j}]")
@@ -161,7 +165,9 @@ def load_collection(path: str | Path | None = None) -> Collection:
     if len(set(sources)) != len(sources):
         raise ManifestError("two entries convert the same upstream file.")
     return Collection(
-        namespace=_require(header, "owner", str, "collection"), title=_require(header, "title", str, "collection"), models=models
+        namespace=_require(header, "owner", str, "collection"),
+        title=_require(header, "title", str, "collection"),
+        models=models,
     )
 
 

@@ -34,7 +34,7 @@ TASK_TAGS = {
 DATASET_IDS = {"diffvqa": ["mimic-diff-vqa", "mimic-cxr"], "captioning": ["mimic-cxr"], "vision-encoder": ["mimic-cxr"]}
 
 USAGE = {
-    "diffvqa": '''import torch
+    "diffvqa": """import torch
 from transformers import AutoModel, AutoTokenizer
 
 repo = "{repo_id}"
@@ -51,8 +51,8 @@ answer = model.generate(
     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
     curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=64,
 )
-print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))''',
-    "captioning": '''from transformers import AutoModel, AutoProcessor
+print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))""",
+    "captioning": """from transformers import AutoModel, AutoProcessor
 
 repo = "{repo_id}"
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
@@ -60,8 +60,8 @@ model = AutoModel.from_pretrained(repo, trust_remote_code=True)
 
 inputs = processor(images=["chest_xray.png"])  # PNG/JPEG (8 or 16 bit) or DICOM (needs pydicom)
 report = model.generate(**inputs, max_new_tokens=128)
-print(processor.batch_decode(report[:, 1:], skip_special_tokens=True)[0])''',
-    "vision-encoder": '''from transformers import AutoImageProcessor, AutoModel
+print(processor.batch_decode(report[:, 1:], skip_special_tokens=True)[0])""",
+    "vision-encoder": """from transformers import AutoImageProcessor, AutoModel
 
 repo = "{repo_id}"
 image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
@@ -69,7 +69,7 @@ encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
 
 pixel_values = image_processor("chest_xray.png")["pixel_values"]  # PNG/JPEG or DICOM
 patch_tokens = encoder(pixel_values).last_hidden_state  # [1, num_patches, 1024], CLS dropped
-print(patch_tokens.shape)''',
+print(patch_tokens.shape)""",
 }
 
 

@@ -5,6 +5,7 @@ their sha256, and they become the tokenizer's `vocab.json` / `merges.txt`. The r
 `tiktoken.get_encoding("gpt2").encode(text, disallowed_special=())`: `<|endoftext|>` spelled in text stays text.
 """
 
+import functools
 import json
 
 import torch
@@ -18,8 +19,8 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 END_OF_TEXT = "<|endoftext|>"
 
 
-def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
-    """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256)."""
+@functools.cache
+def _gpt2_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     try:
         vocab = json.loads(read_file_cached(GPT2_ENCODER_JSON, GPT2_ENCODER_JSON_SHA256))
         merge_lines = read_file_cached(GPT2_VOCAB_BPE, GPT2_VOCAB_BPE_SHA256).decode("utf-8").split("\n")
@@ -29,10 +30,15 @@ def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
             f"({type(error).__name__}). Without a network, set TIKTOKEN_CACHE_DIR to a folder holding them "
             "under tiktoken's cache names."
         ) from None
-    merges = [tuple(line.split()) for line in merge_lines[1:] if line.strip()]
+    return vocab, tuple(tuple(line.split()) for line in merge_lines[1:] if line.strip())
+
+
+def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
+    """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256)."""
+    vocab, merges = _gpt2_vocabulary()
     return GPT2Tokenizer(
-        vocab=vocab,
-        merges=merges,
+        vocab=dict(vocab),
+        merges=list(merges),
         bos_token=END_OF_TEXT,
         eos_token=END_OF_TEXT,
         unk_token=END_OF_TEXT,

@@ -1,0 +1,285 @@
+"""`lapvqa push` and `lapvqa pull` without the network: a local Hub-compatible server and a recording HfApi."""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hub_server import LocalHub
+from huggingface_hub import HfApi
+from lapvqa_hf.convert import diffvqa
+
+from lapvqa_hf.collection import load_collection
+from lapvqa_hf.hub import describe, execute, plan_push, push
+from lapvqa_hf.original import CaptioningModel, DiffVQAHead, randomize_
+
+SECRET = "hf_sentinelTOKENthatMustNeverBePrinted"
+CONVERTIBLE = [
+    "lapvqa-diffvqa-clip-vit-l14",
+    "lapvqa-diffvqa-coca",
+    "lapvqa-diffvqa-florence2",
+    "lapvqa-diffvqa-siglip",
+    "lapvqa-diffvqa-owlv2",
+    "lapvqa-captioning",
+    "lapvqa-vit-l14",
+]
+
+
+def _checkpoint_bytes(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def upstream_repos() -> dict[str, dict[str, bytes]]:
+    """Random-weight upstream files, upstream layout and real feature widths, small decoders (8 heads divide 64)."""
+    collection = load_collection()
+    repos: dict[str, dict[str, bytes]] = {}
+    for entry in collection.select(convertible_only=True):
+        if entry.kind == "diffvqa":
+            head = DiffVQAHead(vis_dim=entry.vis_dim, d_model=64, num_layers=2, dim_feedforward=96)
+            repos.setdefault(entry.source.repo_id, {})[entry.source.filename] = _checkpoint_bytes(randomize_(head))
+    captioning = randomize_(
+        CaptioningModel(
+            img_size=56, vision_width=64, vision_depth=2, d_model=32, num_layers=2, dim_feedforward=48, max_len=60
+        )
+    )
+    repos["dmusingu/lapvqa-pretrain-captioning"] = {
+        "model_best.pt": _checkpoint_bytes(captioning),
+        "encoder_final.pt": _checkpoint_bytes(captioning.vision_encoder),
+    }
+    return repos
+
+
+class RecordingHfApi(HfApi):
+    """Reads go over HTTP to the local server; writes are recorded and applied to its in-memory repos."""
+
+    def __init__(self, hub: LocalHub):
+        super().__init__(endpoint=hub.url)
+        self.hub = hub
+        self.calls: list[tuple] = []
+        self.collections: dict[str, SimpleNamespace] = {}
+        self.fail_uploads = False
+
+    def create_repo(self, repo_id, *, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+        self.hub.repos.setdefault(repo_id, {})
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, delete_patterns=None, **kwargs):
+        self.calls.append(("upload_folder", repo_id, commit_message))
+        if self.fail_uploads:
+            raise OSError("upload interrupted")
+        files = {
+            p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()
+        }
+        kept = {k: v for k, v in self.hub.repos[repo_id].items() if k not in (delete_patterns or [])}
+        self.hub.repos[repo_id] = {**kept, **files}  # the whole commit lands at once
+
+    def list_collections(self, *, owner=None, limit=None, **kwargs):
+        self.calls.append(("list_collections", owner))
+        return [c for c in self.collections.values() if c.owner == owner]
+
+    def get_collection(self, collection_slug, **kwargs):
+        return self.collections[collection_slug]
+
+    def create_collection(self, title, *, namespace=None, exists_ok=False, **kwargs):
+        self.calls.append(("create_collection", title, namespace))
+        slug = f"{namespace}/{title.lower()}-0123456789abcdef"
+        self.collections[slug] = SimpleNamespace(slug=slug, title=title, owner=namespace, items=[])
+        return self.collections[slug]
+
+    def add_collection_item(self, collection_slug, item_id, item_type, *, exists_ok=False, **kwargs):
+        self.calls.append(("add_collection_item", collection_slug, item_id))
+        self.collections[collection_slug].items.append(SimpleNamespace(item_id=item_id, item_type=item_type))
+
+    def writes(self) -> list[tuple]:
+        return [c for c in self.calls if c[0] not in ("list_collections",)]
+
+
+@pytest.fixture(autouse=True)
+def online_to_localhost_only(monkeypatch):
+    """conftest sets HF_HUB_OFFLINE=1; these tests go online, but only to the server on 127.0.0.1."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub(upstream_repos):
+    with LocalHub({repo: dict(files) for repo, files in upstream_repos.items()}) as server:
+        yield server
+
+
+@pytest.fixture
+def api(hub):
+    return RecordingHfApi(hub)
+
+
+QUIET = dict(log=lambda _: None)
+
+
+def test_dry_run_plans_every_convertible_repo_and_writes_nothing(hub, api, tmp_path):
+    collection = load_collection()
+    plan = plan_push(collection, None, tmp_path / "work", api=api, **QUIET)
+    assert [r.entry.name for r in plan.repos] == CONVERTIBLE
+    assert not plan.failed and plan.collection_slug is None
+    for repo in plan.repos:
+        assert repo.create_repo and repo.needs_commit and repo.add_to_collection
+        names = {f.path for f in repo.files}
+        assert {"README.md", "config.json", "model.safetensors"} <= names
+        safetensors = next(f for f in repo.files if f.path == "model.safetensors")
+        assert safetensors.size == (repo.folder / "model.safetensors").stat().st_size and len(safetensors.sha256) == 64
+        assert f"+++ {repo.entry.repo_id}/README.md (new)" in repo.card_diff
+    text = describe(plan)
+    assert "● dmusingu/lapvqa-diffvqa-coca: create repo, one commit" in text
+    assert "collection LAPVQA (to be created): add" in text
+    assert text.endswith("7 repo(s) ready, 7 commit(s), 7 collection addition(s), 0 failed.")
+    assert "lapvqa-vqa" not in text and "lapvqa-ad" not in text, "entries without a converter are not pushed"
+    assert api.writes() == []
+
+
+def test_push_publishes_then_rerun_is_a_no_op(hub, api, tmp_path):
+    collection = load_collection()
+    push(collection, None, tmp_path / "first", api=api, **QUIET)
+    uploads = [c for c in api.calls if c[0] == "upload_folder"]
+    assert [c[1] for c in uploads] == [f"dmusingu/{n}" for n in CONVERTIBLE], "one commit per repo"
+    assert sum(c[0] == "create_collection" for c in api.calls) == 1
+    (collection_state,) = api.collections.values()
+    assert [i.item_id for i in collection_state.items] == [f"dmusingu/{n}" for n in CONVERTIBLE]
+    card = hub.repos["dmusingu/lapvqa-diffvqa-coca"]["README.md"].decode()
+    assert "model-index:" in card and "verify passed" in card
+
+    api.calls.clear()
+    plan = push(collection, None, tmp_path / "second", api=api, **QUIET)
+    assert api.writes() == [], "re-running must not commit or touch the collection"
+    assert all(not r.needs_commit and not r.add_to_collection and not r.card_diff for r in plan.repos)
+    assert "no commit (up to date)" in describe(plan) and "already listed" in describe(plan)
+
+
+def with_first_result(collection, name: str, value: float):
+    """The collection with one entry's first reported metric changed (so its card changes)."""
+    entry = collection.select([name])[0]
+    changed = dataclasses.replace(
+        entry, results=(dataclasses.replace(entry.results[0], value=value), *entry.results[1:])
+    )
+    return dataclasses.replace(collection, models=tuple(changed if m is entry else m for m in collection.models))
+
+
+def test_a_changed_card_is_one_commit_of_the_card_alone(hub, api, tmp_path):
+    collection = load_collection()
+    push(collection, ["lapvqa-diffvqa-coca"], tmp_path / "first", api=api, **QUIET)
+    collection = with_first_result(collection, "lapvqa-diffvqa-coca", 0.25)
+    api.calls.clear()
+    plan = push(collection, ["lapvqa-diffvqa-coca"], tmp_path / "second", api=api, **QUIET)
+    (repo,) = plan.repos
+    assert [(f.path, f.change) for f in repo.files if f.change != "same"] == [("README.md", "update")]
+    assert "-      value: 0.196" in repo.card_diff and "+      value: 0.25" in repo.card_diff
+    assert [c[0] for c in api.writes()] == ["upload_folder"]
+
+
+def test_a_repo_failing_verification_is_never_pushed(hub, api, tmp_path, monkeypatch):
+    real = diffvqa.convert_state_dict
+
+    def corrupt_coca(state_dict, config):
+        converted = real(state_dict, config)
+        if config.encoder_name == "coca":
+            converted["decoder.layers.0.fc1.bias"] = converted["decoder.layers.0.fc1.bias"] + 0.5
+        return converted
+
+    monkeypatch.setattr(diffvqa, "convert_state_dict", corrupt_coca)
+    plan = push(load_collection(), None, tmp_path / "work", api=api, **QUIET)
+    assert [r.entry.name for r in plan.failed] == ["lapvqa-diffvqa-coca"]
+    assert "verify FAILED" in plan.failed[0].error
+    pushed = {c[1] for c in api.calls if c[0] in ("upload_folder", "create_repo", "add_collection_item")}
+    assert "dmusingu/lapvqa-diffvqa-coca" not in pushed and "dmusingu/lapvqa-diffvqa-siglip" in pushed
+    assert "dmusingu/lapvqa-diffvqa-coca" not in hub.repos
+
+
+def test_a_failed_upload_leaves_the_previous_revision(hub, api, tmp_path):
+    collection = load_collection()
+    push(collection, ["lapvqa-vit-l14"], tmp_path / "first", api=api, **QUIET)
+    before = dict(hub.repos["dmusingu/lapvqa-vit-l14"])
+    collection = with_first_result(collection, "lapvqa-vit-l14", 0.7)
+    plan = plan_push(collection, ["lapvqa-vit-l14"], tmp_path / "second", api=api, **QUIET)
+    assert plan.repos[0].needs_commit
+    api.fail_uploads = True
+    with pytest.raises(OSError, match="upload interrupted"):
+        execute(plan, collection, api=api, **QUIET)
+    assert hub.repos["dmusingu/lapvqa-vit-l14"] == before
+
+
+def test_the_token_never_appears_in_output_or_logs(hub, api, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    caplog.set_level("DEBUG")
+    push(load_collection(), ["lapvqa-diffvqa-siglip"], tmp_path / "work", api=api)
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err + caplog.text
+
+
+def _cli(hub: LocalHub, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": SECRET, "HF_HOME": str(cwd / "hf-home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lapvqa_hf.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
+    result = _cli(hub, "push", "--dry-run", "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in CONVERTIBLE:
+        assert f"● dmusingu/{name}: create repo, one commit" in result.stdout
+    assert "7 repo(s) ready, 7 commit(s), 7 collection addition(s), 0 failed." in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    assert not any(method not in ("GET", "HEAD") for method, _, _ in hub.requests), "a dry run only reads"
+
+
+def test_pull_over_http_pins_revisions_resumes_and_works_offline(hub, api, tmp_path):
+    push(load_collection(), ["lapvqa-diffvqa-coca"], tmp_path / "work", api=api, **QUIET)
+    served = hub.repos["dmusingu/lapvqa-diffvqa-coca"]
+    commit = hub.commit("dmusingu/lapvqa-diffvqa-coca")
+
+    # The connection drops 12 MB into the weights; huggingface_hub keeps what it wrote (whole 10 MiB chunks)
+    # and resumes from there with an HTTP Range request.
+    weights = served["model.safetensors"]
+    assert len(weights) > 12_000_000
+    hub.fail_after_bytes["dmusingu/lapvqa-diffvqa-coca/model.safetensors"] = 12_000_000
+    pulled = _cli(hub, "pull", "lapvqa-diffvqa-coca", "--revision", commit, cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    resumed = [r for m, p, r in hub.requests if m == "GET" and p.endswith(f"{commit}/model.safetensors") and r]
+    assert resumed and int(resumed[0][len("bytes=") : -1]) > 0
+    snapshot = Path(pulled.stdout.strip().split(": ", 1)[1])
+    assert snapshot.name == commit
+    assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == served
+
+    hub.server.shutdown()  # the Hub is gone: the cache still serves
+    offline = _cli(hub, "pull", "lapvqa-diffvqa-coca", "--revision", commit, "--offline", cwd=tmp_path)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert Path(offline.stdout.strip().split(": ", 1)[1]) == snapshot
+
+
+def test_pull_upstream_files_into_a_folder(hub, upstream_repos, tmp_path):
+    result = _cli(hub, "pull", "lapvqa-captioning", "lapvqa-vit-l14", "--upstream", "--local-dir", "raw", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model_best.pt", "encoder_final.pt"):
+        path = tmp_path / "raw" / "lapvqa-pretrain-captioning" / name
+        assert path.read_bytes() == upstream_repos["dmusingu/lapvqa-pretrain-captioning"][name]
+
+
+def test_push_from_a_local_upstream_folder(hub, upstream_repos, api, tmp_path):
+    raw = tmp_path / "raw" / "lapvqa-diffvqa"
+    raw.mkdir(parents=True)
+    (raw / "owlv2_best.pt").write_bytes(upstream_repos["dmusingu/lapvqa-diffvqa"]["owlv2_best.pt"])
+    plan = push(
+        load_collection(), ["lapvqa-diffvqa-owlv2"], tmp_path / "work", api=api, upstream_dir=tmp_path / "raw", **QUIET
+    )
+    assert not plan.failed
+    config = json.loads(hub.repos["dmusingu/lapvqa-diffvqa-owlv2"]["config.json"])
+    assert config["encoder_name"] == "owlv2" and config["conversion_info"]["source_file"] == "owlv2_best.pt"
