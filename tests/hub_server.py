@@ -10,7 +10,7 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 LFS_SUFFIXES = (".pt", ".safetensors", ".bin")
 
@@ -70,8 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        url = urlparse(self.path)
-        path, query = unquote(url.path), parse_qs(url.query)
+        path = unquote(urlparse(self.path).path)
         self.hub.requests.append((self.command, path, self.headers.get("Range", "")))
         if path == "/api/collections":
             return self._json([])
