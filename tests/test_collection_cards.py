@@ -1,0 +1,133 @@
+"""The collection manifest is complete and validated; every card renders, parses back and its snippet runs."""
+
+import ast
+import copy
+import importlib
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from lapvqa_hf.collection import ManifestError, load_collection
+from lapvqa_hf.convert.captioning import convert_captioning
+from lapvqa_hf.convert.diffvqa import convert_diffvqa
+from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from lapvqa_hf.model_card import render_model_card, usage_snippet
+from lapvqa_hf.original import CaptioningModel, DiffVQAHead, randomize_
+
+MANIFEST = json.loads(resources.files("lapvqa_hf").joinpath("collection.json").read_text())
+
+
+def test_manifest_lists_every_upstream_file_once():
+    collection = load_collection()
+    names = {m.name for m in collection.models}
+    for encoder in ("clip-vit-l14", "coca", "florence2", "siglip", "owlv2"):
+        assert f"lapvqa-diffvqa-{encoder}" in names and f"lapvqa-vqa-{encoder}" in names
+        assert f"lapvqa-ad-{encoder}" in names
+    assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
+    assert len(collection.models) == 18
+    assert [m.name for m in collection.select(convertible_only=True)] == [
+        "lapvqa-diffvqa-clip-vit-l14",
+        "lapvqa-diffvqa-coca",
+        "lapvqa-diffvqa-florence2",
+        "lapvqa-diffvqa-siglip",
+        "lapvqa-diffvqa-owlv2",
+        "lapvqa-captioning",
+        "lapvqa-vit-l14",
+    ]
+    assert all(not m.convertible for m in collection.models if m.kind in ("vqa", "detection"))
+
+
+def test_manifest_carries_the_reported_results():
+    collection = {m.name: m for m in load_collection().models}
+    coca = {r.name: r.value for r in collection["lapvqa-diffvqa-coca"].results}
+    assert coca == {"BLEU-1": 0.196, "BLEU-4": 0.138, "ROUGE-1": 0.320, "RadGraph-s": 0.317}
+    assert collection["lapvqa-diffvqa-owlv2"].results == ()
+    assert [r.value for r in collection["lapvqa-vit-l14"].results] == [0.686, 0.808]
+    assert {r.name: r.value for r in collection["lapvqa-vqa-siglip"].results}["BLEU-4"] == 0.253
+    siglip_ad = collection["lapvqa-ad-siglip"].results[0]
+    assert (siglip_ad.value, siglip_ad.approximate) == (0.045, True)
+    assert collection["lapvqa-ad-mae-vit-l16"].vis_dim == 1024
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["models"].append(copy.deepcopy(m["models"][0])), "repo ids listed twice"),
+        (lambda m: m["models"][0].update(kind="segmentation"), "kind must be one of"),
+        (lambda m: m["models"][7].update(convertible=True), "no converter exists for kind 'vqa' yet"),
+        (lambda m: m["models"][1].update(vis_dim=1024), "encoder 'coca' gives 768-dim features, not 1024"),
+        (lambda m: m["models"][0]["results"][0].update(value=18.4), "value 18.4 outside"),
+        (lambda m: m["models"][0].pop("source"), "missing field 'source'"),
+        (lambda m: m["models"][0].update(repo_id="lapvqa-diffvqa"), "repo_id must be 'owner/name'"),
+    ],
+)
+def test_manifest_validation(tmp_path, edit, message):
+    manifest = copy.deepcopy(MANIFEST)
+    edit(manifest)
+    (tmp_path / "collection.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=message):
+        load_collection(tmp_path / "collection.json")
+
+
+def test_selecting_unknown_names_is_refused():
+    with pytest.raises(ManifestError, match=r"not in the collection manifest: \['lapvqa-diffvqa-resnet'\]"):
+        load_collection().select(["lapvqa-diffvqa-resnet"])
+
+
+@pytest.mark.parametrize("entry", load_collection().select(convertible_only=True), ids=lambda e: e.name)
+def test_every_card_renders_and_its_metadata_parses_back(entry):
+    collection = load_collection()
+    info = {"assumptions": ["assumption one", "assumption two"], "source_sha256": "ab" * 32}
+    card = ModelCard(str(render_model_card(entry, collection, info, "verify passed: max |Δlogit| = 1.0e-06")))
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0" and data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == entry.pipeline_tag and data["base_model"] == entry.source.repo_id
+    assert "chest-xray" in data["tags"] and data["datasets"]
+    if entry.results:
+        (result,) = data["model-index"][0]["results"]
+        assert result["dataset"]["name"] == entry.dataset.name
+        assert [(m["name"], m["value"]) for m in result["metrics"]] == [(r.name, r.value) for r in entry.results]
+        for metric in entry.results:
+            assert f"| {metric.name} | {metric.value:.3f} |" in card.text
+    else:
+        assert "model-index" not in data
+    assert "assumption one" in card.text and "Research only" in card.text and "johnson2019mimic" in card.text
+    assert ("hu2023expert" in card.text) == (entry.kind == "diffvqa")
+    assert f'repo = "{entry.repo_id}"' in card.text
+
+
+@pytest.mark.parametrize("entry", load_collection().select(convertible_only=True), ids=lambda e: e.name)
+def test_usage_snippets_only_name_what_exists(entry):
+    tree = ast.parse(usage_snippet(entry))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+
+
+def test_usage_snippets_run_on_converted_folders(tmp_path, monkeypatch):
+    collection = {m.kind: m for m in load_collection().select(convertible_only=True)}
+    quiet = dict(log=lambda _: None)
+    head = randomize_(DiffVQAHead(vis_dim=768, d_model=64, num_layers=2, dim_feedforward=96))
+    torch.save(head.state_dict(), tmp_path / "coca_best.pt")
+    convert_diffvqa(tmp_path / "coca_best.pt", "coca", tmp_path / "diffvqa", **quiet)
+    captioning = randomize_(
+        CaptioningModel(img_size=56, vision_width=64, vision_depth=2, d_model=32, num_layers=2, dim_feedforward=48)
+    )
+    torch.save(captioning.state_dict(), tmp_path / "model_best.pt")
+    torch.save(captioning.vision_encoder.state_dict(), tmp_path / "encoder_final.pt")
+    convert_captioning(tmp_path / "model_best.pt", tmp_path / "captioning", **quiet)
+    convert_vision_encoder(tmp_path / "encoder_final.pt", tmp_path / "vision-encoder", **quiet)
+    Image.fromarray((np.random.default_rng(0).random((80, 70)) * 255).astype(np.uint8)).save(
+        tmp_path / "chest_xray.png"
+    )
+    monkeypatch.chdir(tmp_path)
+    for kind, entry in collection.items():
+        code = usage_snippet(entry).replace(f'"{entry.repo_id}"', f'"{tmp_path / kind}"')
+        exec(compile(code, f"card snippet ({entry.name})", "exec"), {})
