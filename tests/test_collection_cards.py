@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from PIL import Image
-
-from lapvqa_hf.collection import ManifestError, load_collection
 from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from PIL import Image
+
+from lapvqa_hf.collection import ManifestError, load_collection
 from lapvqa_hf.model_card import render_model_card, usage_snippet
 from lapvqa_hf.original import CaptioningModel, DiffVQAHead, randomize_
 
