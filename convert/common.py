@@ -188,11 +188,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, wi
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def run_reporting_errors(convert: Callable[[], object]) -> int:
-    """Runs a conversion for the CLI: a `ConversionError` (or `OSError`) becomes one `error:` line and exit 1."""
+def run_reporting_errors(
+    command: Callable[[], object], errors: tuple[type[Exception], ...] = (ConversionError, OSError)
+) -> int:
+    """Runs a command for the CLI: an expected error becomes one `error:` line and exit code 1."""
     try:
-        convert()
-    except (ConversionError, OSError) as error:
+        command()
+    except errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -9,8 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from huggingface_hub.errors import HfHubHTTPError
+
 from . import __version__
 from .convert import captioning, diffvqa, vision_encoder
+from .convert.common import run_reporting_errors
 
 CONVERTERS = {
     "diffvqa": (diffvqa, "a DiffVQAHead state dict ({encoder}_best.pt)"),
@@ -56,8 +59,8 @@ def run_pull(args: argparse.Namespace) -> int:
     from .collection import ManifestError, load_collection
     from .hub import pull
 
-    try:
-        pull(
+    return run_reporting_errors(
+        lambda: pull(
             load_collection(),
             args.names,
             upstream=args.upstream,
@@ -65,23 +68,23 @@ def run_pull(args: argparse.Namespace) -> int:
             local_dir=args.local_dir,
             cache_dir=args.cache_dir,
             offline=args.offline,
-        )
-    except (ManifestError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        ),
+        errors=(ManifestError, OSError, HfHubHTTPError),
+    )
 
 
 def run_push(args: argparse.Namespace) -> int:
     from .collection import ManifestError, load_collection
     from .hub import push
 
-    try:
-        plan = push(load_collection(), args.names, args.work_dir, dry_run=args.dry_run, upstream_dir=args.upstream_dir)
-    except (ManifestError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 1 if plan.failed else 0
+    plans = []
+    code = run_reporting_errors(
+        lambda: plans.append(
+            push(load_collection(), args.names, args.work_dir, dry_run=args.dry_run, upstream_dir=args.upstream_dir)
+        ),
+        errors=(ManifestError, OSError, HfHubHTTPError),
+    )
+    return 1 if code or plans[0].failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,3 +283,13 @@ def test_push_from_a_local_upstream_folder(hub, upstream_repos, api, tmp_path):
     assert not plan.failed
     config = json.loads(hub.repos["dmusingu/lapvqa-diffvqa-owlv2"]["config.json"])
     assert config["encoder_name"] == "owlv2" and config["conversion_info"]["source_file"] == "owlv2_best.pt"
+
+
+def test_pull_errors_are_one_line(tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    assert lapvqa(["pull", "lapvqa-diffvqa-resnet"]) == 1
+    assert capsys.readouterr().err.startswith("error: not in the collection manifest: ['lapvqa-diffvqa-resnet']")
+    assert lapvqa(["pull", "lapvqa-diffvqa-coca", "--offline", "--cache-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "cached" in err[0]
