@@ -52,7 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream-dir", type=Path, help="take upstream files from DIR/<upstream repo name>/<file> instead of the Hub"
     )
     push_parser.set_defaults(handler=run_push)
+
+    data_parser = commands.add_parser("data", help="datasets for fine-tuning and evaluation")
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synthesize = data_commands.add_parser(
+        "synthesize", help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR-JPG release (same layout)"
+    )
+    synthesize.add_argument("--output", type=Path, required=True, help="folder to write the release into")
+    synthesize.add_argument("--subjects", type=int, default=12, help="patients (3 questions each; default 12)")
+    synthesize.add_argument("--seed", type=int, default=0)
+    synthesize.set_defaults(handler=run_synthesize)
     return parser
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    from .data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+
+    root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)
+    sizes = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
+    print(f"wrote {root}: {sizes}")
+    return 0
 
 
 def run_pull(args: argparse.Namespace) -> int:

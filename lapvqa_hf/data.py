@@ -1,0 +1,223 @@
+"""MIMIC-Diff-VQA (and plain prior/current/question/answer files) as `datasets` datasets, and a synthetic release.
+
+MIMIC-Diff-VQA's question table (`mimic_pair_questions.csv`) holds one row per question about a pair of studies:
+`study_id` (the current study), `subject_id`, `ref_id` (the reference, i.e. prior, study), `question_type`,
+`question`, `answer`, `split` (`train` / `val` / `test`). Images come from MIMIC-CXR-JPG
+(`files/p{first two digits}/p{subject_id}/s{study_id}/{dicom_id}.jpg`); its metadata table
+(`mimic-cxr-2.0.0-metadata.csv`) gives each image's `ViewPosition`, from which one frontal image per study is
+chosen (PA before AP, then the smallest `dicom_id`, so the choice is reproducible). Both data sets are
+credentialed (PhysioNet): `write_synthetic_mimic_diff_vqa` writes a small stand-in in exactly that layout.
+"""
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+from PIL import Image
+
+QUESTIONS_FILE = "mimic_pair_questions.csv"
+METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
+QUESTION_COLUMNS = ("study_id", "subject_id", "ref_id", "question_type", "question", "answer", "split")
+METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns", "StudyDate")
+FRONTAL_VIEWS = ("PA", "AP")  # in order of preference
+SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+PAIR_COLUMNS = ("prior_image", "current_image", "question", "answer")
+
+
+class DataError(ValueError):
+    """A data file is missing columns or rows; the message names the file, the row and what was expected."""
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file.")
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing columns {missing}; found {reader.fieldnames}.")
+        return list(reader)
+
+
+def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+    """MIMIC-CXR-JPG's relative path of one image."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def frontal_images(metadata_csv: str | Path) -> dict[str, str]:
+    """`study_id -> relative path` of each study's frontal image (PA preferred, then AP; smallest dicom_id)."""
+    best: dict[str, tuple[int, str, str]] = {}
+    for row in _read_csv(Path(metadata_csv), METADATA_COLUMNS):
+        if row["ViewPosition"] not in FRONTAL_VIEWS:
+            continue
+        rank = (FRONTAL_VIEWS.index(row["ViewPosition"]), row["dicom_id"])
+        candidate = (*rank, image_path(row["subject_id"], row["study_id"], row["dicom_id"]))
+        if row["study_id"] not in best or candidate[:2] < best[row["study_id"]][:2]:
+            best[row["study_id"]] = candidate
+    return {study: choice[2] for study, choice in best.items()}
+
+
+def load_mimic_diff_vqa(root: str | Path, image_root: str | Path | None = None) -> DatasetDict:
+    """The release's question table joined with frontal MIMIC-CXR-JPG images, one `Dataset` per split.
+
+    `root` holds `mimic_pair_questions.csv` and `mimic-cxr-2.0.0-metadata.csv`; `image_root` (default: `root`)
+    holds `files/`. Questions whose current or reference study has no frontal image are dropped, as no image
+    can be shown for them. Splits are named `train`, `validation` and `test`.
+    """
+    root = Path(root)
+    image_root = Path(image_root) if image_root is not None else root
+    frontal = frontal_images(root / METADATA_FILE)
+    columns: dict[str, dict[str, list]] = {}
+    for line, row in enumerate(_read_csv(root / QUESTIONS_FILE, QUESTION_COLUMNS), start=2):
+        split = SPLIT_NAMES.get(row["split"])
+        if split is None:
+            raise DataError(f"{root / QUESTIONS_FILE}, line {line}: unknown split {row['split']!r}.")
+        current, prior = frontal.get(row["study_id"]), frontal.get(row["ref_id"])
+        if current is None or prior is None:
+            continue
+        target = columns.setdefault(
+            split,
+            {
+                k: []
+                for k in (
+                    "subject_id",
+                    "study_id",
+                    "ref_study_id",
+                    "question_type",
+                    "question",
+                    "answer",
+                    "prior_image",
+                    "current_image",
+                )
+            },
+        )
+        target["subject_id"].append(row["subject_id"])
+        target["study_id"].append(row["study_id"])
+        target["ref_study_id"].append(row["ref_id"])
+        target["question_type"].append(row["question_type"])
+        target["question"].append(row["question"])
+        target["answer"].append(row["answer"])
+        target["prior_image"].append(str(image_root / prior))
+        target["current_image"].append(str(image_root / current))
+    return DatasetDict({split: Dataset.from_dict(data) for split, data in sorted(columns.items())})
+
+
+def load_pairs(path: str | Path, split: str = "train") -> Dataset:
+    """A CSV or JSON Lines file of `prior_image, current_image, question, answer` (optional `question_type`).
+
+    Relative image paths are resolved against the file's folder.
+    """
+    path = Path(path)
+    if path.suffix == ".csv":
+        dataset = Dataset.from_csv(str(path), split=split)
+    elif path.suffix in (".jsonl", ".json"):
+        dataset = Dataset.from_json(str(path), split=split)
+    else:
+        raise DataError(f"{path}: expected a .csv or .jsonl file.")
+    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}; found {dataset.column_names}.")
+    if "question_type" not in dataset.column_names:
+        dataset = dataset.add_column("question_type", ["unknown"] * len(dataset))
+
+    def resolve(row: dict) -> dict:
+        return {key: str((path.parent / row[key]).resolve()) for key in ("prior_image", "current_image")}
+
+    return dataset.map(resolve)
+
+
+# --- a synthetic release ----------------------------------------------------------------------------------------
+
+_SIDES = ("left", "right")
+_SIZES = ("small", "moderate", "large")
+
+
+def _synthetic_xray(rng: np.random.Generator, effusion: int, side: str, size: int = 96) -> Image.Image:
+    """A gray chest-like image; an 'effusion' brightens the lower part of one side (0 = none, 1..3 = size)."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    lungs = 0.35 + 0.25 * np.exp(-(((x - 0.3) ** 2) / 0.02 + ((y - 0.5) ** 2) / 0.08))
+    lungs += 0.25 * np.exp(-(((x - 0.7) ** 2) / 0.02 + ((y - 0.5) ** 2) / 0.08))
+    if effusion:
+        column = x < 0.5 if side == "right" else x >= 0.5  # radiological convention: patient's right on the left
+        lungs = np.where(column & (y > 1.0 - 0.2 * effusion), 0.95, lungs)
+    image = np.clip(lungs + rng.normal(0, 0.03, lungs.shape), 0, 1)
+    return Image.fromarray((image * 255).astype(np.uint8))
+
+
+def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, seed: int = 0) -> Path:
+    """Writes a small MIMIC-Diff-VQA + MIMIC-CXR-JPG look-alike (same files, columns and paths) under `root`.
+
+    Each subject has two studies (prior, current) with a frontal (PA or AP) and a lateral image; the current study
+    may show a pleural effusion that appeared, grew or resolved. Questions of three MIMIC-Diff-VQA types are
+    answered from that ground truth, so a model can learn them. Subjects are split 60/20/20 into train/val/test.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    picker = random.Random(seed)
+    metadata, questions = [], []
+    for index in range(num_subjects):
+        subject = str(10000000 + index * 1013)
+        prior_study, current_study = str(50000000 + index * 2), str(50000000 + index * 2 + 1)
+        side = picker.choice(_SIDES)
+        before, after = picker.randrange(0, 4), picker.randrange(0, 4)
+        for study, effusion, date in ((prior_study, before, "21500101"), (current_study, after, "21500601")):
+            views = [(picker.choice(FRONTAL_VIEWS), True), ("LATERAL", False)]
+            for number, (view, frontal) in enumerate(views):
+                dicom = f"{subject[-4:]}{study[-4:]}-{number:02d}{'f' if frontal else 'l'}"
+                path = root / image_path(subject, study, dicom)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image = _synthetic_xray(rng, effusion if frontal else 0, side)
+                image.save(path, quality=95)
+                metadata.append(
+                    dict(
+                        dicom_id=dicom,
+                        subject_id=subject,
+                        study_id=study,
+                        ViewPosition=view,
+                        Rows=image.height,
+                        Columns=image.width,
+                        StudyDate=date,
+                    )
+                )
+        split = "train" if index < 0.6 * num_subjects else ("val" if index < 0.8 * num_subjects else "test")
+        if after > before:
+            difference = f"the main image has an additional finding of {_SIZES[after - 1]} {side} pleural effusion than the reference image."
+        elif after < before:
+            difference = (
+                f"the main image is missing the finding of {side} pleural effusion compared to the reference image."
+                if after == 0
+                else f"the {side} pleural effusion has decreased."
+            )
+        else:
+            difference = "nothing has changed."
+        rows = [
+            ("difference", "what has changed compared to the reference image?", difference),
+            ("presence", "is there evidence of pleural effusion in this image?", "yes" if after else "no"),
+            ("location", "where is the pleural effusion located?", side if after else "no pleural effusion"),
+        ]
+        for question_type, question, answer in rows:
+            questions.append(
+                dict(
+                    study_id=current_study,
+                    subject_id=subject,
+                    ref_id=prior_study,
+                    question_type=question_type,
+                    question=question,
+                    answer=answer,
+                    split=split,
+                )
+            )
+    for name, rows, columns in (
+        (METADATA_FILE, metadata, METADATA_COLUMNS),
+        (QUESTIONS_FILE, questions, QUESTION_COLUMNS),
+    ):
+        with open(root / name, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+__all__ = ["DataError", "frontal_images", "load_mimic_diff_vqa", "load_pairs", "write_synthetic_mimic_diff_vqa"]
