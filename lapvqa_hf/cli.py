@@ -62,7 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--subjects", type=int, default=12, help="patients (3 questions each; default 12)")
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
+
+    extract = commands.add_parser("extract-features", help="encode every image once with a frozen encoder (resumable)")
+    extract.add_argument("--encoder", required=True, help="recipe name, e.g. siglip or lapvqa-vit-l14")
+    source = extract.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mimic-root", type=Path, help="a MIMIC-Diff-VQA release (or `lapvqa data synthesize` output)")
+    source.add_argument("--pairs", type=Path, help="a CSV/JSONL file of prior_image, current_image, question, answer")
+    extract.add_argument("--output", type=Path, required=True, help="feature folder (re-running resumes)")
+    extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
+    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    extract.set_defaults(handler=run_extract_features)
     return parser
+
+
+def run_extract_features(args: argparse.Namespace) -> int:
+    from .data import DataError, load_mimic_diff_vqa, load_pairs
+    from .features import FeatureError, extract_features, images_of, load_encoder, recipe_for
+
+    def extract() -> None:
+        recipe = recipe_for(args.encoder)
+        if args.mimic_root is not None:
+            splits = load_mimic_diff_vqa(args.mimic_root)
+            rows, root = [row for split in splits.values() for row in split], args.mimic_root
+        else:
+            rows, root = list(load_pairs(args.pairs)), None
+        images = images_of(rows, root=Path(root).resolve() if root else None)
+        encoder = load_encoder(recipe, args.checkpoint)
+        extract_features(images, recipe, args.output, encoder=encoder, batch_size=args.batch_size, device=args.device)
+        print(f"{args.output}: {len(images)} images encoded with {recipe.name}")
+
+    return run_reporting_errors(extract, errors=(DataError, FeatureError, OSError))
 
 
 def run_synthesize(args: argparse.Namespace) -> int:

@@ -1,0 +1,275 @@
+"""Frozen-encoder patch tokens, extracted once per image and stored for fast training (`lapvqa extract-features`).
+
+The upstream DiffVQA card does not say how its features were taken from each encoder. `RECIPES` is the one place
+where that is pinned (checkpoint, input size, normalisation, which hidden state, CLS kept or dropped); the recipe
+is stored with the features and, later, in the config of a head trained on them.
+
+Storage: `features-XXXXX.safetensors` shards (fp16 tensors keyed by image id, `[num_patches, vis_dim]`) and
+`features.json` (the recipe and the shards written so far). A shard is written to a temporary name and renamed,
+then `features.json` is replaced atomically, so a crash loses at most the shard in progress and a re-run resumes.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .image_processing_lapvqa import LapvqaImageProcessor
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+HALF_MEAN, HALF_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MANIFEST = "features.json"
+
+
+@dataclass(frozen=True)
+class EncoderRecipe:
+    """How one frozen encoder turns an image into patch tokens (pinned: the upstream cards are silent)."""
+
+    name: str
+    checkpoint: str
+    library: str  # "transformers" (with `model_class`), "open_clip" or "lapvqa"
+    model_class: str
+    image_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    output: str  # the model output (or method) holding the tokens
+    drop_cls: bool
+    vis_dim: int
+
+
+RECIPES: dict[str, EncoderRecipe] = {
+    recipe.name: recipe
+    for recipe in (
+        EncoderRecipe(
+            "clip-vit-l14",
+            "openai/clip-vit-large-patch14",
+            "transformers",
+            "CLIPVisionModel",
+            224,
+            CLIP_MEAN,
+            CLIP_STD,
+            "last_hidden_state",
+            True,
+            1024,
+        ),
+        EncoderRecipe(
+            "siglip",
+            "google/siglip-so400m-patch14-384",
+            "transformers",
+            "SiglipVisionModel",
+            384,
+            HALF_MEAN,
+            HALF_STD,
+            "last_hidden_state",
+            False,
+            1152,
+        ),
+        EncoderRecipe(
+            "owlv2",
+            "google/owlv2-large-patch14-ensemble",
+            "transformers",
+            "Owlv2VisionModel",
+            960,
+            CLIP_MEAN,
+            CLIP_STD,
+            "last_hidden_state",
+            True,
+            1024,
+        ),
+        EncoderRecipe(
+            "florence2",
+            "microsoft/Florence-2-large",
+            "transformers",
+            "Florence2ForConditionalGeneration",
+            768,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "get_image_features",
+            False,
+            1024,
+        ),
+        EncoderRecipe(
+            "coca",
+            "coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k",
+            "open_clip",
+            "coca_ViT-L-14",
+            224,
+            CLIP_MEAN,
+            CLIP_STD,
+            "visual_tokens",
+            False,
+            768,
+        ),
+        EncoderRecipe(
+            "lapvqa-vit-l14",
+            "dmusingu/lapvqa-vit-l14",
+            "lapvqa",
+            "LapvqaVisionModel",
+            224,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "last_hidden_state",
+            False,
+            1024,
+        ),
+    )
+}
+
+
+class FeatureError(ValueError):
+    """Features cannot be extracted or read; the message says what was expected."""
+
+
+def recipe_for(name: str) -> EncoderRecipe:
+    if name not in RECIPES:
+        raise FeatureError(f"unknown encoder {name!r}; expected one of {sorted(RECIPES)}.")
+    return RECIPES[name]
+
+
+def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> torch.nn.Module:
+    """The frozen encoder of a recipe, from the Hub or a local folder (`checkpoint` overrides the recipe's)."""
+    source = checkpoint or recipe.checkpoint
+    if recipe.library == "transformers":
+        import transformers
+
+        return getattr(transformers, recipe.model_class).from_pretrained(source).eval()
+    if recipe.library == "lapvqa":
+        from .modeling_lapvqa_vision import LapvqaVisionModel
+
+        return LapvqaVisionModel.from_pretrained(source).eval()
+    try:
+        import open_clip
+    except ImportError:
+        raise FeatureError(f"the {recipe.name} encoder needs open_clip: pip install open_clip_torch.") from None
+    architecture, pretrained = source.split("/", 1)
+    model, *_ = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
+    return model.visual.eval()
+
+
+def patch_tokens(recipe: EncoderRecipe, encoder: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`[batch, num_patches, vis_dim]` from the encoder as the recipe says."""
+    if recipe.output == "get_image_features":
+        tokens = encoder.get_image_features(pixel_values)
+    elif recipe.output == "visual_tokens":
+        encoder.output_tokens = True
+        _, tokens = encoder(pixel_values)
+    else:
+        tokens = getattr(encoder(pixel_values=pixel_values), recipe.output)
+    tokens = tokens[:, 1:] if recipe.drop_cls else tokens
+    if tokens.ndim != 3 or tokens.shape[-1] != recipe.vis_dim:
+        raise FeatureError(
+            f"the {recipe.name} recipe expects [batch, patches, {recipe.vis_dim}] tokens, the encoder gave "
+            f"{list(tokens.shape)}; check the checkpoint."
+        )
+    return tokens
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(payload, file, indent=1)
+    os.replace(temporary, path)
+
+
+def extract_features(
+    images: dict[str, str | Path],
+    recipe: EncoderRecipe,
+    output_dir: str | Path,
+    encoder: torch.nn.Module | None = None,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = output_dir / MANIFEST
+    manifest = {"recipe": asdict(recipe), "shards": []}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["recipe"] != asdict(recipe):
+            raise FeatureError(
+                f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}); use another folder."
+            )
+    done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
+    todo = [image_id for image_id in images if image_id not in done]
+    if not todo:
+        return output_dir
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = (encoder or load_encoder(recipe)).to(device).eval()
+    trained_size = getattr(getattr(encoder, "config", None), "image_size", None)
+    if trained_size is not None and trained_size != recipe.image_size:
+        raise FeatureError(
+            f"the {recipe.name} recipe feeds {recipe.image_size} px images, but this encoder takes {trained_size} px; "
+            "use the recipe's checkpoint or a matching one."
+        )
+    processor = LapvqaImageProcessor(
+        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode="stretch"
+    )
+    dtype = next(encoder.parameters()).dtype
+    bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
+    for start in range(0, len(todo), shard_size):
+        shard_ids = todo[start : start + shard_size]
+        tensors = {}
+        for batch_start in range(0, len(shard_ids), batch_size):
+            batch_ids = shard_ids[batch_start : batch_start + batch_size]
+            pixels = processor([images[i] for i in batch_ids])["pixel_values"].to(device, dtype)
+            with torch.inference_mode():
+                tokens = patch_tokens(recipe, encoder, pixels)
+            tensors.update({i: t.to("cpu", torch.float16).contiguous() for i, t in zip(batch_ids, tokens, strict=True)})
+            bar.update(len(batch_ids))
+        shard_name = f"features-{len(manifest['shards']):05d}.safetensors"
+        temporary = output_dir / f".{shard_name}.tmp"
+        save_file(tensors, temporary, metadata={"encoder": recipe.name, "recipe": json.dumps(asdict(recipe))})
+        os.replace(temporary, output_dir / shard_name)
+        manifest["shards"].append({"file": shard_name, "ids": shard_ids})
+        _write_json_atomically(manifest_path, manifest)
+    bar.close()
+    return output_dir
+
+
+class FeatureStore:
+    """Read access to extracted features: `store[image_id]` is `[num_patches, vis_dim]` fp16."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        manifest_path = self.output_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FeatureError(f"{self.output_dir}: no {MANIFEST}; run `lapvqa extract-features` first.")
+        manifest = json.loads(manifest_path.read_text())
+        self.recipe = EncoderRecipe(**manifest["recipe"])
+        self._tensors: dict[str, torch.Tensor] = {}
+        for shard in manifest["shards"]:
+            self._tensors.update(load_file(self.output_dir / shard["file"]))
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._tensors
+
+    def __getitem__(self, image_id: str) -> torch.Tensor:
+        if image_id not in self._tensors:
+            raise KeyError(f"no features for image {image_id!r} in {self.output_dir}")
+        return self._tensors[image_id]
+
+
+def images_of(rows: Iterable[dict], root: str | Path | None = None) -> dict[str, str]:
+    """`{image_id: path}` of the prior and current images of dataset rows; ids are paths relative to `root`."""
+    images = {}
+    for row in rows:
+        for key in ("prior_image", "current_image"):
+            path = Path(row[key]).resolve()
+            images[str(path.relative_to(root)) if root is not None else str(path)] = str(path)
+    return images
+
+
+__all__ = ["RECIPES", "EncoderRecipe", "FeatureError", "FeatureStore", "extract_features", "images_of", "recipe_for"]

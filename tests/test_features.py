@@ -1,0 +1,191 @@
+"""`lapvqa extract-features`: frozen patch tokens per image, fp16 shards, one recipe per encoder, resumable."""
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
+from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
+from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+from lapvqa_hf.features import RECIPES, FeatureError, FeatureStore, extract_features, images_of, recipe_for
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = write_synthetic_mimic_diff_vqa(tmp_path_factory.mktemp("mimic"), num_subjects=5, seed=2)
+    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
+    return root, images_of(rows, root=root)
+
+
+def tiny(recipe_name: str, **changes):
+    """A recipe shrunk to a tiny random encoder of the same class."""
+    import dataclasses
+
+    return dataclasses.replace(recipe_for(recipe_name), **changes)
+
+
+def test_every_known_encoder_has_one_recipe_with_its_width():
+    assert set(RECIPES) == set(KNOWN_ENCODERS)
+    for name, recipe in RECIPES.items():
+        assert recipe.vis_dim == KNOWN_ENCODERS[name]
+    with pytest.raises(FeatureError, match="unknown encoder 'resnet'"):
+        recipe_for("resnet")
+
+
+def test_lapvqa_encoder_features_equal_the_model_output(release, tmp_path):
+    root, images = release
+    assert len(images) == 10  # 5 subjects x 2 studies, frontal images only
+    config = LapvqaVisionConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, image_size=28
+    )
+    encoder = LapvqaVisionModel(config).eval()
+    recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=64)
+    extract_features(images, recipe, tmp_path / "features", encoder=encoder, batch_size=3, shard_size=8, progress=False)
+    store = FeatureStore(tmp_path / "features")
+    assert len(store) == 10 and store.recipe == recipe
+    manifest = json.loads((tmp_path / "features" / "features.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["features-00000.safetensors", "features-00001.safetensors"]
+    image_id = next(iter(images))
+    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")
+    with torch.no_grad():
+        expected = encoder(processor(images[image_id])["pixel_values"]).last_hidden_state[0]
+    assert store[image_id].dtype == torch.float16 and store[image_id].shape == (4, 64)
+    assert torch.allclose(store[image_id].float(), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "patches"),
+    [
+        (
+            "clip-vit-l14",
+            lambda: CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    image_size=28,
+                    patch_size=14,
+                )
+            ),
+            4,
+        ),
+        (
+            "siglip",
+            lambda: SiglipVisionModel(
+                SiglipVisionConfig(
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    image_size=28,
+                    patch_size=14,
+                )
+            ),
+            4,
+        ),
+    ],
+)
+def test_transformers_encoders_follow_their_recipe(release, tmp_path, name, model, patches):
+    _, images = release
+    recipe = tiny(name, image_size=28, vis_dim=32)
+    extract_features(dict(list(images.items())[:3]), recipe, tmp_path, encoder=model(), progress=False)
+    store = FeatureStore(tmp_path)
+    # CLIP has a CLS token, dropped by its recipe; SigLIP has none: both give the 2x2 patch grid.
+    assert {tuple(store[i].shape) for i in list(images)[:3]} == {(patches, 32)}
+
+
+def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(release, tmp_path, monkeypatch):
+    _, images = release
+    config = LapvqaVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
+    )
+    encoder = LapvqaVisionModel(config).eval()
+    recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=32)
+    extract_features(images, recipe, tmp_path / "reference", encoder=encoder, shard_size=6, progress=False)
+
+    calls = []
+    original_forward = encoder.forward
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_features(
+            images, recipe, tmp_path / "resumed", encoder=encoder, batch_size=3, shard_size=6, progress=False
+        )
+    assert len(FeatureStore(tmp_path / "resumed")) == 6, "the first shard survived the crash"
+    calls.clear()
+    extract_features(images, recipe, tmp_path / "resumed", encoder=encoder, batch_size=3, shard_size=6, progress=False)
+    assert len(calls) == 2, "only the 4 images not yet stored were encoded (batches of 3 and 1)"
+    reference, resumed = FeatureStore(tmp_path / "reference"), FeatureStore(tmp_path / "resumed")
+    assert len(resumed) == 10 and all(torch.equal(reference[i], resumed[i]) for i in images)
+    assert not list((tmp_path / "resumed").glob(".*")), "no temporary files are left behind"
+
+
+def test_features_of_another_recipe_are_not_mixed(release, tmp_path):
+    _, images = release
+    config = LapvqaVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
+    )
+    recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=32)
+    subset = dict(list(images.items())[:2])
+    extract_features(subset, recipe, tmp_path, encoder=LapvqaVisionModel(config), progress=False)
+    with pytest.raises(FeatureError, match="holds features of another recipe"):
+        extract_features(
+            subset,
+            tiny("lapvqa-vit-l14", image_size=56, vis_dim=32),
+            tmp_path,
+            encoder=LapvqaVisionModel(config),
+            progress=False,
+        )
+
+
+def test_wrong_encoder_width_is_refused(release, tmp_path):
+    _, images = release
+    config = LapvqaVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
+    )
+    with pytest.raises(FeatureError, match=r"expects \[batch, patches, 1024\] tokens, the encoder gave \[1, 4, 32\]"):
+        extract_features(
+            dict(list(images.items())[:1]),
+            tiny("lapvqa-vit-l14", image_size=28),
+            tmp_path,
+            encoder=LapvqaVisionModel(config),
+            progress=False,
+        )
+
+
+def test_cli_extracts_from_a_release_with_a_local_checkpoint(release, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    root, images = release
+    config = LapvqaVisionConfig(
+        image_size=28, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, hidden_size=1024
+    )
+    LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder")
+    # The recipe feeds 224 px images: a 28 px checkpoint is refused before anything is encoded.
+    args = [
+        "extract-features",
+        "--encoder",
+        "lapvqa-vit-l14",
+        "--mimic-root",
+        str(root),
+        "--output",
+        str(tmp_path / "f"),
+    ]
+    assert lapvqa([*args, "--checkpoint", str(tmp_path / "encoder")]) == 1
+    assert "recipe feeds 224 px images, but this encoder takes 28 px" in capsys.readouterr().err
+    config = LapvqaVisionConfig(
+        image_size=224, patch_size=112, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder224")
+    assert lapvqa([*args, "--checkpoint", str(tmp_path / "encoder224")]) == 0
+    assert f"{len(images)} images encoded with lapvqa-vit-l14" in capsys.readouterr().out
+    assert FeatureStore(tmp_path / "f")[next(iter(images))].shape == (4, 1024)
