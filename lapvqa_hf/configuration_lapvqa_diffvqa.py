@@ -48,6 +48,8 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
             `KNOWN_ENCODERS`), so users feed it the right features.
         conversion_info (`dict`, *optional*): where the weights came from and which conventions were
             assumed at conversion time (see `lapvqa convert`).
+        feature_recipe (`dict`, *optional*): how the training features were extracted from the frozen encoder
+            (`lapvqa_hf.features.EncoderRecipe`), recorded by `lapvqa_hf.train`.
     """
 
     model_type = "lapvqa_diffvqa"
@@ -70,6 +72,7 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
     use_cache: bool = True
     encoder_name: str | None = None
     conversion_info: dict | None = None
+    feature_recipe: dict | None = None
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = 50256

@@ -1,0 +1,148 @@
+"""`accelerate launch -m lapvqa_hf.train`: a tiny head overfits the synthetic data on 2 CPU processes (gloo), and
+a killed run resumes to exactly the result of an uninterrupted one."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from lapvqa_hf import LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
+from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
+from lapvqa_hf.tokenization import build_gpt2_tokenizer
+from lapvqa_hf.train import DiffVQAExamples, TrainConfig, answer_split, train
+
+TINY_HEAD = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
+    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
+    torch.manual_seed(0)
+    encoder = LapvqaVisionModel(
+        LapvqaVisionConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
+        )
+    )
+    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
+    extract_features(images_of(rows, root=root.resolve()), recipe, base / "features", encoder=encoder, progress=False)
+    return base
+
+
+def write_config(base: Path, output: Path, **changes) -> Path:
+    values = (
+        dict(
+            mimic_root=str(base / "mimic"),
+            features_dir=str(base / "features"),
+            output_dir=str(output),
+            model=TINY_HEAD,
+            learning_rate=0.01,
+            warmup_steps=20,
+            max_steps=250,
+            batch_size=3,
+            checkpoint_every=250,
+            eval_every=250,
+            eval_max_new_tokens=32,
+        )
+        | changes
+    )
+    path = output.with_suffix(".json")
+    path.write_text(json.dumps(values))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_two_cpu_processes_overfit_the_synthetic_answers(prepared, tmp_path):
+    config = write_config(prepared, tmp_path / "run")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # DDP over gloo on this GPU-less machine
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "lapvqa_hf.train",
+            "--config",
+            str(config),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 250
+    assert summary["losses"][-1] < 0.5 < 10 < summary["losses"][0]
+    model = LapvqaDiffVQAModel.from_pretrained(tmp_path / "run" / "best").eval()
+    assert model.config.feature_recipe["vis_dim"] == 32
+    train_set = DiffVQAExamples(
+        load_mimic_diff_vqa(prepared / "mimic")["train"],
+        FeatureStore(prepared / "features"),
+        (prepared / "mimic").resolve(),
+    )
+    answers = answer_split(model, build_gpt2_tokenizer(), train_set, batch_size=6, max_new_tokens=32)
+    reproduced = sum(a == row["answer"] for a, row in zip(answers, train_set.rows, strict=True))
+    assert reproduced >= 16, f"only {reproduced}/18 training answers reproduced"
+    assert (tmp_path / "run" / "best" / "tokenizer.json").is_file()
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, monkeypatch):
+    settings = dict(max_steps=12, gradient_accumulation_steps=2, batch_size=4, checkpoint_every=6, eval_every=1000)
+    uninterrupted = train(TrainConfig.from_file(write_config(prepared, tmp_path / "a", **settings)))
+    AcceleratorState._reset_state(True)
+
+    original_save_state = Accelerator.save_state
+
+    def save_then_die(self, output_dir=None, **kwargs):
+        original_save_state(self, output_dir, **kwargs)
+        raise KeyboardInterrupt("killed after the step-6 checkpoint")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
+    config_b = TrainConfig.from_file(write_config(prepared, tmp_path / "b", **settings))
+    with pytest.raises(KeyboardInterrupt):
+        train(config_b)
+    monkeypatch.setattr(Accelerator, "save_state", original_save_state)
+    AcceleratorState._reset_state(True)
+    resumed = train(config_b)
+
+    assert resumed["losses"] == uninterrupted["losses"][6:]
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-12" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-12" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_file_with_overrides(prepared, tmp_path):
+    path = write_config(prepared, tmp_path / "c")
+    config = TrainConfig.from_file(path, ["max_steps=7", "mixed_precision=bf16", 'model={"hidden_size": 16}'])
+    assert (config.max_steps, config.mixed_precision, config.model) == (7, "bf16", {"hidden_size": 16})
+    with pytest.raises(ValueError, match="--set max_step: unknown field"):
+        TrainConfig.from_file(path, ["max_step=7"])
