@@ -73,7 +73,53 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int, default=8)
     extract.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     extract.set_defaults(handler=run_extract_features)
+
+    evaluate = commands.add_parser("evaluate", help="answer a split greedily and report BLEU/ROUGE per question type")
+    evaluate.add_argument("model", help="a DiffVQA model folder or Hub id")
+    evaluate.add_argument("--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA release")
+    evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--output", type=Path, help="also write the scores and answers as JSON here")
+    evaluate.set_defaults(handler=run_evaluate)
     return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import DataError, load_mimic_diff_vqa
+    from .features import FeatureError, FeatureStore
+    from .metrics import score_answers
+    from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+    from .tokenization import build_gpt2_tokenizer
+    from .train import DiffVQAExamples, answer_split
+
+    def evaluate() -> None:
+        splits = load_mimic_diff_vqa(args.mimic_root)
+        if args.split not in splits:
+            raise DataError(f"{args.mimic_root} has no {args.split} split; it has {sorted(splits)}.")
+        features = FeatureStore(args.features)
+        model = LapvqaDiffVQAModel.from_pretrained(args.model).eval()
+        if model.config.vis_dim != features.recipe.vis_dim:
+            raise FeatureError(
+                f"{args.model} takes {model.config.vis_dim}-dim features, {args.features} holds {features.recipe.vis_dim}."
+            )
+        examples = DiffVQAExamples(splits[args.split], features, Path(args.mimic_root).resolve())
+        answers = answer_split(model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens)
+        references = [row["answer"] for row in examples.rows]
+        scores = score_answers(answers, references, [row["question_type"] for row in examples.rows])
+        metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL")
+        print(f"| question type | n | {' | '.join(metrics)} |")
+        print(f"|---|---|{'---|' * len(metrics)}")
+        for name, row in scores.items():
+            print(f"| {name} | {row['count']} | {' | '.join(f'{row[m]:.3f}' for m in metrics)} |")
+        if args.output:
+            payload = {"split": args.split, "scores": scores, "answers": answers, "references": references}
+            args.output.write_text(json.dumps(payload, indent=1))
+
+    return run_reporting_errors(evaluate, errors=(ValueError, OSError))  # incl. DataError, FeatureError
 
 
 def run_extract_features(args: argparse.Namespace) -> int:

@@ -146,3 +146,38 @@ def test_config_file_with_overrides(prepared, tmp_path):
     assert (config.max_steps, config.mixed_precision, config.model) == (7, "bf16", {"hidden_size": 16})
     with pytest.raises(ValueError, match="--set max_step: unknown field"):
         TrainConfig.from_file(path, ["max_step=7"])
+
+
+def test_evaluate_cli_scores_a_split_per_question_type(prepared, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    train(
+        TrainConfig.from_file(
+            write_config(prepared, tmp_path / "run", max_steps=30, eval_every=30, checkpoint_every=30)
+        )
+    )
+    args = [
+        "evaluate",
+        str(tmp_path / "run" / "best"),
+        "--mimic-root",
+        str(prepared / "mimic"),
+        "--features",
+        str(prepared / "features"),
+        "--split",
+        "validation",
+        "--max-new-tokens",
+        "32",
+        "--output",
+        str(tmp_path / "scores.json"),
+    ]
+    assert lapvqa(args) == 0
+    printed = capsys.readouterr().out
+    assert "| question type | n | bleu1 | bleu2 | bleu3 | bleu4 | rouge1 | rougeL |" in printed
+    assert "| overall | 6 |" in printed and "| presence | 2 |" in printed
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert saved["scores"]["overall"]["bleu4"] == pytest.approx(best["scores"]["overall"]["bleu4"])
+    assert lapvqa([*args[:-2], "--features", str(tmp_path)]) == 1
+    assert "no features.json" in capsys.readouterr().err
+    assert lapvqa([*args[:-4], "--max-new-tokens", "64"]) == 1  # 13-token prompts + 64 > 64 positions
+    assert "Use max_new_tokens <= 52" in capsys.readouterr().err
