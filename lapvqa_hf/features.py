@@ -44,83 +44,35 @@ class EncoderRecipe:
     vis_dim: int
 
 
-RECIPES: dict[str, EncoderRecipe] = {
-    recipe.name: recipe
-    for recipe in (
-        EncoderRecipe(
-            "clip-vit-l14",
-            "openai/clip-vit-large-patch14",
-            "transformers",
-            "CLIPVisionModel",
-            224,
-            CLIP_MEAN,
-            CLIP_STD,
-            "last_hidden_state",
-            True,
-            1024,
-        ),
-        EncoderRecipe(
-            "siglip",
-            "google/siglip-so400m-patch14-384",
-            "transformers",
-            "SiglipVisionModel",
-            384,
-            HALF_MEAN,
-            HALF_STD,
-            "last_hidden_state",
-            False,
-            1152,
-        ),
-        EncoderRecipe(
-            "owlv2",
-            "google/owlv2-large-patch14-ensemble",
-            "transformers",
-            "Owlv2VisionModel",
-            960,
-            CLIP_MEAN,
-            CLIP_STD,
-            "last_hidden_state",
-            True,
-            1024,
-        ),
-        EncoderRecipe(
-            "florence2",
-            "microsoft/Florence-2-large",
-            "transformers",
-            "Florence2ForConditionalGeneration",
-            768,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "get_image_features",
-            False,
-            1024,
-        ),
-        EncoderRecipe(
-            "coca",
-            "coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k",
-            "open_clip",
-            "coca_ViT-L-14",
-            224,
-            CLIP_MEAN,
-            CLIP_STD,
-            "visual_tokens",
-            False,
-            768,
-        ),
-        EncoderRecipe(
-            "lapvqa-vit-l14",
-            "dmusingu/lapvqa-vit-l14",
-            "lapvqa",
-            "LapvqaVisionModel",
-            224,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "last_hidden_state",
-            False,
-            1024,
-        ),
-    )
-}
+# fmt: off
+_RECIPE_LIST = (
+    EncoderRecipe(
+        name="clip-vit-l14", checkpoint="openai/clip-vit-large-patch14", library="transformers", model_class="CLIPVisionModel",
+        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="siglip", checkpoint="google/siglip-so400m-patch14-384", library="transformers", model_class="SiglipVisionModel",
+        image_size=384, image_mean=HALF_MEAN, image_std=HALF_STD, output="last_hidden_state", drop_cls=False, vis_dim=1152,
+    ),
+    EncoderRecipe(
+        name="owlv2", checkpoint="google/owlv2-large-patch14-ensemble", library="transformers", model_class="Owlv2VisionModel",
+        image_size=960, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="florence2", checkpoint="microsoft/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
+        image_size=768, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="get_image_features", drop_cls=False, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="coca", checkpoint="coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k", library="open_clip", model_class="coca_ViT-L-14",
+        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="visual_tokens", drop_cls=False, vis_dim=768,
+    ),
+    EncoderRecipe(
+        name="lapvqa-vit-l14", checkpoint="dmusingu/lapvqa-vit-l14", library="lapvqa", model_class="LapvqaVisionModel",
+        image_size=224, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="last_hidden_state", drop_cls=False, vis_dim=1024,
+    ),
+)
+RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in _RECIPE_LIST}
+# fmt: on
 
 
 class FeatureError(ValueError):
