@@ -110,7 +110,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         answers = answer_split(model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens)
         references = [row["answer"] for row in examples.rows]
         scores = score_answers(answers, references, [row["question_type"] for row in examples.rows])
-        metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL")
+        metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")
         print(f"| question type | n | {' | '.join(metrics)} |")
         print(f"|---|---|{'---|' * len(metrics)}")
         for name, row in scores.items():

@@ -16,7 +16,7 @@ from lapvqa_hf.data import (
     load_pairs,
     write_synthetic_mimic_diff_vqa,
 )
-from lapvqa_hf.metrics import corpus_bleu, load_metric, mean_rouge, radgraph_f1, score_answers, tokenize
+from lapvqa_hf.metrics import cider, corpus_bleu, load_metric, mean_rouge, radgraph_f1, score_answers, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +177,25 @@ def test_rouge_by_hand():
     assert scores == {"rouge1": pytest.approx(0.5), "rougeL": pytest.approx(0.375)}
 
 
+def test_cider_is_pycocoevalcaps_on_normalised_tokens():
+    from pycocoevalcap.cider.cider import Cider
+
+    predictions = ["The left effusion has increased.", "nothing has changed", "no"]
+    references = ["the left pleural effusion has increased", "nothing has changed", "yes"]
+    expected, _ = Cider().compute_score(
+        {i: [" ".join(tokenize(r))] for i, r in enumerate(references)},
+        {i: [" ".join(tokenize(p))] for i, p in enumerate(predictions)},
+    )
+    assert cider(predictions, references) == pytest.approx(expected)
+    assert cider(["x y z"], ["a b c"]) == 0.0, "nothing shared scores 0"
+
+
 def test_scores_per_question_type_and_overall():
     results = score_answers(["yes", "no", "left"], ["yes", "yes", "left"], ["presence", "presence", "location"])
     assert results["presence"]["count"] == 2 and results["presence"]["bleu1"] == pytest.approx(0.5)
     assert results["location"]["rouge1"] == 1.0 and results["overall"]["count"] == 3
     assert results["overall"]["rouge1"] == pytest.approx(2 / 3)
+    assert set(results["overall"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider", "count"}
 
 
 def test_evaluate_modules_load_offline_and_agree():

@@ -172,7 +172,7 @@ def test_evaluate_cli_scores_a_split_per_question_type(prepared, tmp_path, capsy
     ]
     assert lapvqa(args) == 0
     printed = capsys.readouterr().out
-    assert "| question type | n | bleu1 | bleu2 | bleu3 | bleu4 | rouge1 | rougeL |" in printed
+    assert "| question type | n | bleu1 | bleu2 | bleu3 | bleu4 | rouge1 | rougeL | cider |" in printed
     assert "| overall | 6 |" in printed and "| presence | 2 |" in printed
     saved = json.loads((tmp_path / "scores.json").read_text())
     best = json.loads((tmp_path / "run" / "best.json").read_text())

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import evaluate
 
-from .scoring import corpus_bleu, mean_rouge, radgraph_f1, score_answers, tokenize
+from .scoring import cider, corpus_bleu, mean_rouge, radgraph_f1, score_answers, tokenize
 
 METRIC_MODULES = ("lapvqa_bleu", "lapvqa_rouge")
 
@@ -16,4 +16,4 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(Path(__file__).parent / name))
 
 
-__all__ = ["corpus_bleu", "load_metric", "mean_rouge", "radgraph_f1", "score_answers", "tokenize"]
+__all__ = ["cider", "corpus_bleu", "load_metric", "mean_rouge", "radgraph_f1", "score_answers", "tokenize"]

@@ -5,13 +5,15 @@ BLEU and ROUGE see the same tokens. BLEU is corpus-level (clipped n-gram counts 
 uniform weights, brevity penalty against the reference length, no smoothing), counting n-grams as Papineni et al.
 and pycocoevalcap do: an answer shorter than n contributes no n-gram (nltk's `corpus_bleu` counts one, which only
 differs for such answers). ROUGE is
-the mean per-answer F-measure of `rouge_score` without stemming.
+the mean per-answer F-measure of `rouge_score` without stemming. CIDEr is pycocoevalcap's (the captioning
+papers' implementation), on the same tokens, with document frequencies from the references being scored.
 """
 
 import math
 import re
 from collections import Counter
 
+from pycocoevalcap.cider.cider import Cider
 from rouge_score import rouge_scorer
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -65,10 +67,22 @@ def mean_rouge(predictions: list[str], references: list[str]) -> dict[str, float
     return {key: sum(s[key].fmeasure for s in scores) / len(scores) for key in ("rouge1", "rougeL")}
 
 
+def cider(predictions: list[str], references: list[str]) -> float:
+    """Corpus CIDEr (n = 1..4, sigma 6) of pycocoevalcap, one reference per answer."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
+    if not predictions:
+        return 0.0
+    references_by_id = {i: [" ".join(tokenize(r))] for i, r in enumerate(references)}
+    predictions_by_id = {i: [" ".join(tokenize(p))] for i, p in enumerate(predictions)}
+    score, _ = Cider().compute_score(references_by_id, predictions_by_id)
+    return float(score)
+
+
 def score_answers(
     predictions: list[str], references: list[str], question_types: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
-    """BLEU-1..4, ROUGE-1 and ROUGE-L overall and per question type (`{"overall": {...}, "<type>": {...}}`)."""
+    """BLEU-1..4, ROUGE-1, ROUGE-L and CIDEr overall and per question type (`{"overall": {...}, "<type>": {...}}`)."""
     groups = {"overall": list(range(len(predictions)))}
     if question_types is not None:
         if len(question_types) != len(predictions):
@@ -82,6 +96,7 @@ def score_answers(
         results[name] = {
             **corpus_bleu(chosen_predictions, chosen_references),
             **mean_rouge(chosen_predictions, chosen_references),
+            "cider": cider(chosen_predictions, chosen_references),
             "count": len(indices),
         }
     return results
