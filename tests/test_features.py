@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Owlv2VisionConfig,
+    Owlv2VisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
@@ -73,6 +80,20 @@ def test_lapvqa_encoder_features_equal_the_model_output(release, tmp_path):
             4,
         ),
         (
+            "owlv2",
+            lambda: Owlv2VisionModel(
+                Owlv2VisionConfig(
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    image_size=28,
+                    patch_size=14,
+                )
+            ),
+            4,
+        ),
+        (
             "siglip",
             lambda: SiglipVisionModel(
                 SiglipVisionConfig(
@@ -93,7 +114,7 @@ def test_transformers_encoders_follow_their_recipe(release, tmp_path, name, mode
     recipe = tiny(name, image_size=28, vis_dim=32)
     extract_features(dict(list(images.items())[:3]), recipe, tmp_path, encoder=model(), progress=False)
     store = FeatureStore(tmp_path)
-    # CLIP has a CLS token, dropped by its recipe; SigLIP has none: both give the 2x2 patch grid.
+    # CLIP and OWLv2 have a CLS token, dropped by their recipes; SigLIP has none: all give the 2x2 patch grid.
     assert {tuple(store[i].shape) for i in list(images)[:3]} == {(patches, 32)}
 
 
