@@ -19,11 +19,10 @@ class ConversionError(Exception):
     """A checkpoint that cannot be converted; the message says what was expected and what was found."""
 
 
-def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Loads a plain `{name: tensor}` state dict with `torch.load(weights_only=True)`.
+def load_untrusted(path: str | os.PathLike) -> object:
+    """`torch.load(weights_only=True)` with one-line `ConversionError`s.
 
-    Pickles that would run code, corrupt or truncated files and anything that is not a flat dict of tensors
-    are refused with a one-line `ConversionError`.
+    Pickles that would run code and corrupt or truncated files are refused; what was loaded is not checked further.
     """
     path = Path(path)
     if not path.is_file():
@@ -31,13 +30,13 @@ def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
         if refused:
             raise ConversionError(
                 f"{path}: refused to load a pickle that could run code (it imports {refused.group(1)}); "
-                "only plain state dicts are accepted."
+                "only tensors and plain values are accepted."
             ) from None
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (corrupt, or pickled objects other than tensors)."
@@ -47,14 +46,46 @@ def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line})."
         ) from None
+
+
+def _check_state_dict(state_dict: object, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict):
-        raise ConversionError(f"{path}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
+        raise ConversionError(f"{where}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ConversionError(
-            f"{path}: expected only tensors in the state dict, found other values under {not_tensors}."
+            f"{where}: expected only tensors in the state dict, found other values under {not_tensors}."
         )
     return state_dict
+
+
+def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a plain `{name: tensor}` state dict with `torch.load(weights_only=True)`.
+
+    Pickles that would run code, corrupt or truncated files and anything that is not a flat dict of tensors
+    are refused with a one-line `ConversionError`.
+    """
+    return _check_state_dict(load_untrusted(path), str(path))
+
+
+def load_untrusted_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Loads `{"state_dict": {name: tensor}, **metadata}` (or a plain state dict: empty metadata) safely.
+
+    Metadata values must be plain numbers, strings or None; everything else is refused like in
+    `load_untrusted_state_dict`.
+    """
+    loaded = load_untrusted(path)
+    if not (isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict)):
+        return _check_state_dict(loaded, str(path)), {}
+    metadata = {key: value for key, value in loaded.items() if key != "state_dict"}
+    not_plain = sorted(
+        str(key) for key, value in metadata.items() if not isinstance(value, (int, float, str, type(None)))
+    )
+    if not_plain:
+        raise ConversionError(
+            f"{path}: checkpoint metadata must be numbers or strings, found other values under {not_plain}."
+        )
+    return _check_state_dict(loaded["state_dict"], f"{path} ['state_dict']"), metadata
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir
+from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir, load_untrusted_state_dict, sha256_of
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -130,6 +130,52 @@ class VerifyReport:
         return text
 
 
+@torch.no_grad()
+def verify_question_answering(
+    original: torch.nn.Module,
+    model: PreTrainedModel,
+    original_visual_args: tuple[torch.Tensor, ...],
+    visual_kwargs: dict[str, torch.Tensor],
+    tolerance: float,
+    generator: torch.Generator,
+    max_new_tokens: int = 24,
+) -> VerifyReport:
+    """Compares a question-answering head with its faithful original on the same features and random prompts.
+
+    `original(*original_visual_args, ids)` gives logits and `original.generate(*original_visual_args, prompt,
+    bos, eos, max_new_tokens)` greedy answers; the converted model gets the features as `visual_kwargs`.
+    Teacher-forced logits (max |Δ|) and greedy answers (through `generate()` and its cache) must agree.
+    """
+    config = model.config
+    batch_size = next(iter(visual_kwargs.values())).shape[0]
+    prompt_length = min(8, config.max_position_embeddings // 4)
+    prompt = torch.randint(0, config.bos_token_id, (batch_size, prompt_length), generator=generator)
+    answer = torch.randint(0, config.bos_token_id, (batch_size, prompt_length), generator=generator)
+    bos = torch.full((batch_size, 1), config.bos_token_id)
+    text = torch.cat([prompt, bos, answer], dim=1)
+
+    model = model.eval()
+    expected = original(*original_visual_args, text)
+    found = model(input_ids=text, **visual_kwargs).logits
+    max_diff = (expected.float() - found.float()).abs().max().item()
+
+    max_new_tokens = min(max_new_tokens, config.max_position_embeddings - prompt_length)
+    original_answers = original.generate(
+        *original_visual_args, prompt, config.bos_token_id, config.eos_token_id, max_new_tokens
+    )
+    generated = model.generate(
+        input_ids=torch.cat([prompt, bos], dim=1),
+        attention_mask=torch.ones(batch_size, prompt_length + 1, dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        **visual_kwargs,
+    )
+    converted = [strip_answer(row, config.eos_token_id) for row in generated[:, prompt_length + 1 :].tolist()]
+    identical = sum(a == b for a, b in zip(original_answers, converted, strict=True))
+    return VerifyReport(max_diff, tolerance, identical, batch_size)
+
+
 def default_generation_config(config: PreTrainedConfig) -> GenerationConfig:
     # The upstream cards generate up to 128 new tokens; text must still fit the learned positions.
     return GenerationConfig(
@@ -198,3 +244,96 @@ def run_reporting_errors(
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+@dataclass
+class AnsweringHeadConverter:
+    """How one question-answering head (DiffVQA, VQA) converts: the pieces that differ between heads.
+
+    The flow is shared: safe load, architecture read from the weights, strict key mapping, atomic write of the
+    model folder + GPT-2 tokenizer, and verification of the written folder against the faithful original.
+    """
+
+    what: str  # the upstream class, e.g. "DiffVQAHead"
+    model_class: type[PreTrainedModel]
+    infer_config: Callable[[dict, str, int, str], PreTrainedConfig]
+    convert_state_dict: Callable[[dict, PreTrainedConfig], dict]
+    original_from_state_dict: Callable[[dict, PreTrainedConfig], torch.nn.Module]
+    verify: Callable[..., VerifyReport]
+    assumptions: tuple[str, ...]
+    known_encoders: tuple[str, ...]
+
+    def convert(
+        self,
+        checkpoint: str | Path,
+        encoder: str,
+        output: str | Path,
+        num_attention_heads: int = 8,
+        hidden_act: str = "relu",
+        run_verify: bool = True,
+        overwrite: bool = False,
+        tolerance: float = 1e-4,
+        log: Callable[[str], None] = print,
+    ) -> Path:
+        """Converts, verifies and writes the model folder atomically; returns its path."""
+        checkpoint = Path(checkpoint)
+        state_dict = load_untrusted_state_dict(checkpoint)
+        config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
+        config.conversion_info = {
+            "source_file": checkpoint.name,
+            "source_sha256": sha256_of(checkpoint),
+            "assumed_num_attention_heads": num_attention_heads,
+            "assumed_hidden_act": hidden_act,
+            "assumptions": list(self.assumptions),
+        }
+        log(
+            f"{checkpoint.name}: vis_dim {config.vis_dim}, {config.num_hidden_layers} layers, FFN "
+            f"{config.intermediate_size}, {config.max_position_embeddings} positions, final norm "
+            f"{'yes' if config.use_final_layer_norm else 'no'}, "
+            f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
+        )
+        model = self.model_class(config)
+        model.load_state_dict(self.convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
+        model.tie_weights()
+        model.generation_config = default_generation_config(config)
+
+        def verify_written(folder: Path) -> VerifyReport:
+            reloaded = self.model_class.from_pretrained(folder)
+            return self.verify(self.original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
+
+        return write_verified(
+            model,
+            output,
+            verify_written if run_verify else None,
+            overwrite=overwrite,
+            extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
+            log=log,
+        )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "checkpoint", type=Path, help=f"upstream {self.what} state dict, e.g. {self.known_encoders[0]}_best.pt"
+        )
+        parser.add_argument(
+            "--encoder", required=True, choices=sorted(self.known_encoders), help="frozen encoder of the head"
+        )
+        add_common_arguments(parser, default_heads=8)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_reporting_errors(
+            lambda: self.convert(
+                args.checkpoint,
+                args.encoder,
+                args.output,
+                num_attention_heads=args.num_heads,
+                hidden_act=args.activation,
+                run_verify=args.verify,
+                overwrite=args.overwrite,
+                tolerance=args.tolerance,
+            )
+        )
+
+    def main(self, prog: str, description: str, argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        self.add_arguments(parser)
+        return self.run(parser.parse_args(argv))

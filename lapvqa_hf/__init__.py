@@ -10,22 +10,29 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForObjectDetection,
     AutoProcessor,
 )
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .configuration_lapvqa_detection import LapvqaDetectionConfig
 from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
+from .configuration_lapvqa_vqa import LapvqaVQAConfig
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
+from .modeling_lapvqa_vqa import LapvqaVQAModel
 from .processing_lapvqa import LapvqaProcessor
 
 for _config, _model, _generative in (
     (LapvqaDiffVQAConfig, LapvqaDiffVQAModel, AutoModelForCausalLM),
+    (LapvqaVQAConfig, LapvqaVQAModel, AutoModelForCausalLM),
     (LapvqaVisionConfig, LapvqaVisionModel, None),
     (LapvqaCaptioningConfig, LapvqaCaptioningModel, AutoModelForImageTextToText),
+    (LapvqaDetectionConfig, LapvqaDetectionModel, AutoModelForObjectDetection),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
@@ -34,7 +41,8 @@ for _config, _model, _generative in (
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModel")
     AutoImageProcessor.register(_config, slow_image_processor_class=LapvqaImageProcessor, exist_ok=True)
-    AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
+    if _config is not LapvqaDetectionConfig:  # detection has no text side, so no tokenizer / LapvqaProcessor
+        AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
 LapvqaProcessor.register_for_auto_class("AutoProcessor")
 
@@ -44,10 +52,14 @@ __all__ = [
     "KNOWN_ENCODERS",
     "LapvqaCaptioningConfig",
     "LapvqaCaptioningModel",
+    "LapvqaDetectionConfig",
+    "LapvqaDetectionModel",
     "LapvqaDiffVQAConfig",
     "LapvqaDiffVQAModel",
     "LapvqaImageProcessor",
     "LapvqaProcessor",
     "LapvqaVisionConfig",
     "LapvqaVisionModel",
+    "LapvqaVQAConfig",
+    "LapvqaVQAModel",
 ]

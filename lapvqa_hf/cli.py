@@ -1,8 +1,10 @@
 """`lapvqa`: the command line of lapvqa-hf, with `hf`-style subcommands.
 
 lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
+lapvqa convert vqa CHECKPOINT --encoder NAME --output DIR
 lapvqa convert captioning model_best.pt --output DIR
 lapvqa convert vision-encoder encoder_final.pt --output DIR
+lapvqa convert detection siglip.pt --output DIR
 """
 
 import argparse
@@ -12,13 +14,15 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError
 
 from . import __version__
-from .convert import captioning, diffvqa, vision_encoder
+from .convert import captioning, detection, diffvqa, vision_encoder, vqa
 from .convert.common import run_reporting_errors
 
 CONVERTERS = {
     "diffvqa": (diffvqa, "a DiffVQAHead state dict ({encoder}_best.pt)"),
+    "vqa": (vqa, "a single-image VQAHead state dict ({encoder}_best.pt)"),
     "captioning": (captioning, "the captioning model (model_best.pt: ViT-L/14 + report decoder)"),
     "vision-encoder": (vision_encoder, "the captioning-pretrained ViT-L/14 alone (encoder_final.pt)"),
+    "detection": (detection, "a DETR-style DetectionHead checkpoint ({encoder}.pt, VinDr-CXR)"),
 }
 
 
@@ -56,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_parser = commands.add_parser("data", help="datasets for fine-tuning and evaluation")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synthesize = data_commands.add_parser(
-        "synthesize", help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR-JPG release (same layout)"
+        "synthesize", help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports (same layout)"
     )
     synthesize.add_argument("--output", type=Path, required=True, help="folder to write the release into")
-    synthesize.add_argument("--subjects", type=int, default=12, help="patients (3 questions each; default 12)")
+    synthesize.add_argument(
+        "--subjects", type=int, default=12, help="patients (3 questions and 2 reports each; default 12)"
+    )
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
 
@@ -68,15 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     source = extract.add_mutually_exclusive_group(required=True)
     source.add_argument("--mimic-root", type=Path, help="a MIMIC-Diff-VQA release (or `lapvqa data synthesize` output)")
     source.add_argument("--pairs", type=Path, help="a CSV/JSONL file of prior_image, current_image, question, answer")
+    source.add_argument("--reports", type=Path, help="a CSV/JSONL file of image, report")
+    extract.add_argument(
+        "--task",
+        default="diffvqa",
+        choices=["diffvqa", "captioning"],
+        help="with --mimic-root: the images of the DiffVQA question pairs, or the frontal image of every MIMIC-CXR "
+        "report (captioning)",
+    )
     extract.add_argument("--output", type=Path, required=True, help="feature folder (re-running resumes)")
     extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
     extract.add_argument("--batch-size", type=int, default=8)
     extract.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     extract.set_defaults(handler=run_extract_features)
 
-    evaluate = commands.add_parser("evaluate", help="answer a split greedily and report BLEU/ROUGE per question type")
-    evaluate.add_argument("model", help="a DiffVQA model folder or Hub id")
-    evaluate.add_argument("--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA release")
+    evaluate = commands.add_parser(
+        "evaluate", help="answer (DiffVQA) or report on (captioning) a split greedily; BLEU/ROUGE/CIDEr"
+    )
+    evaluate.add_argument("model", help="a DiffVQA or captioning model folder or Hub id")
+    evaluate.add_argument("--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA / MIMIC-CXR release")
     evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -89,29 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .data import DataError, load_mimic_diff_vqa
-    from .features import FeatureError, FeatureStore
-    from .metrics import score_answers
-    from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+    from transformers import AutoConfig
+
+    from .data import DataError
+    from .features import FeatureStore
     from .tokenization import build_gpt2_tokenizer
-    from .train import DiffVQAExamples, answer_split
+    from .train import check_feature_width, task_for_model
 
     def evaluate() -> None:
-        splits = load_mimic_diff_vqa(args.mimic_root)
+        task = task_for_model(AutoConfig.from_pretrained(args.model))
+        splits = task.load_splits(args.mimic_root)
         if args.split not in splits:
             raise DataError(f"{args.mimic_root} has no {args.split} split; it has {sorted(splits)}.")
         features = FeatureStore(args.features)
-        model = LapvqaDiffVQAModel.from_pretrained(args.model).eval()
-        if model.config.vis_dim != features.recipe.vis_dim:
-            raise FeatureError(
-                f"{args.model} takes {model.config.vis_dim}-dim features, {args.features} holds {features.recipe.vis_dim}."
-            )
-        examples = DiffVQAExamples(splits[args.split], features, Path(args.mimic_root).resolve())
-        answers = answer_split(model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens)
-        references = [row["answer"] for row in examples.rows]
-        scores = score_answers(answers, references, [row["question_type"] for row in examples.rows])
+        model = task.model_class.from_pretrained(args.model).eval()
+        check_feature_width(args.model, task.feature_width(model), features)
+        examples = task.examples(splits[args.split], features, Path(args.mimic_root).resolve())
+        answers = task.predict(model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens)
+        references = task.references(examples)
+        scores = task.score(answers, examples)
         metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")
-        print(f"| question type | n | {' | '.join(metrics)} |")
+        print(f"| {task.group_label} | n | {' | '.join(metrics)} |")
         print(f"|---|---|{'---|' * len(metrics)}")
         for name, row in scores.items():
             print(f"| {name} | {row['count']} | {' | '.join(f'{row[m]:.3f}' for m in metrics)} |")
@@ -123,14 +137,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_extract_features(args: argparse.Namespace) -> int:
-    from .data import DataError, load_mimic_diff_vqa, load_pairs
+    import dataclasses
+
+    from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
     from .features import FeatureError, extract_features, images_of, load_encoder, recipe_for
 
     def extract() -> None:
         recipe = recipe_for(args.encoder)
+        if args.checkpoint:  # recorded with the features: training completes a captioning model with this encoder
+            recipe = dataclasses.replace(recipe, checkpoint=args.checkpoint)
         if args.mimic_root is not None:
-            splits = load_mimic_diff_vqa(args.mimic_root)
+            splits = (load_mimic_cxr_reports if args.task == "captioning" else load_mimic_diff_vqa)(args.mimic_root)
             rows, root = [row for split in splits.values() for row in split], args.mimic_root
+        elif args.reports is not None:
+            rows, root = list(load_reports(args.reports)), None
         else:
             rows, root = list(load_pairs(args.pairs)), None
         images = images_of(rows, root=Path(root).resolve() if root else None)
@@ -142,11 +162,12 @@ def run_extract_features(args: argparse.Namespace) -> int:
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
-    from .data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+    from .data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 
     root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)
-    sizes = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
-    print(f"wrote {root}: {sizes}")
+    questions = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
+    reports = {split: len(rows) for split, rows in load_mimic_cxr_reports(root).items()}
+    print(f"wrote {root}: questions {questions}, reports {reports}")
     return 0
 
 

@@ -5,11 +5,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .configuration_lapvqa_detection import DETECTION_ENCODERS
 from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS
 
-# Converters by model kind; kinds without one (VQA, detection) stay in the manifest as not yet convertible.
-CONVERTIBLE_KINDS = ("diffvqa", "captioning", "vision-encoder")
-KNOWN_KINDS = (*CONVERTIBLE_KINDS, "vqa", "detection")
+# Every kind has a converter (`lapvqa convert <kind>`); an entry can still be switched off with convertible=false.
+KNOWN_KINDS = ("diffvqa", "vqa", "captioning", "vision-encoder", "detection")
+# The feature width of each encoder a task head may name.
+ENCODER_WIDTHS = {"diffvqa": KNOWN_ENCODERS, "vqa": KNOWN_ENCODERS, "detection": DETECTION_ENCODERS}
 PIPELINE_TAGS = {
     "diffvqa": "visual-question-answering",
     "vqa": "visual-question-answering",
@@ -105,15 +107,12 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
     if kind not in KNOWN_KINDS:
         raise ManifestError(f"{where}: kind must be one of {KNOWN_KINDS}, found {kind!r}.")
     convertible = _require(entry, "convertible", bool, where)
-    if convertible and kind not in CONVERTIBLE_KINDS:
-        raise ManifestError(f"{where}: no converter exists for kind {kind!r} yet; set convertible to false.")
     source = _require(entry, "source", dict, where)
     encoder = _require(entry, "encoder", str, where)
     vis_dim = _require(entry, "vis_dim", int, where)
-    if kind == "diffvqa" and KNOWN_ENCODERS.get(encoder) != vis_dim:
-        raise ManifestError(
-            f"{where}: encoder {encoder!r} gives {KNOWN_ENCODERS.get(encoder)}-dim features, not {vis_dim}."
-        )
+    widths = ENCODER_WIDTHS.get(kind)
+    if widths is not None and widths.get(encoder) != vis_dim:
+        raise ManifestError(f"{where}: encoder {encoder!r} gives {widths.get(encoder)}-dim features, not {vis_dim}.")
     results = []
     for j, metric in enumerate(_require(entry, "results", list, where)):
         value = _require(metric, "value", float, f"{where} results[{j}]")

@@ -54,6 +54,7 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
 
     model_type = "lapvqa_diffvqa"
     keys_to_ignore_at_inference = ["past_key_values"]
+    remote_auto_map = _REMOTE_AUTO_MAP  # what `auto_map` points to in saved folders (remote code)
 
     vis_dim: int = 768
     hidden_size: int = 512
@@ -81,7 +82,7 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # Saved checkpoints load with `trust_remote_code=True` through any of these Auto classes.
-        self.auto_map = {**_REMOTE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.auto_map = {**self.remote_auto_map, **(getattr(self, "auto_map", None) or {})}
 
     def validate_architecture(self):
         super().validate_architecture()

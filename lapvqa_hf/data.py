@@ -1,16 +1,20 @@
-"""MIMIC-Diff-VQA (and plain prior/current/question/answer files) as `datasets` datasets, and a synthetic release.
+"""MIMIC-Diff-VQA and MIMIC-CXR reports (and plain files of the same data) as `datasets` datasets; a synthetic release.
 
 MIMIC-Diff-VQA's question table (`mimic_pair_questions.csv`) holds one row per question about a pair of studies:
 `study_id` (the current study), `subject_id`, `ref_id` (the reference, i.e. prior, study), `question_type`,
 `question`, `answer`, `split` (`train` / `val` / `test`). Images come from MIMIC-CXR-JPG
 (`files/p{first two digits}/p{subject_id}/s{study_id}/{dicom_id}.jpg`); its metadata table
 (`mimic-cxr-2.0.0-metadata.csv`) gives each image's `ViewPosition`, from which one frontal image per study is
-chosen (PA before AP, then the smallest `dicom_id`, so the choice is reproducible). Both data sets are
-credentialed (PhysioNet): `write_synthetic_mimic_diff_vqa` writes a small stand-in in exactly that layout.
+chosen (PA before AP, then the smallest `dicom_id`, so the choice is reproducible), and its split table
+(`mimic-cxr-2.0.0-split.csv`) each image's split (`train` / `validate` / `test`). MIMIC-CXR's free-text reports
+lie next to the study folders (`files/p{..}/p{subject_id}/s{study_id}.txt`). All are credentialed (PhysioNet):
+`write_synthetic_mimic_diff_vqa` writes a small stand-in in exactly that layout.
 """
 
 import csv
+import gzip
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +23,21 @@ from PIL import Image
 
 QUESTIONS_FILE = "mimic_pair_questions.csv"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
 QUESTION_COLUMNS = ("study_id", "subject_id", "ref_id", "question_type", "question", "answer", "split")
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns", "StudyDate")
+SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 FRONTAL_VIEWS = ("PA", "AP")  # in order of preference
-SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "val": "validation",
+    "validate": "validation",
+    "validation": "validation",
+    "test": "test",
+}
 PAIR_COLUMNS = ("prior_image", "current_image", "question", "answer")
+REPORT_COLUMNS = ("image", "report")
+REPORT_SECTIONS = ("findings", "impression")  # the report text a captioning model learns, in this order
 
 
 class DataError(ValueError):
@@ -31,9 +45,13 @@ class DataError(ValueError):
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of `path`, or of `path.gz` as PhysioNet distributes the MIMIC-CXR-JPG tables."""
+    compressed = path.with_name(path.name + ".gz")
+    if not path.is_file() and compressed.is_file():
+        path = compressed
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
-    with open(path, newline="") as file:
+    with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as file:
         reader = csv.DictReader(file)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -44,6 +62,11 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
     """MIMIC-CXR-JPG's relative path of one image."""
     return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def report_path(subject_id: str, study_id: str) -> str:
+    """MIMIC-CXR's relative path of one study's free-text report."""
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt"
 
 
 def frontal_images(metadata_csv: str | Path) -> dict[str, str]:
@@ -104,34 +127,119 @@ def load_mimic_diff_vqa(root: str | Path, image_root: str | Path | None = None) 
     return DatasetDict({split: Dataset.from_dict(data) for split, data in sorted(columns.items())})
 
 
-def load_pairs(path: str | Path, split: str = "train") -> Dataset:
-    """A CSV or JSON Lines file of `prior_image, current_image, question, answer` (optional `question_type`).
-
-    Relative image paths are resolved against the file's folder.
-    """
-    path = Path(path)
+def _load_table(path: Path, required: tuple[str, ...], image_columns: tuple[str, ...], split: str) -> Dataset:
+    """A CSV or JSON Lines file with `required` columns; relative paths in `image_columns` resolved against its folder."""
     if path.suffix == ".csv":
         dataset = Dataset.from_csv(str(path), split=split)
     elif path.suffix in (".jsonl", ".json"):
         dataset = Dataset.from_json(str(path), split=split)
     else:
         raise DataError(f"{path}: expected a .csv or .jsonl file.")
-    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise DataError(f"{path}: missing columns {missing}; found {dataset.column_names}.")
+    return dataset.map(lambda row: {key: str((path.parent / row[key]).resolve()) for key in image_columns})
+
+
+def load_pairs(path: str | Path, split: str = "train") -> Dataset:
+    """A CSV or JSON Lines file of `prior_image, current_image, question, answer` (optional `question_type`).
+
+    Relative image paths are resolved against the file's folder.
+    """
+    dataset = _load_table(Path(path), PAIR_COLUMNS, ("prior_image", "current_image"), split)
     if "question_type" not in dataset.column_names:
         dataset = dataset.add_column("question_type", ["unknown"] * len(dataset))
+    return dataset
 
-    def resolve(row: dict) -> dict:
-        return {key: str((path.parent / row[key]).resolve()) for key in ("prior_image", "current_image")}
 
-    return dataset.map(resolve)
+# --- radiology reports ------------------------------------------------------------------------------------------
+
+# A section header of a MIMIC-CXR report: upper-case words and a colon at the start of a line ("FINDINGS:").
+_SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z &/,()-]*[A-Z)])[ \t]*:", re.MULTILINE)
+
+
+def normalize_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def report_sections(report: str) -> dict[str, str]:
+    """The sections of a MIMIC-CXR free-text report: `{lower-case header: whitespace-normalised text}`.
+
+    A header is an upper-case line start ending in a colon (`FINDINGS:`, `IMPRESSION:`, `WET READ:`); the text
+    before the first header (`FINAL REPORT`) is no section. A header seen twice gets both texts, in order.
+    """
+    headers = list(_SECTION_HEADER.finditer(report))
+    sections: dict[str, str] = {}
+    for index, header in enumerate(headers):
+        end = headers[index + 1].start() if index + 1 < len(headers) else len(report)
+        name = normalize_whitespace(header.group(1)).lower()
+        body = normalize_whitespace(report[header.end() : end])
+        if body:
+            sections[name] = f"{sections[name]} {body}" if name in sections else body
+    return sections
+
+
+def report_text(report: str, sections: tuple[str, ...] | list[str] = REPORT_SECTIONS) -> str:
+    """The chosen sections of a report (default FINDINGS then IMPRESSION), joined by a space; "" if none is there."""
+    found = report_sections(report)
+    return " ".join(found[name.lower()] for name in sections if name.lower() in found)
+
+
+def load_mimic_cxr_reports(
+    root: str | Path,
+    image_root: str | Path | None = None,
+    report_root: str | Path | None = None,
+    sections: tuple[str, ...] | list[str] = REPORT_SECTIONS,
+) -> DatasetDict:
+    """MIMIC-CXR reports joined with each study's frontal MIMIC-CXR-JPG image, one `Dataset` per split.
+
+    `root` holds `mimic-cxr-2.0.0-metadata.csv` and `mimic-cxr-2.0.0-split.csv` (or their `.csv.gz`);
+    `image_root` (default: `root`) holds the images under `files/`, `report_root` (default: `image_root`) the
+    reports (`files/p{..}/p{subject_id}/s{study_id}.txt`). A report becomes the text of `sections` (default
+    FINDINGS + IMPRESSION, whitespace-normalised, see `report_text`). Studies without a frontal image, without a
+    report file or whose report has none of the sections are left out. The split is the split table's for the
+    chosen image (`train`, `validation`, `test`). Columns: `subject_id`, `study_id`, `image`, `report`.
+    """
+    root = Path(root)
+    image_root = Path(image_root) if image_root is not None else root
+    report_root = Path(report_root) if report_root is not None else image_root
+    split_of = {row["dicom_id"]: row for row in _read_csv(root / SPLIT_FILE, SPLIT_COLUMNS)}
+    columns: dict[str, dict[str, list]] = {}
+    for study, image in frontal_images(root / METADATA_FILE).items():
+        entry = split_of.get(Path(image).stem)
+        if entry is None:
+            raise DataError(f"{root / SPLIT_FILE}: no split for image {Path(image).stem} (study {study}).")
+        split = SPLIT_NAMES.get(entry["split"])
+        if split is None:
+            raise DataError(f"{root / SPLIT_FILE}: unknown split {entry['split']!r} of image {Path(image).stem}.")
+        report_file = report_root / report_path(entry["subject_id"], study)
+        if not report_file.is_file():
+            continue
+        text = report_text(report_file.read_text(), sections)
+        if not text:
+            continue
+        target = columns.setdefault(split, {key: [] for key in ("subject_id", "study_id", "image", "report")})
+        target["subject_id"].append(entry["subject_id"])
+        target["study_id"].append(study)
+        target["image"].append(str(image_root / image))
+        target["report"].append(text)
+    return DatasetDict({split: Dataset.from_dict(data) for split, data in sorted(columns.items())})
+
+
+def load_reports(path: str | Path, split: str = "train") -> Dataset:
+    """A CSV or JSON Lines file of `image, report`; the report is taken whole, whitespace-normalised.
+
+    Relative image paths are resolved against the file's folder.
+    """
+    dataset = _load_table(Path(path), REPORT_COLUMNS, ("image",), split)
+    return dataset.map(lambda row: {"report": normalize_whitespace(row["report"])})
 
 
 # --- a synthetic release ----------------------------------------------------------------------------------------
 
 _SIDES = ("left", "right")
 _SIZES = ("small", "moderate", "large")
+_RELEASE_SPLITS = {"train": "train", "val": "validate", "test": "test"}  # MIMIC-Diff-VQA -> MIMIC-CXR-JPG names
 
 
 def _synthetic_xray(rng: np.random.Generator, effusion: int, side: str, size: int = 96) -> Image.Image:
@@ -146,22 +254,51 @@ def _synthetic_xray(rng: np.random.Generator, effusion: int, side: str, size: in
     return Image.fromarray((image * 255).astype(np.uint8))
 
 
+def _synthetic_report(effusion: int, side: str, view: str, has_prior: bool) -> str:
+    """A MIMIC-CXR-style free-text report whose FINDINGS and IMPRESSION describe the synthetic image."""
+    examination = "CHEST (PA AND LAT)" if view == "PA" else "CHEST (PORTABLE AP)"
+    if effusion:
+        size = _SIZES[effusion - 1]
+        findings = (
+            f"There is a {size} {side} pleural effusion. No pneumothorax is seen.\n "
+            "The cardiomediastinal silhouette is within normal limits."
+        )
+        impression = f"{size.capitalize()} {side} pleural effusion."
+    else:
+        findings = (
+            "The lungs are clear. There is no pleural effusion or pneumothorax.\n "
+            "The cardiomediastinal silhouette is within normal limits."
+        )
+        impression = "No acute cardiopulmonary process."
+    return (
+        "                                 FINAL REPORT\n"
+        f" EXAMINATION:  {examination}\n \n"
+        " INDICATION:  ___-year-old with shortness of breath, evaluate for effusion.\n \n"
+        f" COMPARISON:  {'Chest radiograph from ___.' if has_prior else 'None.'}\n \n"
+        f" FINDINGS: \n \n {findings}\n \n"
+        f" IMPRESSION: \n \n {impression}\n"
+    )
+
+
 def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, seed: int = 0) -> Path:
     """Writes a small MIMIC-Diff-VQA + MIMIC-CXR-JPG look-alike (same files, columns and paths) under `root`.
 
     Each subject has two studies (prior, current) with a frontal (PA or AP) and a lateral image; the current study
     may show a pleural effusion that appeared, grew or resolved. Questions of three MIMIC-Diff-VQA types are
-    answered from that ground truth, so a model can learn them. Subjects are split 60/20/20 into train/val/test.
+    answered from that ground truth, and every study has a MIMIC-CXR-style report (`s{study_id}.txt`) whose
+    FINDINGS and IMPRESSION describe its frontal image, so a model can learn both. Subjects are split 60/20/20
+    into train/val/test, in the question table and in the split table (`mimic-cxr-2.0.0-split.csv`).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     picker = random.Random(seed)
-    metadata, questions = [], []
+    metadata, questions, splits = [], [], []
     for index in range(num_subjects):
         subject = str(10000000 + index * 1013)
         prior_study, current_study = str(50000000 + index * 2), str(50000000 + index * 2 + 1)
         side = picker.choice(_SIDES)
         before, after = picker.randrange(0, 4), picker.randrange(0, 4)
+        split = "train" if index < 0.6 * num_subjects else ("val" if index < 0.8 * num_subjects else "test")
         for study, effusion, date in ((prior_study, before, "21500101"), (current_study, after, "21500601")):
             views = [(picker.choice(FRONTAL_VIEWS), True), ("LATERAL", False)]
             for number, (view, frontal) in enumerate(views):
@@ -181,7 +318,9 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
                         StudyDate=date,
                     )
                 )
-        split = "train" if index < 0.6 * num_subjects else ("val" if index < 0.8 * num_subjects else "test")
+                splits.append(dict(dicom_id=dicom, study_id=study, subject_id=subject, split=_RELEASE_SPLITS[split]))
+            report = _synthetic_report(effusion, side, views[0][0], has_prior=study == current_study)
+            (root / report_path(subject, study)).write_text(report)
         if after > before:
             difference = f"the main image has an additional finding of {_SIZES[after - 1]} {side} pleural effusion than the reference image."
         elif after < before:
@@ -211,6 +350,7 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
             )
     for name, rows, columns in (
         (METADATA_FILE, metadata, METADATA_COLUMNS),
+        (SPLIT_FILE, splits, SPLIT_COLUMNS),
         (QUESTIONS_FILE, questions, QUESTION_COLUMNS),
     ):
         with open(root / name, "w", newline="") as file:
@@ -220,4 +360,15 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
     return root
 
 
-__all__ = ["DataError", "frontal_images", "load_mimic_diff_vqa", "load_pairs", "write_synthetic_mimic_diff_vqa"]
+__all__ = [
+    "REPORT_SECTIONS",
+    "DataError",
+    "frontal_images",
+    "load_mimic_cxr_reports",
+    "load_mimic_diff_vqa",
+    "load_pairs",
+    "load_reports",
+    "report_sections",
+    "report_text",
+    "write_synthetic_mimic_diff_vqa",
+]

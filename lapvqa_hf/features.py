@@ -59,7 +59,7 @@ _RECIPE_LIST = (
         image_size=960, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
     ),
     EncoderRecipe(
-        name="florence2", checkpoint="microsoft/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
+        name="florence2", checkpoint="florence-community/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
         image_size=768, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="get_image_features", drop_cls=False, vis_dim=1024,
     ),
     EncoderRecipe(
@@ -100,7 +100,12 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> torch.
         import open_clip
     except ImportError:
         raise FeatureError(f"the {recipe.name} encoder needs open_clip: pip install open_clip_torch.") from None
-    architecture, pretrained = source.split("/", 1)
+    architecture, _, pretrained = source.partition("/")
+    if not pretrained:
+        raise FeatureError(
+            f"an open_clip checkpoint is 'architecture/pretrained' (a tag or a weights file), e.g. "
+            f"{recipe.checkpoint!r}; got {source!r}."
+        )
     model, *_ = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
     return model.visual.eval()
 
@@ -108,8 +113,10 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> torch.
 def patch_tokens(recipe: EncoderRecipe, encoder: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`[batch, num_patches, vis_dim]` from the encoder as the recipe says."""
     if recipe.output == "get_image_features":
-        tokens = encoder.get_image_features(pixel_values)
+        # Florence-2: the DaViT tokens after the multi-modal projector (position embeddings, projection, norm).
+        tokens = encoder.get_image_features(pixel_values=pixel_values).pooler_output
     elif recipe.output == "visual_tokens":
+        # open_clip's VisionTransformer returns (pooled, tokens) when `output_tokens` is set (CoCa sets it).
         encoder.output_tokens = True
         _, tokens = encoder(pixel_values)
     else:
@@ -121,6 +128,13 @@ def patch_tokens(recipe: EncoderRecipe, encoder: torch.nn.Module, pixel_values: 
             f"{list(tokens.shape)}; check the checkpoint."
         )
     return tokens
+
+
+def recipe_image_processor(recipe: EncoderRecipe) -> LapvqaImageProcessor:
+    """The image preparation of a recipe (size, normalisation, stretched to the square input)."""
+    return LapvqaImageProcessor(
+        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode="stretch"
+    )
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
@@ -149,7 +163,8 @@ def extract_features(
         manifest = json.loads(manifest_path.read_text())
         if manifest["recipe"] != asdict(recipe):
             raise FeatureError(
-                f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}); use another folder."
+                f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
+                f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
             )
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
     todo = [image_id for image_id in images if image_id not in done]
@@ -163,9 +178,7 @@ def extract_features(
             f"the {recipe.name} recipe feeds {recipe.image_size} px images, but this encoder takes {trained_size} px; "
             "use the recipe's checkpoint or a matching one."
         )
-    processor = LapvqaImageProcessor(
-        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode="stretch"
-    )
+    processor = recipe_image_processor(recipe)
     dtype = next(encoder.parameters()).dtype
     bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
     for start in range(0, len(todo), shard_size):
@@ -214,14 +227,33 @@ class FeatureStore:
         return self._tensors[image_id]
 
 
+IMAGE_COLUMNS = ("prior_image", "current_image", "image")  # DiffVQA pairs; captioning (and VQA) rows
+
+
+def image_id(path: str | Path, root: str | Path | None = None) -> str:
+    """The key of an image's features: its path relative to `root` (the release), else its absolute path."""
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if root is not None else str(path)
+
+
 def images_of(rows: Iterable[dict], root: str | Path | None = None) -> dict[str, str]:
-    """`{image_id: path}` of the prior and current images of dataset rows; ids are paths relative to `root`."""
+    """`{image_id: path}` of every image of dataset rows (`prior_image`, `current_image` or `image` columns)."""
     images = {}
     for row in rows:
-        for key in ("prior_image", "current_image"):
-            path = Path(row[key]).resolve()
-            images[str(path.relative_to(root)) if root is not None else str(path)] = str(path)
+        for key in IMAGE_COLUMNS:
+            if key in row:
+                images[image_id(row[key], root)] = str(Path(row[key]).resolve())
     return images
 
 
-__all__ = ["RECIPES", "EncoderRecipe", "FeatureError", "FeatureStore", "extract_features", "images_of", "recipe_for"]
+__all__ = [
+    "RECIPES",
+    "EncoderRecipe",
+    "FeatureError",
+    "FeatureStore",
+    "extract_features",
+    "image_id",
+    "images_of",
+    "recipe_for",
+    "recipe_image_processor",
+]

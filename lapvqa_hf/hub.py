@@ -17,8 +17,10 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
 from .convert.checkpoint import ConversionError
+from .convert.detection import convert_detection
 from .convert.diffvqa import convert_diffvqa
 from .convert.vision_encoder import convert_vision_encoder
+from .convert.vqa import convert_vqa
 from .model_card import render_model_card
 
 Log = Callable[[str], None]
@@ -108,8 +110,12 @@ class PushPlan:
 
 CONVERTERS = {
     "diffvqa": lambda entry, source, out, log: convert_diffvqa(source, entry.encoder, out, overwrite=True, log=log),
+    "vqa": lambda entry, source, out, log: convert_vqa(source, entry.encoder, out, overwrite=True, log=log),
     "captioning": lambda entry, source, out, log: convert_captioning(source, out, overwrite=True, log=log),
     "vision-encoder": lambda entry, source, out, log: convert_vision_encoder(source, out, overwrite=True, log=log),
+    "detection": lambda entry, source, out, log: convert_detection(
+        source, out, encoder=entry.encoder, overwrite=True, log=log
+    ),
 }
 
 
@@ -186,7 +192,9 @@ def prepare_repo(
         return plan
     config = json.loads((folder / "config.json").read_text())
     verify_summary = next((line for line in verify_lines if line.startswith("verify ")), None)
-    card = render_model_card(entry, collection, config.get("conversion_info"), verify_summary)
+    card = render_model_card(
+        entry, collection, config.get("conversion_info"), verify_summary, config.get("training_results")
+    )
     card.save(folder / "README.md")
     plan.folder = folder
 

@@ -191,6 +191,75 @@ class LapvqaImageProcessor(BaseImageProcessor):
         pixel_values = [self.normalize(self.resize(self.to_channels(self.load_image(image)))) for image in images]
         return BatchFeature(data={"pixel_values": np.stack(pixel_values)}, tensor_type=return_tensors)
 
+    # --- detection outputs ------------------------------------------------------------------------------------
+
+    def post_process_object_detection(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+        top_k: int | None = None,
+        id2label: dict[int, str] | None = None,
+    ) -> list[dict[str, torch.Tensor | list[str]]]:
+        """Turns a detection model's `logits` / `pred_boxes` into per-image detections, like `DetrImageProcessor`.
+
+        Each query's score is its most likely class after a softmax over all classes, the last (no-object) one
+        excluded; queries scoring above `threshold` are kept, best first, at most `top_k` of them.
+
+        Args:
+            outputs: a [`LapvqaDetectionOutput`] (or anything with `logits` `[B, Q, C + 1]` and `pred_boxes`
+                `[B, Q, 4]` as (cx, cy, w, h) in [0, 1] of the encoder's square input image).
+            threshold (`float`): minimum score of a kept detection.
+            target_sizes (`torch.Tensor` of shape `[B, 2]` or a list of `(height, width)`, *optional*): the size of
+                each original image. Boxes are then in its pixels: the `resize_mode` this processor applied is
+                undone (with `"pad"`, the padding around the image is removed) and boxes are clipped to the image.
+                Without it, boxes stay normalised to the encoder's input image.
+            top_k (`int`, *optional*): keep at most this many detections per image.
+            id2label (`dict[int, str]`, *optional*): class names (`model.config.id2label`); adds `label_names`.
+
+        Returns:
+            One dict per image: `scores` `[K]`, `labels` `[K]` and `boxes` `[K, 4]` as (x0, y0, x1, y1), plus
+            `label_names` (list of `K` str) when `id2label` is given.
+        """
+        logits, pred_boxes = outputs.logits, outputs.pred_boxes
+        if target_sizes is not None and len(target_sizes) != len(logits):
+            raise ValueError(
+                f"target_sizes holds {len(target_sizes)} sizes but the outputs hold {len(logits)} images; pass one "
+                "(height, width) per image."
+            )
+        scores, labels = logits.float().softmax(dim=-1)[..., :-1].max(dim=-1)
+        cx, cy, w, h = pred_boxes.float().unbind(-1)
+        boxes = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+        results = []
+        for index in range(len(logits)):
+            keep = torch.nonzero(scores[index] > threshold).squeeze(1)
+            keep = keep[scores[index][keep].argsort(descending=True)][:top_k]
+            image_boxes = boxes[index][keep]
+            if target_sizes is not None:
+                height, width = (int(size) for size in target_sizes[index])
+                image_boxes = self.boxes_to_original(image_boxes, height, width)
+            result = {"scores": scores[index][keep], "labels": labels[index][keep], "boxes": image_boxes}
+            if id2label is not None:
+                result["label_names"] = [id2label[int(label)] for label in result["labels"]]
+            results.append(result)
+        return results
+
+    def boxes_to_original(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(x0, y0, x1, y1) normalised to the resized `image_size` square -> pixels of the `height` x `width`
+        original, undoing `resize` exactly (including its rounding and centred padding) and clipped to the image."""
+        size = self.image_size
+        if self.resize_mode == "stretch":
+            new_height, new_width, top, left = size, size, 0, 0
+        else:
+            scale = size / max(height, width)
+            new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+            top, left = (size - new_height) // 2, (size - new_width) // 2
+        offset = boxes.new_tensor([left, top, left, top])
+        pixels_per_unit = boxes.new_tensor([width / new_width, height / new_height] * 2)
+        limits = boxes.new_tensor([width, height, width, height])
+        return torch.minimum((boxes * size - offset) * pixels_per_unit, limits).clamp(min=0)
+
 
 def min_max_scale(array: np.ndarray) -> np.ndarray:
     low, high = float(array.min()), float(array.max())

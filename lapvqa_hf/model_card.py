@@ -12,6 +12,10 @@ DESCRIPTIONS = {
         "of a *prior* (reference) and a *current* study, a 6-layer transformer decoder answers a question about the "
         "change between them (MIMIC-Diff-VQA)."
     ),
+    "vqa": (
+        "Visual question answering on chest X-rays: given the frozen {encoder} encoder's patch tokens of one "
+        "study, a 6-layer transformer decoder answers a free-text question about it."
+    ),
     "captioning": (
         "Radiology report generation: a ViT-L/14 encoder and a 6-layer causal transformer decoder trained from "
         "scratch on MIMIC-CXR to write the full report of a chest X-ray."
@@ -20,18 +24,33 @@ DESCRIPTIONS = {
         "The ViT-L/14 encoder of the LAPVQA captioning model, the collection's strongest frozen chest X-ray feature "
         "extractor: its patch tokens (`[batch, 256, 1024]` at 224 px) feed the LAPVQA task heads."
     ),
+    "detection": (
+        "Abnormality detection on chest X-rays: a DETR-style head (2 encoder layers, 20 object queries, 3 decoder "
+        "layers) over the frozen {encoder} encoder's patch tokens predicts boxes of VinDr-CXR's 14 abnormality "
+        "classes."
+    ),
 }
 TRAINING_DATA = {
     "diffvqa": "MIMIC-Diff-VQA (MIMIC-CXR studies)",
+    "vqa": "MIMIC-CXR question-answer pairs",
     "captioning": "MIMIC-CXR reports",
     "vision-encoder": "MIMIC-CXR reports (captioning objective)",
+    "detection": "VinDr-CXR (radiologist-annotated boxes)",
 }
 TASK_TAGS = {
     "diffvqa": ["visual-question-answering", "differential-vqa"],
+    "vqa": ["visual-question-answering"],
     "captioning": ["radiology-report-generation", "image-captioning"],
     "vision-encoder": ["feature-extraction", "vision-transformer"],
+    "detection": ["object-detection", "vindr-cxr", "detr"],
 }
-DATASET_IDS = {"diffvqa": ["mimic-diff-vqa", "mimic-cxr"], "captioning": ["mimic-cxr"], "vision-encoder": ["mimic-cxr"]}
+DATASET_IDS = {
+    "diffvqa": ["mimic-diff-vqa", "mimic-cxr"],
+    "vqa": ["mimic-cxr"],
+    "captioning": ["mimic-cxr"],
+    "vision-encoder": ["mimic-cxr"],
+    "detection": ["vindr-cxr"],
+}
 
 USAGE = {
     "diffvqa": """import torch
@@ -52,6 +71,22 @@ answer = model.generate(
     curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=64,
 )
 print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))""",
+    "vqa": """import torch
+from transformers import AutoModel, AutoTokenizer
+
+repo = "{repo_id}"
+model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(repo)
+
+# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the image.
+image_features = torch.randn(1, 256, model.config.vis_dim)
+
+question = "is there a pleural effusion?"
+input_ids = torch.tensor([tokenizer(question)["input_ids"] + [tokenizer.bos_token_id]])  # question + [bos]
+answer = model.generate(
+    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), image_features=image_features, max_new_tokens=32
+)
+print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))""",
     "captioning": """from transformers import AutoModel, AutoProcessor
 
 repo = "{repo_id}"
@@ -70,11 +105,40 @@ encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
 pixel_values = image_processor("chest_xray.png")["pixel_values"]  # PNG/JPEG or DICOM
 patch_tokens = encoder(pixel_values).last_hidden_state  # [1, num_patches, 1024], CLS dropped
 print(patch_tokens.shape)""",
+    "detection": """import torch
+from transformers import AutoImageProcessor, AutoModel
+
+repo = "{repo_id}"
+model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+
+# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the image, made with the
+# resize mode recorded in preprocessor_config.json (boxes are mapped back through it).
+image_features = torch.randn(1, 256, model.config.vis_dim)
+with torch.no_grad():
+    outputs = model(image_features=image_features)  # logits [1, 20, 15], pred_boxes [1, 20, 4] (cx, cy, w, h)
+height, width = 2048, 2500  # the original image
+detections = image_processor.post_process_object_detection(
+    outputs, threshold=0.1, target_sizes=[(height, width)], id2label=model.config.id2label
+)[0]
+for name, score, box in zip(detections["label_names"], detections["scores"], detections["boxes"]):
+    print(f"{{name}}: {{score:.2f}} at {{[round(v) for v in box.tolist()]}}")  # (x0, y0, x1, y1) in pixels""",
 }
 
 
 def usage_snippet(entry: CollectionModel) -> str:
     return USAGE[entry.kind].format(repo_id=entry.repo_id, encoder=entry.encoder_label, vis_dim=entry.vis_dim)
+
+
+def assumptions_of(conversion_info: dict) -> list[str]:
+    """The recorded assumptions: the free-text ones, then the assumed option values (`assumed_<option>`)."""
+    listed = list(conversion_info.get("assumptions", ["(converted without recorded assumptions)"]))
+    options = [
+        f"`{key.removeprefix('assumed_')}` = `{value}`"
+        for key, value in conversion_info.items()
+        if key.startswith("assumed_")
+    ]
+    return listed + [f"option {option} (not in the weights; a converter option)" for option in options]
 
 
 def card_data(entry: CollectionModel) -> ModelCardData:
@@ -110,8 +174,10 @@ def render_model_card(
     collection: Collection,
     conversion_info: dict | None = None,
     verify_summary: str | None = None,
+    training_results: dict | None = None,
 ) -> ModelCard:
-    """The card of a converted repo; `conversion_info` is the converted `config.json`'s record of assumptions."""
+    """The card of a converted repo; `conversion_info` is the converted `config.json`'s record of assumptions and
+    `training_results` the upstream checkpoint's own training record (detection heads: epoch, validation mAP)."""
     if entry.kind not in USAGE:
         raise ValueError(f"{entry.repo_id}: no model class converts {entry.kind!r} checkpoints yet, so it has no card.")
     conversion_info = conversion_info or {}
@@ -130,7 +196,8 @@ def render_model_card(
         results=entry.results,
         dataset_name=entry.dataset.name,
         dataset_split=entry.dataset.split,
-        assumptions=conversion_info.get("assumptions", ["(converted without recorded assumptions)"]),
+        assumptions=assumptions_of(conversion_info),
+        training_results=training_results or {},
         training_data=TRAINING_DATA[entry.kind],
         kind=entry.kind,
     )

@@ -30,7 +30,8 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
 
     The encoder's patch tokens are projected to the decoder width and form the memory every decoder layer
     attends to; `generate(pixel_values=...)` starts from `[bos]`, encodes the image once and caches the
-    cross-attention keys/values.
+    cross-attention keys/values. `image_features=` (the encoder's stored patch tokens) replaces `pixel_values`
+    when the encoder has already been run, e.g. to fine-tune the decoder on extracted features.
     """
 
     _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
@@ -45,7 +46,9 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         self.post_init()
 
     def _visual_memory_length(self, model_kwargs: dict) -> int | None:
-        pixel_values = model_kwargs.get("pixel_values")
+        image_features, pixel_values = model_kwargs.get("image_features"), model_kwargs.get("pixel_values")
+        if image_features is not None:
+            return image_features.shape[1]
         if pixel_values is None:
             return None
         patch = self.config.vision_config.patch_size
@@ -56,11 +59,36 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         patch_tokens = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self.visual_projection(patch_tokens.last_hidden_state)
 
+    def encode_visual(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """The decoder's memory `[B, N, hidden_size]` from the image, or from the encoder's stored patch tokens."""
+        if (pixel_values is None) == (image_features is None):
+            problem = "Got both pixel_values and" if pixel_values is not None else "Missing pixel_values or"
+            raise ValueError(
+                f"{problem} image_features: pass exactly one on the first step, before the cross-attention "
+                "keys/values are cached: the image (from LapvqaImageProcessor) or the encoder's patch tokens "
+                "(e.g. stored by `lapvqa extract-features --encoder lapvqa-vit-l14`)."
+            )
+        if pixel_values is not None:
+            return self.get_image_features(pixel_values, interpolate_pos_encoding)
+        width = self.config.vision_config.hidden_size
+        if image_features.ndim != 3 or image_features.shape[-1] != width:
+            raise ValueError(
+                f"`image_features` must be the encoder's patch tokens of shape [batch, num_patches, {width}] "
+                f"(LapvqaVisionModel's last_hidden_state), got {list(image_features.shape)}."
+            )
+        return self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -76,7 +104,11 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
                 only the tokens not yet seen.
             attention_mask (`torch.Tensor` of shape `[batch, past + seq]`, *optional*): 0 on padding.
             pixel_values (`torch.Tensor` of shape `[batch, 3, image_size, image_size]`): from
-                `LapvqaImageProcessor`; needed on the first step, ignored once the visual memory is cached.
+                `LapvqaImageProcessor`; needed on the first step (or `image_features`), ignored once the visual
+                memory is cached.
+            image_features (`torch.Tensor` of shape `[batch, num_patches, vision hidden_size]`): instead of
+                `pixel_values`, the frozen encoder's patch tokens (`LapvqaVisionModel`'s `last_hidden_state`, as
+                `lapvqa extract-features --encoder lapvqa-vit-l14` stores them); the encoder is then not run.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
                 (shifted inside the loss); -100 is ignored.
             interpolate_pos_encoding (`bool`): let the encoder accept other image sizes (see `LapvqaVisionModel`).
@@ -85,16 +117,12 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
         encoder_hidden_states = None
         if not memory_is_cached:
-            if pixel_values is None:
-                raise ValueError(
-                    "Missing pixel_values: the image is required on the first step, before the cross-attention "
-                    "keys/values are cached. Prepare it with LapvqaImageProcessor."
-                )
-            encoder_hidden_states = self.get_image_features(pixel_values, interpolate_pos_encoding)
+            encoder_hidden_states = self.encode_visual(pixel_values, image_features, interpolate_pos_encoding)
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             if encoder_hidden_states.shape[0] != batch_size:
+                source = "pixel_values" if pixel_values is not None else "image_features"
                 raise ValueError(
-                    f"pixel_values holds {encoder_hidden_states.shape[0]} images but the text holds {batch_size}."
+                    f"{source} holds {encoder_hidden_states.shape[0]} images but the text holds {batch_size}."
                 )
 
         return self._decode_with_memory(

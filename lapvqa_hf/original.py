@@ -104,6 +104,44 @@ class DiffVQAHead(nn.Module):
         return greedy_answers(lambda ids: self(curr_vis, ref_vis, ids), prompt_ids, bos_id, eos_id, max_new_tokens)
 
 
+class VQAHead(nn.Module):
+    """`lapvqa.vqa.model.VQAHead` (SPEC.md section 3): DiffVQAHead with one image, no `frame_emb`, 150 positions
+    and `tok_emb` tied to `lm_head`."""
+
+    def __init__(
+        self,
+        vis_dim: int,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        vocab_size: int = 50257,
+        max_len: int = 150,
+        final_norm: bool = True,
+        tie_weights: bool = True,
+    ):
+        super().__init__()
+        self.vis_proj = nn.Linear(vis_dim, d_model)
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.decoder = transformer_decoder(d_model, nhead, num_layers, dim_feedforward, dropout, activation, final_norm)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return decode(self, input_ids, self.vis_proj(vis))
+
+    @torch.no_grad()
+    def generate(
+        self, vis: torch.Tensor, prompt_ids: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy answers, one list of ids per sample, without the prompt, bos or eos."""
+        return greedy_answers(lambda ids: self(vis, ids), prompt_ids, bos_id, eos_id, max_new_tokens)
+
+
 class TimmAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -235,3 +273,68 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module
         is_norm_weight = "norm" in owner and name.endswith("weight")
         parameter.copy_(noise + 1.0 if is_norm_weight else noise)
     return module
+
+
+class DetectionHead(nn.Module):
+    """`lapvqa.detection.model.DetectionHead` (SPEC.md section 3): DETR-style abnormality detection on VinDr-CXR.
+
+    Known (card): `vis_proj` Linear(vis_dim -> d_model), 2 pre-norm encoder layers, `object_queries` [1, 20, d_model],
+    3 decoder layers, `class_head` Linear(d_model -> 14 + 1), `box_head` MLP(d_model -> d_model -> 4) + sigmoid.
+    Pinned (card silent): PyTorch's own `TransformerEncoder` / `TransformerDecoder` (8 heads, ReLU, dropout 0.1,
+    LayerNorm eps 1e-5, batch_first) with the decoder pre-norm like the encoder; the object queries are the decoder's
+    input, expanded over the batch; no positional encoding of the visual tokens or the queries; the no-object class
+    is the last index of `class_head` (DETR's convention); `box_head` is `Sequential(Linear, ReLU, Linear)`; boxes are
+    (cx, cy, w, h) in [0, 1]. The FFN widths (`dim_feedforward`, and `decoder_dim_feedforward` if the decoder's
+    differs) and the final `encoder.norm` / `decoder.norm` are read from the weights.
+    """
+
+    def __init__(
+        self,
+        vis_dim: int,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_enc: int = 2,
+        num_dec: int = 3,
+        num_queries: int = 20,
+        num_classes: int = 14,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        decoder_norm_first: bool = True,
+        decoder_dim_feedforward: int | None = None,
+        encoder_final_norm: bool = True,
+        decoder_final_norm: bool = True,
+    ):
+        super().__init__()
+        layer_options = dict(
+            d_model=d_model, nhead=nhead, dropout=dropout, activation=activation, layer_norm_eps=layer_norm_eps
+        )
+        self.vis_proj = nn.Linear(vis_dim, d_model)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(
+                **layer_options, dim_feedforward=dim_feedforward, batch_first=True, norm_first=True
+            ),
+            num_layers=num_enc,
+            norm=nn.LayerNorm(d_model, eps=layer_norm_eps) if encoder_final_norm else None,
+            enable_nested_tensor=False,
+        )
+        self.object_queries = nn.Parameter(torch.zeros(1, num_queries, d_model))
+        self.decoder = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(
+                **layer_options,
+                dim_feedforward=decoder_dim_feedforward or dim_feedforward,
+                batch_first=True,
+                norm_first=decoder_norm_first,
+            ),
+            num_layers=num_dec,
+            norm=nn.LayerNorm(d_model, eps=layer_norm_eps) if decoder_final_norm else None,
+        )
+        self.class_head = nn.Linear(d_model, num_classes + 1)
+        self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, 4))
+
+    def forward(self, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`vis` [B, N, vis_dim] -> class logits [B, num_queries, num_classes + 1], boxes [B, num_queries, 4]."""
+        memory = self.encoder(self.vis_proj(vis))
+        hidden = self.decoder(self.object_queries.expand(vis.shape[0], -1, -1), memory)
+        return self.class_head(hidden), self.box_head(hidden).sigmoid()

@@ -14,13 +14,26 @@ class LapvqaProcessor(ProcessorMixin):
     - Captioning: `processor(images=...)` gives `pixel_values` and the `[bos]` start for `generate()`;
       `processor(images=..., text=reports)` gives `[bos] + report + [eos]`, right-padded, with `labels`
       (-100 on padding) for training.
+    - VQA (`task="vqa"`): `processor(images=..., text=questions)` gives `pixel_values` and the prompt
+      `question + [bos]`, left-padded, with its `attention_mask`.
     - DiffVQA: `processor(prior_images=..., current_images=..., text=questions)` gives `prior_pixel_values`,
-      `current_pixel_values` and the prompt `question + [bos]`, left-padded, with its `attention_mask`. The
-      pixel values go through the frozen encoder (e.g. `LapvqaVisionModel`) to become `ref_vis` / `curr_vis`.
-    Text longer than the model's learned positions (`tokenizer.model_max_length`) is refused.
+      `current_pixel_values` and the same prompts.
+    The pixel values of the question-answering heads go through their frozen encoder (e.g. `LapvqaVisionModel`)
+    to become `image_features` / `ref_vis` / `curr_vis`. Text longer than the model's learned positions
+    (`tokenizer.model_max_length`) is refused.
+
+    Args:
+        image_processor ([`LapvqaImageProcessor`]), tokenizer: the GPT-2 tokenizer.
+        task (`str`, defaults to `"captioning"`): what `text=` means with `images=`: reports (`"captioning"`)
+            or questions (`"vqa"`). Saved in `processor_config.json`.
     """
 
-    def __init__(self, image_processor: LapvqaImageProcessor, tokenizer):
+    TASKS = ("captioning", "vqa")
+
+    def __init__(self, image_processor: LapvqaImageProcessor, tokenizer, task: str = "captioning"):
+        if task not in self.TASKS:
+            raise ValueError(f"task must be one of {self.TASKS}, got {task!r}.")
+        self.task = task
         super().__init__(image_processor, tokenizer)
 
     def __call__(
@@ -40,8 +53,10 @@ class LapvqaProcessor(ProcessorMixin):
             return self._diffvqa_inputs(prior_images, current_images, text, return_tensors)
         if images is None:
             raise ValueError(
-                "No images given: pass images= (captioning) or prior_images= and current_images= (DiffVQA)."
+                "No images given: pass images= (captioning, VQA) or prior_images= and current_images= (DiffVQA)."
             )
+        if self.task == "vqa":
+            return self._vqa_inputs(images, text, return_tensors)
         return self._captioning_inputs(images, text, return_tensors)
 
     def _pixel_values(self, images, return_tensors: str) -> torch.Tensor:
@@ -84,27 +99,37 @@ class LapvqaProcessor(ProcessorMixin):
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _diffvqa_inputs(self, prior_images, current_images, questions, return_tensors: str) -> BatchFeature:
-        if prior_images is None or current_images is None:
-            raise ValueError("DiffVQA needs both prior_images= (the reference study) and current_images=.")
+    def _question_prompts(self, questions: str | list[str] | None, batch: int, what: str) -> dict[str, list]:
+        """`question + [bos]` per sample, left-padded, with the attention mask."""
         if questions is None:
-            raise ValueError("DiffVQA needs text= (one question per image pair).")
-        prior = self._pixel_values(prior_images, return_tensors)
-        current = self._pixel_values(current_images, return_tensors)
+            raise ValueError(f"Questions are needed: pass text= (one question per {what}).")
         questions = [questions] if isinstance(questions, str) else list(questions)
-        if not (len(prior) == len(current) == len(questions)):
-            raise ValueError(
-                f"Got {len(prior)} prior images, {len(current)} current images and {len(questions)} questions; "
-                "pass one question per (prior, current) pair."
-            )
+        if len(questions) != batch:
+            raise ValueError(f"Got {batch} {what}s but {len(questions)} questions; pass one question per {what}.")
         bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
         prompts = [ids + [bos] for ids in self._token_ids(questions, reserved=1, role="question")]
         width = max(len(p) for p in prompts)
+        return {
+            "input_ids": [[pad] * (width - len(p)) + p for p in prompts],
+            "attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+        }
+
+    def _vqa_inputs(self, images, questions, return_tensors: str) -> BatchFeature:
+        pixel_values = self._pixel_values(images, return_tensors)
+        data = {"pixel_values": pixel_values, **self._question_prompts(questions, len(pixel_values), "image")}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _diffvqa_inputs(self, prior_images, current_images, questions, return_tensors: str) -> BatchFeature:
+        if prior_images is None or current_images is None:
+            raise ValueError("DiffVQA needs both prior_images= (the reference study) and current_images=.")
+        prior = self._pixel_values(prior_images, return_tensors)
+        current = self._pixel_values(current_images, return_tensors)
+        if len(prior) != len(current):
+            raise ValueError(f"Got {len(prior)} prior images and {len(current)} current images; pass them in pairs.")
         data = {
             "prior_pixel_values": prior,
             "current_pixel_values": current,
-            "input_ids": [[pad] * (width - len(p)) + p for p in prompts],
-            "attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+            **self._question_prompts(questions, len(prior), "(prior, current) pair"),
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -78,3 +78,67 @@ def gpt2_tokenizer():
     from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
     return build_gpt2_tokenizer()
+
+
+_REMOTE_CODE_SCRIPT = """
+import sys, importlib.abc
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "lapvqa_hf" or name.startswith("lapvqa_hf."):
+            raise ImportError("lapvqa_hf is blocked in this test")
+
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert "lapvqa_hf" not in sys.modules
+request = torch.load(sys.argv[2])
+with torch.no_grad():
+    outputs = model(**request["inputs"])
+result = {"class": type(model).__name__, "outputs": {k: v for k, v in outputs.items() if torch.is_tensor(v)}}
+if request["generate"] is not None:
+    result["generated"] = model.generate(**request["inputs"], **request["generate"])
+torch.save(result, sys.argv[3])
+"""
+
+
+def run_with_remote_code(folder, inputs: dict, tmp_path, generate: dict | None = None) -> dict:
+    """Loads `folder` with `AutoModel(trust_remote_code=True)` in a Python where `lapvqa_hf` cannot be imported,
+    runs `model(**inputs)` (and `model.generate(**inputs, **generate)`), and returns the class name and tensors."""
+    import subprocess
+    import sys
+
+    torch.save({"inputs": inputs, "generate": generate}, tmp_path / "request.pt")
+    script = tmp_path / "load_remote.py"
+    script.write_text(_REMOTE_CODE_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "request.pt"), str(tmp_path / "result.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "result.pt")
+
+
+def upstream_detection_checkpoint(head: torch.nn.Module, encoder: str, **metadata) -> dict:
+    """The upstream file layout: the state dict plus the architecture and training record."""
+    first_query_shape = head.object_queries.shape
+    return {
+        "state_dict": head.state_dict(),
+        "vis_dim": head.vis_proj.in_features,
+        "d_model": first_query_shape[2],
+        "num_queries": first_query_shape[1],
+        "num_enc": len(head.encoder.layers),
+        "num_dec": len(head.decoder.layers),
+        "encoder": encoder,
+        "epoch": 37,
+        "val_map40": 0.048,
+        "val_map50": 0.031,
+        **metadata,
+    }

@@ -9,15 +9,18 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+from conftest import upstream_detection_checkpoint
 from huggingface_hub import ModelCard
 from lapvqa_hf.convert.captioning import convert_captioning
+from lapvqa_hf.convert.detection import convert_detection
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 
 from lapvqa_hf.collection import ManifestError, load_collection
 from lapvqa_hf.model_card import render_model_card, usage_snippet
-from lapvqa_hf.original import CaptioningModel, DiffVQAHead, randomize_
+from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 MANIFEST = json.loads(resources.files("lapvqa_hf").joinpath("collection.json").read_text())
 
@@ -38,8 +41,18 @@ def test_manifest_lists_every_upstream_file_once():
         "lapvqa-diffvqa-owlv2",
         "lapvqa-captioning",
         "lapvqa-vit-l14",
+        "lapvqa-vqa-clip-vit-l14",
+        "lapvqa-vqa-coca",
+        "lapvqa-vqa-florence2",
+        "lapvqa-vqa-siglip",
+        "lapvqa-vqa-owlv2",
+        "lapvqa-ad-clip-vit-l14",
+        "lapvqa-ad-coca",
+        "lapvqa-ad-florence2",
+        "lapvqa-ad-siglip",
+        "lapvqa-ad-owlv2",
+        "lapvqa-ad-mae-vit-l16",
     ]
-    assert all(not m.convertible for m in collection.models if m.kind in ("vqa", "detection"))
 
 
 def test_manifest_carries_the_reported_results():
@@ -59,7 +72,7 @@ def test_manifest_carries_the_reported_results():
     [
         (lambda m: m["models"].append(copy.deepcopy(m["models"][0])), "repo ids listed twice"),
         (lambda m: m["models"][0].update(kind="segmentation"), "kind must be one of"),
-        (lambda m: m["models"][7].update(convertible=True), "no converter exists for kind 'vqa' yet"),
+        (lambda m: m["models"][12].update(vis_dim=768), "encoder 'clip-vit-l14' gives 1024-dim features, not 768"),
         (lambda m: m["models"][1].update(vis_dim=1024), "encoder 'coca' gives 768-dim features, not 1024"),
         (lambda m: m["models"][0]["results"][0].update(value=18.4), "value 18.4 outside"),
         (lambda m: m["models"][0].pop("source"), "missing field 'source'"),
@@ -93,12 +106,31 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
         assert result["dataset"]["name"] == entry.dataset.name
         assert [(m["name"], m["value"]) for m in result["metrics"]] == [(r.name, r.value) for r in entry.results]
         for metric in entry.results:
-            assert f"| {metric.name} | {metric.value:.3f} |" in card.text
+            assert f"| {metric.name} | {'~' if metric.approximate else ''}{metric.value:.3f} |" in card.text
     else:
         assert "model-index" not in data
     assert "assumption one" in card.text and "Research only" in card.text and "johnson2019mimic" in card.text
     assert ("hu2023expert" in card.text) == (entry.kind == "diffvqa")
     assert f'repo = "{entry.repo_id}"' in card.text
+
+
+def test_detection_cards_show_the_training_record_and_the_assumed_options():
+    collection = load_collection()
+    (entry,) = collection.select(["lapvqa-ad-owlv2"])
+    info = {
+        "assumptions": ["no positional encoding"],
+        "assumed_num_attention_heads": 8,
+        "assumed_resize_mode": "stretch",
+    }
+    training = {"epoch": 37, "val_map40": 0.052, "val_map50": 0.031}
+    card = render_model_card(entry, collection, info, "verify passed", training).text
+    assert "| val_map40 | 0.052 |" in card and "| epoch | 37 |" in card
+    assert "- option `num_attention_heads` = `8` (not in the weights; a converter option)" in card
+    assert "- option `resize_mode` = `stretch`" in card
+    assert "post_process_object_detection" in card and "Training the head is\nnot supported" in card
+    assert "| mAP@0.4 | 0.048 |" in card, "the upstream card's test result beside the checkpoint's validation record"
+    diffvqa_card = render_model_card(collection.select(["lapvqa-diffvqa-coca"])[0], collection, info).text
+    assert "Training record" not in diffvqa_card and "Detection outputs" not in diffvqa_card
 
 
 @pytest.mark.parametrize("entry", load_collection().select(convertible_only=True), ids=lambda e: e.name)
@@ -117,6 +149,12 @@ def test_usage_snippets_run_on_converted_folders(tmp_path, monkeypatch):
     head = randomize_(DiffVQAHead(vis_dim=768, d_model=64, num_layers=2, dim_feedforward=96))
     torch.save(head.state_dict(), tmp_path / "coca_best.pt")
     convert_diffvqa(tmp_path / "coca_best.pt", "coca", tmp_path / "diffvqa", **quiet)
+    vqa_head = randomize_(VQAHead(vis_dim=768, d_model=64, num_layers=2, dim_feedforward=96))
+    torch.save(vqa_head.state_dict(), tmp_path / "coca_vqa.pt")
+    convert_vqa(tmp_path / "coca_vqa.pt", "coca", tmp_path / "vqa", **quiet)
+    detection_head = randomize_(DetectionHead(vis_dim=1024, d_model=32, dim_feedforward=48))
+    torch.save(upstream_detection_checkpoint(detection_head, "mae-vit-l16"), tmp_path / "mae-vit-l16.pt")
+    convert_detection(tmp_path / "mae-vit-l16.pt", tmp_path / "detection", **quiet)
     captioning = randomize_(
         CaptioningModel(img_size=56, vision_width=64, vision_depth=2, d_model=32, num_layers=2, dim_feedforward=48)
     )

@@ -226,7 +226,7 @@ def test_failed_verification_writes_nothing(checkpoint, tmp_path, capsys, monkey
         converted["decoder.layers.0.fc1.bias"] = converted["decoder.layers.0.fc1.bias"] + 0.5
         return converted
 
-    monkeypatch.setattr(diffvqa, "convert_state_dict", corrupted)
+    monkeypatch.setattr(diffvqa.CONVERTER, "convert_state_dict", corrupted)
     err = _refused(tmp_path, capsys, checkpoint)
     assert "verify FAILED" in err and "nothing was written" in err
 

@@ -1,7 +1,9 @@
-"""MIMIC-Diff-VQA data (release layout, synthetic stand-in, plain pair files) and the offline card metrics."""
+"""MIMIC-Diff-VQA and MIMIC-CXR report data (release layout, synthetic stand-in, plain files) and the card metrics."""
 
 import csv
+import gzip
 import json
+import shutil
 
 import pytest
 from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
@@ -10,10 +12,15 @@ from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.data import (
     METADATA_FILE,
     QUESTIONS_FILE,
+    SPLIT_FILE,
     DataError,
     frontal_images,
+    load_mimic_cxr_reports,
     load_mimic_diff_vqa,
     load_pairs,
+    load_reports,
+    report_sections,
+    report_text,
     write_synthetic_mimic_diff_vqa,
 )
 from lapvqa_hf.metrics import cider, corpus_bleu, load_metric, mean_rouge, radgraph_f1, score_answers, tokenize
@@ -133,6 +140,108 @@ def test_pair_files_missing_columns_are_refused(tmp_path):
         load_pairs(tmp_path / "pairs.csv")
 
 
+# A MIMIC-CXR-style report (made up): a wet read, an inline header, wrapped lines, a header seen twice.
+REPORT = """                                 FINAL REPORT
+ WET READ: ___ ___ 10:30 PM  Small left effusion.
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with dyspnea.  NG tube: check position.
+
+ FINDINGS:  PA and lateral views of the chest.  There is a small left
+ pleural effusion.   No pneumothorax.
+
+ IMPRESSION:
+
+ 1. Small left pleural effusion.
+ 2. No pneumothorax.
+ FINDINGS:  Heart size is normal.
+"""
+
+
+def test_report_sections_and_the_text_taken_from_them():
+    sections = report_sections(REPORT)
+    assert list(sections) == ["wet read", "examination", "indication", "findings", "impression"]
+    assert sections["indication"] == "___F with dyspnea. NG tube: check position.", "mixed-case colons are no header"
+    assert sections["findings"] == (
+        "PA and lateral views of the chest. There is a small left pleural effusion. No pneumothorax. "
+        "Heart size is normal."
+    )
+    assert report_text(REPORT) == f"{sections['findings']} 1. Small left pleural effusion. 2. No pneumothorax."
+    assert report_text(REPORT, ["IMPRESSION"]) == "1. Small left pleural effusion. 2. No pneumothorax."
+    assert report_text("FINAL REPORT\n No headers at all.") == ""
+
+
+def test_synthetic_reports_describe_the_synthetic_images(release):
+    data = load_mimic_cxr_reports(release)
+    assert {split: len(rows) for split, rows in data.items()} == {"train": 12, "validation": 4, "test": 4}
+    reports = {row["study_id"]: row for row in data["train"]}
+    for question in load_mimic_diff_vqa(release)["train"].filter(lambda q: q["question_type"] == "location"):
+        current = reports[question["study_id"]]
+        assert current["image"] == question["current_image"], "the same frontal image as the DiffVQA pair"
+        if question["answer"] == "no pleural effusion":
+            assert current["report"].endswith(
+                "There is no pleural effusion or pneumothorax. "
+                "The cardiomediastinal silhouette is within normal limits. No acute cardiopulmonary process."
+            )
+        else:
+            assert f" {question['answer']} pleural effusion. No pneumothorax is seen." in current["report"]
+    for report in data["train"]["report"]:
+        assert "INDICATION" not in report and "shortness of breath" not in report, "FINDINGS + IMPRESSION only"
+    impressions = load_mimic_cxr_reports(release, sections=("impression",))["train"]["report"]
+    assert set(impressions) <= {"No acute cardiopulmonary process."} | {
+        f"{size} {side} pleural effusion." for size in ("Small", "Moderate", "Large") for side in ("left", "right")
+    }
+
+
+def test_report_loading_skips_studies_without_a_report_and_reads_gzipped_tables(release, tmp_path):
+    shutil.copytree(release / "files", tmp_path / "files")
+    for name in (METADATA_FILE, SPLIT_FILE):
+        with open(release / name, "rb") as source, gzip.open(tmp_path / f"{name}.gz", "wb") as target:
+            target.write(source.read())  # as PhysioNet ships them
+    rows = load_mimic_cxr_reports(tmp_path)["train"]
+    (tmp_path / "files" / "p10" / f"p{rows[0]['subject_id']}" / f"s{rows[0]['study_id']}.txt").unlink()
+    (tmp_path / "files" / "p10" / f"p{rows[1]['subject_id']}" / f"s{rows[1]['study_id']}.txt").write_text(
+        "FINAL REPORT\n INDICATION: no findings or impression sections.\n"
+    )
+    assert load_mimic_cxr_reports(tmp_path)["train"]["study_id"] == rows["study_id"][2:]
+    with gzip.open(tmp_path / f"{SPLIT_FILE}.gz", "at") as file:
+        file.write("x,1,1,train\n")  # harmless: an image that is not a study's frontal one
+    assert len(load_mimic_cxr_reports(tmp_path)["train"]) == 10
+    (tmp_path / f"{SPLIT_FILE}.gz").unlink()
+    with pytest.raises(DataError, match="mimic-cxr-2.0.0-split.csv: no such file"):
+        load_mimic_cxr_reports(tmp_path)
+
+
+def test_reports_of_images_missing_from_the_split_table_are_refused(release, tmp_path):
+    (tmp_path / METADATA_FILE).write_text((release / METADATA_FILE).read_text())
+    lines = (release / SPLIT_FILE).read_text().splitlines()
+    (tmp_path / SPLIT_FILE).write_text("\n".join(line for line in lines if not line.startswith("00000000-00f")))
+    with pytest.raises(DataError, match="no split for image 00000000-00f \\(study 50000000\\)"):
+        load_mimic_cxr_reports(tmp_path, image_root=release)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_plain_report_files_resolve_relative_paths(release, tmp_path, suffix):
+    image = load_mimic_cxr_reports(release)["train"][0]["image"]
+    (tmp_path / "images").mkdir()
+    shutil.copy(image, tmp_path / "images" / "a.jpg")
+    rows = [{"image": "images/a.jpg", "report": "No  acute\n process."}, {"image": image, "report": "Effusion."}]
+    path = tmp_path / f"reports{suffix}"
+    if suffix == ".csv":
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=["image", "report"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    reports = load_reports(path)
+    assert reports["image"] == [str((tmp_path / "images" / "a.jpg").resolve()), image]
+    assert reports["report"] == ["No acute process.", "Effusion."]
+    (tmp_path / "bad.csv").write_text("image,text\na.jpg,x\n")
+    with pytest.raises(DataError, match=r"missing columns \['report'\]"):
+        load_reports(tmp_path / "bad.csv")
+
+
 def test_bleu_by_hand():
     scores = corpus_bleu(["the cat sat on the mat"], ["the cat is on the mat"])
     # unigrams 5/6; bigrams 3/5 (the cat, on the, the mat); trigrams 1/4 (on the mat); no 4-gram; no brevity penalty
@@ -224,5 +333,9 @@ def test_cli_writes_a_synthetic_release(tmp_path, capsys):
     from lapvqa_hf.cli import main as lapvqa
 
     assert lapvqa(["data", "synthesize", "--output", str(tmp_path / "mimic"), "--subjects", "5"]) == 0
-    assert "'train': 9" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        "questions {'test': 3, 'train': 9, 'validation': 3}, reports {'test': 2, 'train': 6, 'validation': 2}"
+        in printed
+    )
     assert len(load_mimic_diff_vqa(tmp_path / "mimic")["train"]) == 9

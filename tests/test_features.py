@@ -1,12 +1,16 @@
 """`lapvqa extract-features`: frozen patch tokens per image, fp16 shards, one recipe per encoder, resumable."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
     Owlv2VisionConfig,
     Owlv2VisionModel,
     SiglipVisionConfig,
@@ -15,8 +19,16 @@ from transformers import (
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
-from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.features import RECIPES, FeatureError, FeatureStore, extract_features, images_of, recipe_for
+from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+from lapvqa_hf.features import (
+    RECIPES,
+    FeatureError,
+    FeatureStore,
+    extract_features,
+    images_of,
+    recipe_for,
+    recipe_image_processor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +222,116 @@ def test_cli_extracts_from_a_release_with_a_local_checkpoint(release, tmp_path, 
     assert lapvqa([*args, "--checkpoint", str(tmp_path / "encoder224")]) == 0
     assert f"{len(images)} images encoded with lapvqa-vit-l14" in capsys.readouterr().out
     assert FeatureStore(tmp_path / "f")[next(iter(images))].shape == (4, 1024)
+
+
+def tiny_florence2() -> Florence2ForConditionalGeneration:
+    """A random Florence-2 with a 4-stage DaViT (stride 32, as Florence-2-large) of tiny widths."""
+    four = [1, 1, 1, 1]
+    vision = dict(depths=four, num_heads=four, num_groups=four, embed_dim=[8, 8, 8, 16], projection_dim=1024)
+    text = dict(model_type="bart", vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1)
+    text |= dict(encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    torch.manual_seed(0)
+    return Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text)).eval()
+
+
+def test_florence2_recipe_through_the_cli(release, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    _, images = release
+    model = tiny_florence2()
+    model.save_pretrained(tmp_path / "florence2")
+    image = next(iter(images.values()))  # one image (768 px costs): a plain image, report file
+    (tmp_path / "reports.jsonl").write_text(json.dumps({"image": image, "report": "No effusion."}))
+    args = ["extract-features", "--encoder", "florence2", "--reports", str(tmp_path / "reports.jsonl")]
+    assert lapvqa([*args, "--checkpoint", str(tmp_path / "florence2"), "--output", str(tmp_path / "f")]) == 0
+    assert "1 images encoded with florence2" in capsys.readouterr().out
+    store = FeatureStore(tmp_path / "f")
+    assert store.recipe.checkpoint == str(tmp_path / "florence2"), "the encoder used is recorded with the features"
+    # 768 px / 32 = 24 x 24 DaViT tokens, plus their mean first; projected to 1024 and normed.
+    assert store[image].shape == (1 + 24 * 24, 1024)
+    pixels = recipe_image_processor(recipe_for("florence2"))(image)["pixel_values"]
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=pixels).pooler_output[0]
+    assert torch.allclose(store[image].float(), expected, atol=1e-2)
+
+
+class OpenClipStandIn(types.ModuleType):
+    """Records what the CoCa recipe asks of open_clip, and answers as open_clip's API does.
+
+    `create_model_and_transforms(name, pretrained=...)` returns `(model, train transform, val transform)`; the model's
+    `visual` tower (open_clip's `VisionTransformer`) returns the pooled embedding, or `(pooled, tokens)` when its
+    `output_tokens` is set, tokens `[batch, n, embed_dim]`: CoCa's attentional pooler output without its first query.
+    """
+
+    def __init__(self):
+        super().__init__("open_clip")
+        self.calls = []
+
+    def create_model_and_transforms(self, model_name, pretrained=None, **kwargs):
+        self.calls.append((model_name, pretrained))
+        model = torch.nn.Module()
+        model.visual = CoCaVisualStandIn()
+        return model, None, None
+
+
+class CoCaVisualStandIn(torch.nn.Module):
+    def __init__(self, embed_dim: int = 768):
+        super().__init__()
+        self.output_tokens = False  # CoCa's config sets it; the recipe must not rely on that
+        self.conv1 = torch.nn.Conv2d(3, embed_dim, kernel_size=56, stride=56, bias=False)
+        self.class_embedding = torch.nn.Parameter(torch.randn(embed_dim))
+
+    def forward(self, x: torch.Tensor):
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        pooled, tokens = x[:, 0], x[:, 1:]
+        return (pooled, tokens) if self.output_tokens else pooled
+
+
+def test_coca_recipe_through_the_cli_with_an_open_clip_stand_in(release, tmp_path, capsys, monkeypatch):
+    from lapvqa_hf.cli import main as lapvqa
+
+    root, images = release
+    open_clip = OpenClipStandIn()
+    monkeypatch.setitem(sys.modules, "open_clip", open_clip)
+    args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
+    torch.manual_seed(0)
+    assert lapvqa(args) == 0
+    assert open_clip.calls == [("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k")]
+    assert f"{len(images)} images encoded with coca" in capsys.readouterr().out
+    image_id = next(iter(images))
+    assert FeatureStore(tmp_path / "f")[image_id].shape == (16, 768), "224 px / 56 = 4 x 4 tokens, CLS dropped"
+
+    assert lapvqa([*args[:-1], str(tmp_path / "g"), "--checkpoint", "coca_ViT-L-14/weights/open_clip.bin"]) == 0
+    assert open_clip.calls[-1] == ("coca_ViT-L-14", "weights/open_clip.bin"), "architecture/weights file"
+    assert lapvqa([*args[:-1], str(tmp_path / "h"), "--checkpoint", "coca_ViT-L-14"]) == 1
+    assert "an open_clip checkpoint is 'architecture/pretrained'" in capsys.readouterr().err
+
+
+def test_coca_without_open_clip_says_how_to_install_it(release, tmp_path, capsys, monkeypatch):
+    from lapvqa_hf.cli import main as lapvqa
+
+    root, _ = release
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
+    args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
+    assert lapvqa(args) == 1
+    assert "the coca encoder needs open_clip: pip install open_clip_torch." in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
+def test_cli_extracts_the_frontal_image_of_every_report(release, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    root, images = release
+    config = LapvqaVisionConfig(
+        image_size=224, patch_size=112, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder")
+    args = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", str(tmp_path / "encoder")]
+    assert lapvqa([*args, "--mimic-root", str(root), "--task", "captioning", "--output", str(tmp_path / "f")]) == 0
+    reports = [row for split in load_mimic_cxr_reports(root).values() for row in split]
+    assert set(FeatureStore(tmp_path / "f")._tensors) == set(images_of(reports, root=root.resolve()))
+    assert len(reports) == len(images) == 10, "in the synthetic release, every study is in a pair and has a report"
+    (tmp_path / "reports.csv").write_text(f"image,report\n{reports[0]['image']},No effusion.\n")
+    assert lapvqa([*args, "--reports", str(tmp_path / "reports.csv"), "--output", str(tmp_path / "g")]) == 0
+    assert list(FeatureStore(tmp_path / "g")._tensors) == [reports[0]["image"]], "absolute paths as ids"

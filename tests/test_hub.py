@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import upstream_detection_checkpoint
 from hub_server import LocalHub
 from huggingface_hub import HfApi
 from lapvqa_hf.convert import diffvqa
 
 from lapvqa_hf.collection import load_collection
 from lapvqa_hf.hub import describe, execute, plan_push, push
-from lapvqa_hf.original import CaptioningModel, DiffVQAHead, randomize_
+from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 SECRET = "hf_sentinelTOKENthatMustNeverBePrinted"
 CONVERTIBLE = [
@@ -28,12 +29,32 @@ CONVERTIBLE = [
     "lapvqa-diffvqa-owlv2",
     "lapvqa-captioning",
     "lapvqa-vit-l14",
+    "lapvqa-vqa-clip-vit-l14",
+    "lapvqa-vqa-coca",
+    "lapvqa-vqa-florence2",
+    "lapvqa-vqa-siglip",
+    "lapvqa-vqa-owlv2",
+    "lapvqa-ad-clip-vit-l14",
+    "lapvqa-ad-coca",
+    "lapvqa-ad-florence2",
+    "lapvqa-ad-siglip",
+    "lapvqa-ad-owlv2",
+    "lapvqa-ad-mae-vit-l16",
+]
+# One repo of every kind: what the in-process push tests publish (the CLI dry run covers the full manifest).
+ONE_PER_KIND = [
+    "lapvqa-diffvqa-coca",
+    "lapvqa-captioning",
+    "lapvqa-vit-l14",
+    "lapvqa-vqa-siglip",
+    "lapvqa-ad-mae-vit-l16",
 ]
 
 
-def _checkpoint_bytes(module: torch.nn.Module) -> bytes:
+def _checkpoint_bytes(checkpoint: torch.nn.Module | dict) -> bytes:
+    """A module's state dict, or a checkpoint dict as it is, as `torch.save` writes it."""
     buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
+    torch.save(checkpoint.state_dict() if isinstance(checkpoint, torch.nn.Module) else checkpoint, buffer)
     return buffer.getvalue()
 
 
@@ -43,9 +64,14 @@ def upstream_repos() -> dict[str, dict[str, bytes]]:
     collection = load_collection()
     repos: dict[str, dict[str, bytes]] = {}
     for entry in collection.select(convertible_only=True):
-        if entry.kind == "diffvqa":
-            head = DiffVQAHead(vis_dim=entry.vis_dim, d_model=64, num_layers=2, dim_feedforward=96)
+        if entry.kind in ("diffvqa", "vqa"):
+            head_class = DiffVQAHead if entry.kind == "diffvqa" else VQAHead
+            head = head_class(vis_dim=entry.vis_dim, d_model=64, num_layers=2, dim_feedforward=96)
             repos.setdefault(entry.source.repo_id, {})[entry.source.filename] = _checkpoint_bytes(randomize_(head))
+        elif entry.kind == "detection":
+            head = randomize_(DetectionHead(vis_dim=entry.vis_dim, d_model=32, dim_feedforward=48))
+            checkpoint = _checkpoint_bytes(upstream_detection_checkpoint(head, entry.encoder))
+            repos.setdefault(entry.source.repo_id, {})[entry.source.filename] = checkpoint
     captioning = randomize_(
         CaptioningModel(
             img_size=56, vision_width=64, vision_depth=2, d_model=32, num_layers=2, dim_feedforward=48, max_len=60
@@ -125,10 +151,10 @@ def api(hub):
 QUIET = dict(log=lambda _: None)
 
 
-def test_dry_run_plans_every_convertible_repo_and_writes_nothing(hub, api, tmp_path):
+def test_dry_run_plans_every_chosen_repo_and_writes_nothing(hub, api, tmp_path):
     collection = load_collection()
-    plan = plan_push(collection, None, tmp_path / "work", api=api, **QUIET)
-    assert [r.entry.name for r in plan.repos] == CONVERTIBLE
+    plan = plan_push(collection, ONE_PER_KIND, tmp_path / "work", api=api, **QUIET)
+    assert [r.entry.name for r in plan.repos] == ONE_PER_KIND
     assert not plan.failed and plan.collection_slug is None
     for repo in plan.repos:
         assert repo.create_repo and repo.needs_commit and repo.add_to_collection
@@ -140,24 +166,23 @@ def test_dry_run_plans_every_convertible_repo_and_writes_nothing(hub, api, tmp_p
     text = describe(plan)
     assert "● dmusingu/lapvqa-diffvqa-coca: create repo, one commit" in text
     assert "collection LAPVQA (to be created): add" in text
-    assert text.endswith("7 repo(s) ready, 7 commit(s), 7 collection addition(s), 0 failed.")
-    assert "lapvqa-vqa" not in text and "lapvqa-ad" not in text, "entries without a converter are not pushed"
+    assert text.endswith("5 repo(s) ready, 5 commit(s), 5 collection addition(s), 0 failed.")
     assert api.writes() == []
 
 
 def test_push_publishes_then_rerun_is_a_no_op(hub, api, tmp_path):
     collection = load_collection()
-    push(collection, None, tmp_path / "first", api=api, **QUIET)
+    push(collection, ONE_PER_KIND, tmp_path / "first", api=api, **QUIET)
     uploads = [c for c in api.calls if c[0] == "upload_folder"]
-    assert [c[1] for c in uploads] == [f"dmusingu/{n}" for n in CONVERTIBLE], "one commit per repo"
+    assert [c[1] for c in uploads] == [f"dmusingu/{n}" for n in ONE_PER_KIND], "one commit per repo"
     assert sum(c[0] == "create_collection" for c in api.calls) == 1
     (collection_state,) = api.collections.values()
-    assert [i.item_id for i in collection_state.items] == [f"dmusingu/{n}" for n in CONVERTIBLE]
+    assert [i.item_id for i in collection_state.items] == [f"dmusingu/{n}" for n in ONE_PER_KIND]
     card = hub.repos["dmusingu/lapvqa-diffvqa-coca"]["README.md"].decode()
     assert "model-index:" in card and "verify passed" in card
 
     api.calls.clear()
-    plan = push(collection, None, tmp_path / "second", api=api, **QUIET)
+    plan = push(collection, ONE_PER_KIND, tmp_path / "second", api=api, **QUIET)
     assert api.writes() == [], "re-running must not commit or touch the collection"
     assert all(not r.needs_commit and not r.add_to_collection and not r.card_diff for r in plan.repos)
     assert "no commit (up to date)" in describe(plan) and "already listed" in describe(plan)
@@ -185,7 +210,7 @@ def test_a_changed_card_is_one_commit_of_the_card_alone(hub, api, tmp_path):
 
 
 def test_a_repo_failing_verification_is_never_pushed(hub, api, tmp_path, monkeypatch):
-    real = diffvqa.convert_state_dict
+    real = diffvqa.CONVERTER.convert_state_dict
 
     def corrupt_coca(state_dict, config):
         converted = real(state_dict, config)
@@ -193,8 +218,10 @@ def test_a_repo_failing_verification_is_never_pushed(hub, api, tmp_path, monkeyp
             converted["decoder.layers.0.fc1.bias"] = converted["decoder.layers.0.fc1.bias"] + 0.5
         return converted
 
-    monkeypatch.setattr(diffvqa, "convert_state_dict", corrupt_coca)
-    plan = push(load_collection(), None, tmp_path / "work", api=api, **QUIET)
+    monkeypatch.setattr(diffvqa.CONVERTER, "convert_state_dict", corrupt_coca)
+    plan = push(
+        load_collection(), ["lapvqa-diffvqa-coca", "lapvqa-diffvqa-siglip"], tmp_path / "work", api=api, **QUIET
+    )
     assert [r.entry.name for r in plan.failed] == ["lapvqa-diffvqa-coca"]
     assert "verify FAILED" in plan.failed[0].error
     pushed = {c[1] for c in api.calls if c[0] in ("upload_folder", "create_repo", "add_collection_item")}
@@ -236,7 +263,7 @@ def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in CONVERTIBLE:
         assert f"● dmusingu/{name}: create repo, one commit" in result.stdout
-    assert "7 repo(s) ready, 7 commit(s), 7 collection addition(s), 0 failed." in result.stdout
+    assert "18 repo(s) ready, 18 commit(s), 18 collection addition(s), 0 failed." in result.stdout
     assert SECRET not in result.stdout + result.stderr
     assert not any(method not in ("GET", "HEAD") for method, _, _ in hub.requests), "a dry run only reads"
 

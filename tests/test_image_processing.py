@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaProcessor
 
@@ -183,14 +184,40 @@ def test_diffvqa_prompt_layout(lapvqa_processor):
     assert out["attention_mask"][0, 0] == 0, "prompts are left-padded"
 
 
+def test_vqa_prompt_layout_is_the_diffvqa_one_with_one_image(gpt2_tokenizer, tmp_path):
+    processor = LapvqaProcessor(LapvqaImageProcessor(image_size=28), gpt2_tokenizer, task="vqa")
+    image = np.zeros((30, 30), dtype=np.uint8)
+    out = processor(images=[image, image], text=["is there an effusion?", "where is the tube?"])
+    assert set(out) == {"pixel_values", "input_ids", "attention_mask"}
+    assert out["pixel_values"].shape == (2, 3, 28, 28)
+    question = gpt2_tokenizer("where is the tube?", add_special_tokens=False)["input_ids"]
+    width = out["input_ids"].shape[1]
+    assert out["input_ids"][1].tolist() == [50256] * (width - len(question) - 1) + question + [50256]
+    assert out["attention_mask"][1].tolist() == [0] * (width - len(question) - 1) + [1] * (len(question) + 1)
+    with pytest.raises(ValueError, match="Got 1 images but 2 questions"):
+        processor(images=image, text=["a?", "b?"])
+    with pytest.raises(ValueError, match="Questions are needed"):
+        processor(images=image)
+
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is LapvqaProcessor and reloaded.task == "vqa"
+    with pytest.raises(ValueError, match=r"task must be one of \('captioning', 'vqa'\), got 'detection'"):
+        LapvqaProcessor(LapvqaImageProcessor(image_size=28), gpt2_tokenizer, task="detection")
+
+
 def test_processor_refuses_mismatched_or_missing_inputs(lapvqa_processor):
     image = np.zeros((30, 30), dtype=np.uint8)
     with pytest.raises(ValueError, match="No images given"):
         lapvqa_processor(text="a report")
     with pytest.raises(ValueError, match="needs both prior_images="):
         lapvqa_processor(current_images=image, text="what changed?")
-    with pytest.raises(ValueError, match="Got 2 prior images, 1 current images and 1 questions"):
+    with pytest.raises(ValueError, match="Got 2 prior images and 1 current images; pass them in pairs"):
         lapvqa_processor(prior_images=[image, image], current_images=image, text="what changed?")
+    with pytest.raises(ValueError, match=r"Got 2 \(prior, current\) pairs but 1 questions"):
+        lapvqa_processor(prior_images=[image, image], current_images=[image, image], text="what changed?")
+    with pytest.raises(ValueError, match="Questions are needed"):
+        lapvqa_processor(prior_images=image, current_images=image)
     with pytest.raises(ValueError, match="Got 1 images but 2 reports"):
         lapvqa_processor(images=image, text=["a", "b"])
     with pytest.raises(

@@ -10,10 +10,11 @@ import torch
 from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 from test_image_processing import write_dicom
 
-from lapvqa_hf.original import CaptioningModel, DiffVQAHead, VisionTransformer, randomize_
+from lapvqa_hf.original import CaptioningModel, DiffVQAHead, VisionTransformer, VQAHead, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -47,6 +48,15 @@ def test_diffvqa_usage_snippet(tmp_path, monkeypatch):
     torch.save(randomize_(head).state_dict(), tmp_path / "coca_best.pt")
     convert_diffvqa(tmp_path / "coca_best.pt", "coca", tmp_path / "lapvqa-diffvqa-coca", num_attention_heads=4, **QUIET)
     answers = run_snippet("Load and generate (DiffVQA)", tmp_path, monkeypatch)["answers"]
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_vqa_usage_snippet(tmp_path, monkeypatch):
+    head = VQAHead(vis_dim=1152, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
+    torch.save(randomize_(head).state_dict(), tmp_path / "siglip_best.pt")
+    assert "lapvqa convert vqa siglip_best.pt --encoder siglip --output lapvqa-vqa-siglip" in README
+    convert_vqa(tmp_path / "siglip_best.pt", "siglip", tmp_path / "lapvqa-vqa-siglip", num_attention_heads=4, **QUIET)
+    answers = run_snippet("Single-image VQA", tmp_path, monkeypatch)["answers"]
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 

@@ -1,0 +1,368 @@
+"""Convert an upstream `DetectionHead` checkpoint (`dmusingu/lapvqa-ad`, `{encoder}.pt`) into a Transformers folder.
+
+    lapvqa convert detection siglip.pt --output lapvqa-ad-siglip
+    python -m lapvqa_hf.convert.detection siglip.pt --output lapvqa-ad-siglip
+
+The upstream file is `{state_dict, vis_dim, d_model, num_queries, num_enc, num_dec, encoder, epoch, val_map40,
+val_map50}`: the metadata is checked against the weights and the training record kept in `config.json`. A plain
+state dict is accepted too, with `--encoder`. Everything the weights reveal (widths, layers, queries, FFN widths,
+final norms) is read from them; what they cannot reveal (heads, activation, decoder pre/post-norm, LayerNorm eps,
+no positional encodings) is an option recorded in `config.json`. The folder also holds a `LapvqaImageProcessor`
+whose `post_process_object_detection` maps the boxes back onto the original image. The converted model is verified
+against the faithful original after the folder is written and before it is published.
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lapvqa_hf.configuration_lapvqa_detection import DETECTION_ENCODERS, VINDR_CXR_CLASSES, LapvqaDetectionConfig
+from lapvqa_hf.features import RECIPES
+from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
+from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
+from lapvqa_hf.original import DetectionHead
+
+from .checkpoint import ConversionError, StateDictMapper, load_untrusted_checkpoint, sha256_of
+from .common import (
+    add_common_arguments,
+    expected_shapes,
+    numbered_blocks,
+    run_reporting_errors,
+    tensor_shape,
+    write_verified,
+)
+
+WHAT = "DetectionHead"
+ARCHITECTURE_METADATA = ("vis_dim", "d_model", "num_queries", "num_enc", "num_dec", "encoder")
+TRAINING_METADATA = ("epoch", "val_map40", "val_map50")
+
+ASSUMPTIONS = (
+    "encoder/decoder are torch.nn.TransformerEncoder/TransformerDecoder (batch_first) with PyTorch's state-dict keys",
+    "the object queries are the decoder's input; no positional encoding of the visual tokens or the queries",
+    "class_head's last output is the no-object class; classes 0..13 are VinDr-CXR's class_id order",
+    "box_head = Sequential(Linear, ReLU, Linear) + sigmoid -> (cx, cy, w, h) in [0, 1] of the encoder's input image",
+)
+
+_ENCODER_LAYER_RENAMES = {
+    "self_attn.out_proj.": "self_attn.out_proj.",
+    "linear1.": "mlp.fc1.",
+    "linear2.": "mlp.fc2.",
+    "norm1.": "self_attn_layer_norm.",
+    "norm2.": "final_layer_norm.",
+}
+_DECODER_LAYER_RENAMES = {
+    "self_attn.out_proj.": "self_attn.out_proj.",
+    "multihead_attn.out_proj.": "encoder_attn.out_proj.",
+    "linear1.": "mlp.fc1.",
+    "linear2.": "mlp.fc2.",
+    "norm1.": "self_attn_layer_norm.",
+    "norm2.": "encoder_attn_layer_norm.",
+    "norm3.": "final_layer_norm.",
+}
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor],
+    encoder: str,
+    num_attention_heads: int = 8,
+    activation_function: str = "relu",
+    decoder_norm_first: bool = True,
+    layer_norm_eps: float = 1e-5,
+) -> LapvqaDetectionConfig:
+    """Reads the architecture from the weights; the pinned (or given) conventions fill in the rest."""
+    if encoder not in DETECTION_ENCODERS:
+        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(DETECTION_ENCODERS)}.")
+    d_model, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
+    query_shape = tensor_shape(state_dict, "object_queries", 3, WHAT)
+    if query_shape[0] != 1 or query_shape[2] != d_model:
+        raise ConversionError(f"object_queries should be [1, num_queries, {d_model}], found {list(query_shape)}.")
+    num_outputs, class_width = tensor_shape(state_dict, "class_head.weight", 2, WHAT)
+    if num_outputs != len(VINDR_CXR_CLASSES) + 1 or class_width != d_model:
+        raise ConversionError(
+            f"class_head.weight should be [{len(VINDR_CXR_CLASSES) + 1}, {d_model}] (14 VinDr-CXR classes + "
+            f"no-object), found {[num_outputs, class_width]}."
+        )
+    if d_model % num_attention_heads:
+        raise ConversionError(f"--num-heads {num_attention_heads} does not divide the width {d_model}.")
+    if DETECTION_ENCODERS[encoder] != vis_dim:
+        raise ConversionError(
+            f"encoder {encoder} gives {DETECTION_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
+            f"takes {vis_dim}; pick the encoder this head was trained on."
+        )
+    return LapvqaDetectionConfig(
+        vis_dim=vis_dim,
+        d_model=d_model,
+        encoder_layers=numbered_blocks(state_dict, "encoder.layers."),
+        decoder_layers=numbered_blocks(state_dict, "decoder.layers."),
+        num_attention_heads=num_attention_heads,
+        encoder_ffn_dim=tensor_shape(state_dict, "encoder.layers.0.linear1.weight", 2, WHAT)[0],
+        decoder_ffn_dim=tensor_shape(state_dict, "decoder.layers.0.linear1.weight", 2, WHAT)[0],
+        num_queries=query_shape[1],
+        activation_function=activation_function,
+        decoder_norm_first=decoder_norm_first,
+        encoder_final_layer_norm="encoder.norm.weight" in state_dict,
+        decoder_final_layer_norm="decoder.norm.weight" in state_dict,
+        layer_norm_eps=layer_norm_eps,
+        encoder_name=encoder,
+    )
+
+
+def resolve_encoder(metadata: dict[str, object], encoder: str | None) -> str:
+    """The encoder named by the checkpoint's metadata and/or `--encoder`; they must agree."""
+    if not metadata:
+        if encoder is None:
+            raise ConversionError("a plain state dict carries no encoder name; pass --encoder.")
+        return encoder
+    unknown = sorted(set(metadata) - set(ARCHITECTURE_METADATA) - set(TRAINING_METADATA))
+    missing = [key for key in ARCHITECTURE_METADATA if key not in metadata]
+    if unknown or missing:
+        raise ConversionError(
+            f"checkpoint metadata should hold {list(ARCHITECTURE_METADATA + TRAINING_METADATA)}; "
+            f"found unknown keys {unknown} and missing keys {missing}."
+        )
+    if encoder is not None and encoder != metadata["encoder"]:
+        raise ConversionError(f"--encoder {encoder} contradicts the checkpoint's encoder {metadata['encoder']!r}.")
+    return str(metadata["encoder"])
+
+
+def check_metadata(metadata: dict[str, object], config: LapvqaDetectionConfig) -> None:
+    """The checkpoint's own architecture record must match what its weights say."""
+    found_in_weights = {
+        "vis_dim": (config.vis_dim, "vis_proj.weight"),
+        "d_model": (config.d_model, "vis_proj.weight"),
+        "num_queries": (config.num_queries, "object_queries"),
+        "num_enc": (config.encoder_layers, "encoder.layers.*"),
+        "num_dec": (config.decoder_layers, "decoder.layers.*"),
+    }
+    for key, (from_weights, source) in found_in_weights.items():
+        if key in metadata and metadata[key] != from_weights:
+            raise ConversionError(
+                f"checkpoint metadata says {key}={metadata[key]!r}, but the weights ({source}) give {from_weights}."
+            )
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDetectionConfig) -> dict[str, torch.Tensor]:
+    """Upstream names -> `LapvqaDetectionModel` names; fused attention projections are split into q/k/v."""
+    mapper = StateDictMapper(state_dict)
+    mapper.rename_prefix("vis_proj.", "visual_projection.")
+    mapper.rename("object_queries", "object_queries")
+    for stack, num_layers, renames, final_norm in (
+        ("encoder", config.encoder_layers, _ENCODER_LAYER_RENAMES, config.encoder_final_layer_norm),
+        ("decoder", config.decoder_layers, _DECODER_LAYER_RENAMES, config.decoder_final_layer_norm),
+    ):
+        for i in range(num_layers):
+            layer = f"{stack}.layers.{i}."
+            attentions = [("self_attn", "self_attn")] + ([("multihead_attn", "encoder_attn")] * (stack == "decoder"))
+            for attention, renamed in attentions:
+                for kind in ("weight", "bias"):
+                    mapper.split(
+                        f"{layer}{attention}.in_proj_{kind}",
+                        [f"{layer}{renamed}.{p}_proj.{kind}" for p in ("q", "k", "v")],
+                    )
+            for old, new in renames.items():
+                mapper.rename_prefix(layer + old, layer + new)
+        if final_norm:
+            mapper.rename_prefix(f"{stack}.norm.", f"{stack}.layer_norm.")
+    mapper.rename_prefix("class_head.", "class_labels_classifier.")
+    mapper.rename_prefix("box_head.0.", "bbox_predictor.layers.0.")
+    mapper.rename_prefix("box_head.2.", "bbox_predictor.layers.1.")
+    return mapper.finish(expected_shapes(LapvqaDetectionModel(config)))
+
+
+def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDetectionConfig) -> DetectionHead:
+    """The faithful upstream module, loaded strictly from the same state dict."""
+    head = DetectionHead(
+        vis_dim=config.vis_dim,
+        d_model=config.d_model,
+        nhead=config.num_attention_heads,
+        num_enc=config.encoder_layers,
+        num_dec=config.decoder_layers,
+        num_queries=config.num_queries,
+        num_classes=config.num_labels,
+        dim_feedforward=config.encoder_ffn_dim,
+        decoder_dim_feedforward=config.decoder_ffn_dim,
+        activation=config.activation_function,
+        layer_norm_eps=config.layer_norm_eps,
+        decoder_norm_first=config.decoder_norm_first,
+        encoder_final_norm=config.encoder_final_layer_norm,
+        decoder_final_norm=config.decoder_final_layer_norm,
+    )
+    head.load_state_dict(state_dict, strict=True)
+    return head.eval()
+
+
+@dataclass
+class DetectionVerifyReport:
+    logits_max_abs_diff: float
+    boxes_max_abs_diff: float
+    classes_identical: int
+    classes_total: int
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        worst = max(self.logits_max_abs_diff, self.boxes_max_abs_diff)
+        return worst <= self.tolerance and self.classes_identical == self.classes_total
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"verify {verdict}: max |Δlogit| = {self.logits_max_abs_diff:.2e}, max |Δbox| = "
+            f"{self.boxes_max_abs_diff:.2e} (tolerance {self.tolerance:.0e}); argmax class identical for "
+            f"{self.classes_identical}/{self.classes_total} queries"
+        )
+
+
+@torch.no_grad()
+def verify(
+    original: DetectionHead,
+    model: LapvqaDetectionModel,
+    num_patches: tuple[int, ...] = (49, 37),
+    batch_size: int = 3,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> DetectionVerifyReport:
+    """Runs both models on the same random features (one batch per token count): logits, boxes, argmax classes."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model.eval()
+    logits_diff = boxes_diff = 0.0
+    identical = total = 0
+    for length in num_patches:
+        features = torch.randn(batch_size, length, model.config.vis_dim, generator=generator)
+        expected_logits, expected_boxes = original(features)
+        found = model(image_features=features)
+        logits_diff = max(logits_diff, (expected_logits - found.logits.float()).abs().max().item())
+        boxes_diff = max(boxes_diff, (expected_boxes - found.pred_boxes.float()).abs().max().item())
+        identical += (expected_logits.argmax(-1) == found.logits.argmax(-1)).sum().item()
+        total += expected_logits.shape[0] * expected_logits.shape[1]
+    return DetectionVerifyReport(logits_diff, boxes_diff, identical, total, tolerance)
+
+
+def image_processor_for(encoder: str, resize_mode: str = "stretch") -> LapvqaImageProcessor:
+    """The image processor of the encoder's feature recipe (size and normalisation), else the processor defaults."""
+    recipe = RECIPES.get(encoder)
+    if recipe is None:
+        return LapvqaImageProcessor(resize_mode=resize_mode)
+    return LapvqaImageProcessor(
+        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode=resize_mode
+    )
+
+
+def convert_detection(
+    checkpoint: str | Path,
+    output: str | Path,
+    encoder: str | None = None,
+    num_attention_heads: int = 8,
+    activation_function: str = "relu",
+    decoder_norm_first: bool = True,
+    layer_norm_eps: float = 1e-5,
+    resize_mode: str = "stretch",
+    run_verify: bool = True,
+    overwrite: bool = False,
+    tolerance: float = 1e-4,
+    log=print,
+) -> Path:
+    """Converts, verifies and writes the model folder atomically; returns its path.
+
+    `encoder` is required for a plain state dict and, for a checkpoint with metadata, must match it if given.
+    """
+    checkpoint = Path(checkpoint)
+    state_dict, metadata = load_untrusted_checkpoint(checkpoint)
+    encoder = resolve_encoder(metadata, encoder)
+    config = infer_config(
+        state_dict, encoder, num_attention_heads, activation_function, decoder_norm_first, layer_norm_eps
+    )
+    check_metadata(metadata, config)
+    training_results = {key: metadata[key] for key in TRAINING_METADATA if key in metadata}
+    config.training_results = training_results or None
+    config.conversion_info = {
+        "source_file": checkpoint.name,
+        "source_sha256": sha256_of(checkpoint),
+        "assumed_num_attention_heads": num_attention_heads,
+        "assumed_activation_function": activation_function,
+        "assumed_decoder_norm_first": decoder_norm_first,
+        "assumed_layer_norm_eps": layer_norm_eps,
+        "assumed_position_embedding_type": config.position_embedding_type,
+        "assumed_resize_mode": resize_mode,
+        "assumptions": list(ASSUMPTIONS),
+    }
+    training = ", ".join(f"{key} {value}" for key, value in training_results.items()) or "no training record"
+    log(
+        f"{checkpoint.name}: encoder {encoder}, vis_dim {config.vis_dim}, d_model {config.d_model}, "
+        f"{config.num_queries} queries, {config.encoder_layers} encoder + {config.decoder_layers} decoder layers, "
+        f"FFN {config.encoder_ffn_dim}/{config.decoder_ffn_dim}, final norms "
+        f"{'yes' if config.encoder_final_layer_norm else 'no'}/{'yes' if config.decoder_final_layer_norm else 'no'}; "
+        f"{training}"
+    )
+    model = LapvqaDetectionModel(config)
+    model.load_state_dict(convert_state_dict(state_dict, config), strict=True)
+    image_processor = image_processor_for(encoder, resize_mode)
+
+    def verify_written(folder: Path) -> DetectionVerifyReport:
+        reloaded = LapvqaDetectionModel.from_pretrained(folder)
+        return verify(original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
+
+    return write_verified(
+        model,
+        output,
+        verify_written if run_verify else None,
+        overwrite=overwrite,
+        extra_files=image_processor.save_pretrained,
+        log=log,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="upstream DetectionHead checkpoint, e.g. siglip.pt")
+    parser.add_argument(
+        "--encoder",
+        choices=sorted(DETECTION_ENCODERS),
+        help="frozen encoder of the head (required for a plain state dict; otherwise read from the checkpoint)",
+    )
+    add_common_arguments(parser, default_heads=8)
+    parser.add_argument(
+        "--decoder-post-norm",
+        dest="decoder_norm_first",
+        action="store_false",
+        help="post-norm decoder layers (not in the weights; default pre-norm, like the encoder)",
+    )
+    parser.add_argument(
+        "--layer-norm-eps", type=float, default=1e-5, help="LayerNorm epsilon (not in the weights; default 1e-5)"
+    )
+    parser.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="stretch",
+        help="how images were resized for the encoder, used to map boxes back (default stretch)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_reporting_errors(
+        lambda: convert_detection(
+            args.checkpoint,
+            args.output,
+            encoder=args.encoder,
+            num_attention_heads=args.num_heads,
+            activation_function=args.activation,
+            decoder_norm_first=args.decoder_norm_first,
+            layer_norm_eps=args.layer_norm_eps,
+            resize_mode=args.resize_mode,
+            run_verify=args.verify,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.detection", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

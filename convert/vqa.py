@@ -1,0 +1,126 @@
+"""Convert an upstream `VQAHead` state dict (`{encoder}_best.pt` of `dmusingu/lapvqa-vqa`) into a Transformers
+model folder.
+
+    lapvqa convert vqa siglip_best.pt --encoder siglip --output lapvqa-vqa-siglip
+    python -m lapvqa_hf.convert.vqa siglip_best.pt --encoder siglip --output lapvqa-vqa-siglip
+
+Like `lapvqa convert diffvqa`: the architecture is read from the weights (vis_dim, layers, FFN width,
+positions, final norm, weight tying); heads and activation are options recorded in `config.json`; the written
+folder is verified against the faithful original before it is published.
+"""
+
+import sys
+
+import torch
+
+from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
+from lapvqa_hf.configuration_lapvqa_vqa import LapvqaVQAConfig
+from lapvqa_hf.modeling_lapvqa_vqa import LapvqaVQAModel
+from lapvqa_hf.original import VQAHead
+
+from .checkpoint import ConversionError, StateDictMapper
+from .common import (
+    DECODER_ASSUMPTIONS,
+    AnsweringHeadConverter,
+    VerifyReport,
+    expected_shapes,
+    map_text_decoder,
+    read_text_decoder_fields,
+    tensor_shape,
+    verify_question_answering,
+)
+
+ASSUMPTIONS = (
+    *DECODER_ASSUMPTIONS,
+    "prompt layout: question_ids + [bos] + answer_ids + [eos]",
+    "memory = vis_proj(image patch tokens), no frame embedding",
+)
+
+WHAT = "VQAHead"
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor], encoder: str, num_attention_heads: int = 8, hidden_act: str = "relu"
+) -> LapvqaVQAConfig:
+    """Reads the architecture from the weights; heads and activation are the pinned (or given) assumptions."""
+    if encoder not in KNOWN_ENCODERS:
+        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(KNOWN_ENCODERS)}.")
+    if "frame_emb.weight" in state_dict:
+        raise ConversionError(
+            "this checkpoint has frame_emb.weight, so it is a two-image DiffVQAHead: use `lapvqa convert diffvqa`."
+        )
+    decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, WHAT)
+    projection_width, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
+    if projection_width != decoder_fields["hidden_size"]:
+        raise ConversionError(
+            f"inconsistent widths: tok_emb {decoder_fields['hidden_size']}, vis_proj {projection_width}."
+        )
+    if KNOWN_ENCODERS[encoder] != vis_dim:
+        raise ConversionError(
+            f"--encoder {encoder} gives {KNOWN_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
+            f"takes {vis_dim}; pick the encoder this head was trained on."
+        )
+    return LapvqaVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQAConfig) -> dict[str, torch.Tensor]:
+    """Upstream names -> `LapvqaVQAModel` names; fused attention projections are split into q/k/v."""
+    mapper = StateDictMapper(state_dict)
+    mapper.rename_prefix("vis_proj.", "visual_projection.")
+    map_text_decoder(mapper, config)
+    return mapper.finish(expected_shapes(LapvqaVQAModel(config)))
+
+
+def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQAConfig) -> VQAHead:
+    """The faithful upstream module, loaded strictly from the same state dict."""
+    head = VQAHead(
+        vis_dim=config.vis_dim,
+        d_model=config.hidden_size,
+        nhead=config.num_attention_heads,
+        num_layers=config.num_hidden_layers,
+        dim_feedforward=config.intermediate_size,
+        activation=config.hidden_act,
+        vocab_size=config.vocab_size,
+        max_len=config.max_position_embeddings,
+        final_norm=config.use_final_layer_norm,
+        tie_weights=config.tie_word_embeddings,
+    )
+    head.load_state_dict(state_dict, strict=True)
+    return head.eval()
+
+
+def verify(
+    original: VQAHead,
+    model: LapvqaVQAModel,
+    num_patches: int = 49,
+    batch_size: int = 3,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Runs both models on the same random features and prompts: teacher-forced logits and greedy answers."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch_size, num_patches, model.config.vis_dim, generator=generator)
+    return verify_question_answering(original, model, (features,), {"image_features": features}, tolerance, generator)
+
+
+CONVERTER = AnsweringHeadConverter(
+    what=WHAT,
+    model_class=LapvqaVQAModel,
+    infer_config=infer_config,
+    convert_state_dict=convert_state_dict,
+    original_from_state_dict=original_from_state_dict,
+    verify=verify,
+    assumptions=ASSUMPTIONS,
+    known_encoders=tuple(KNOWN_ENCODERS),
+)
+convert_vqa = CONVERTER.convert
+add_arguments = CONVERTER.add_arguments
+run = CONVERTER.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    return CONVERTER.main("python -m lapvqa_hf.convert.vqa", __doc__.split("\n")[0], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

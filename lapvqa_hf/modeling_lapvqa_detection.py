@@ -1,0 +1,339 @@
+"""LAPVQA abnormality detection: a DETR-style set predictor over a frozen encoder's chest X-ray patch tokens."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithCrossAttentions
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_lapvqa_detection import LapvqaDetectionConfig
+
+
+@dataclass
+class LapvqaDetectionOutput(ModelOutput):
+    r"""
+    Output of [`LapvqaDetectionModel`], laid out like transformers' `DetrObjectDetectionOutput`.
+
+    Args:
+        loss (`torch.Tensor`, *optional*): always `None`; training the head is not supported yet.
+        logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels + 1)`): class logits per query,
+            the last column being no-object.
+        pred_boxes (`torch.Tensor` of shape `(batch_size, num_queries, 4)`): boxes as (cx, cy, w, h) in [0, 1],
+            relative to the image the encoder saw; `LapvqaImageProcessor.post_process_object_detection` turns
+            them into pixel boxes of the original image.
+        last_hidden_state (`torch.Tensor` of shape `(batch_size, num_queries, d_model)`): decoder output.
+        decoder_hidden_states / decoder_attentions / cross_attentions (`tuple[torch.Tensor]`, *optional*):
+            per-layer decoder outputs, self-attention and cross-attention weights, when requested.
+        encoder_last_hidden_state (`torch.Tensor` of shape `(batch_size, num_patches, d_model)`): encoder output.
+        encoder_hidden_states / encoder_attentions (`tuple[torch.Tensor]`, *optional*): per-layer encoder outputs
+            and attention weights, when requested.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class LapvqaDetectionAttention(nn.Module):
+    """`torch.nn.MultiheadAttention`'s maths with separate q/k/v projections; self- or cross-attention, no mask."""
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.d_model // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        source = hidden_states if key_value_states is None else key_value_states
+        kv_shape = (*source.shape[:-1], -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
+        value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class LapvqaDetectionMLP(nn.Module):
+    def __init__(self, config: LapvqaDetectionConfig, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, config.d_model)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+class LapvqaDetectionEncoderLayer(GradientCheckpointingLayer):
+    """`torch.nn.TransformerEncoderLayer(norm_first=True)`: self-attention, then feed-forward, each pre-norm."""
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__()
+        self.dropout = config.dropout
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.self_attn = LapvqaDetectionAttention(config)
+        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = LapvqaDetectionMLP(config, config.encoder_ffn_dim)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
+        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
+        mlp_output = self.mlp(self.final_layer_norm(hidden_states))
+        return hidden_states + nn.functional.dropout(mlp_output, p=self.dropout, training=self.training)
+
+
+class LapvqaDetectionDecoderLayer(GradientCheckpointingLayer):
+    """`torch.nn.TransformerDecoderLayer`: self-attention over the queries, cross-attention to the encoded visual
+    tokens, feed-forward; pre-norm or post-norm by `config.decoder_norm_first`."""
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__()
+        self.dropout = config.dropout
+        self.norm_first = config.decoder_norm_first
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.self_attn = LapvqaDetectionAttention(config)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.encoder_attn = LapvqaDetectionAttention(config)
+        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = LapvqaDetectionMLP(config, config.decoder_ffn_dim)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if self.norm_first:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states, **kwargs)
+        hidden_states = residual + nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.norm_first:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        if self.norm_first:
+            hidden_states = self.encoder_attn_layer_norm(hidden_states)
+        hidden_states, _ = self.encoder_attn(hidden_states, key_value_states=encoder_hidden_states, **kwargs)
+        hidden_states = residual + nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.norm_first:
+            hidden_states = self.encoder_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        if self.norm_first:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.norm_first:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+
+class LapvqaDetectionPreTrainedModel(PreTrainedModel):
+    config: LapvqaDetectionConfig
+    base_model_prefix = "model"
+    main_input_name = "image_features"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LapvqaDetectionEncoderLayer", "LapvqaDetectionDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LapvqaDetectionModel):
+            init.normal_(module.object_queries, mean=0.0, std=self.config.initializer_range)
+
+
+class LapvqaDetectionEncoder(LapvqaDetectionPreTrainedModel):
+    """Pre-norm transformer encoder over the projected visual tokens, with an optional final LayerNorm."""
+
+    _can_record_outputs = {
+        "hidden_states": LapvqaDetectionEncoderLayer,
+        "attentions": OutputRecorder(LapvqaDetectionAttention, index=1),
+    }
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList([LapvqaDetectionEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layer_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_final_layer_norm else None
+        )
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, inputs_embeds: torch.Tensor, **kwargs) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class LapvqaDetectionDecoder(LapvqaDetectionPreTrainedModel):
+    """Transformer decoder refining the object queries against the encoded visual tokens."""
+
+    _can_record_outputs = {
+        "hidden_states": LapvqaDetectionDecoderLayer,
+        "attentions": OutputRecorder(LapvqaDetectionAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(LapvqaDetectionAttention, index=1, layer_name="encoder_attn"),
+    }
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList([LapvqaDetectionDecoderLayer(config) for _ in range(config.decoder_layers)])
+        self.layer_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.decoder_final_layer_norm else None
+        )
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self, inputs_embeds: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs
+    ) -> BaseModelOutputWithCrossAttentions:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, encoder_hidden_states, **kwargs)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        return BaseModelOutputWithCrossAttentions(last_hidden_state=hidden_states)
+
+
+class LapvqaDetectionMLPPredictionHead(nn.Module):
+    """The box head: Linear -> ReLU -> Linear (`box_head.0` / `box_head.2` upstream); the caller applies sigmoid."""
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(config.d_model, config.d_model), nn.Linear(config.d_model, 4)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](nn.functional.relu(self.layers[0](hidden_states)))
+
+
+class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
+    """The upstream `DetectionHead`: VinDr-CXR abnormality boxes from a frozen encoder's patch tokens.
+
+    `image_features` `[B, N, vis_dim]` are projected to `d_model` and encoded; `num_queries` learned object queries
+    are decoded against them (no positional encodings, see the config); each query gives class logits (the last
+    being no-object) and a sigmoid box (cx, cy, w, h) in [0, 1].
+    """
+
+    def __init__(self, config: LapvqaDetectionConfig):
+        super().__init__(config)
+        self.visual_projection = nn.Linear(config.vis_dim, config.d_model)
+        self.encoder = LapvqaDetectionEncoder(config)
+        self.object_queries = nn.Parameter(torch.zeros(1, config.num_queries, config.d_model))
+        self.decoder = LapvqaDetectionDecoder(config)
+        self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + 1)
+        self.bbox_predictor = LapvqaDetectionMLPPredictionHead(config)
+        self.post_init()
+
+    def _check_image_features(self, image_features: torch.Tensor | None) -> None:
+        expected = f"[batch, num_patches, {self.config.vis_dim}]"
+        encoder = self.config.encoder_name or "configured"
+        if image_features is None:
+            raise ValueError(f"`image_features` are required: the {encoder} encoder's patch tokens {expected}.")
+        shape = list(image_features.shape)
+        if len(shape) != 3 or shape[-1] != self.config.vis_dim or 0 in shape:
+            raise ValueError(
+                f"`image_features` must be non-empty patch tokens of shape {expected} (vis_dim of the {encoder} "
+                f"encoder), got {shape}."
+            )
+
+    @can_return_tuple
+    def forward(
+        self, image_features: torch.Tensor | None = None, labels: list[dict] | None = None, **kwargs
+    ) -> LapvqaDetectionOutput:
+        r"""
+        Args:
+            image_features (`torch.Tensor` of shape `[batch, num_patches, vis_dim]`): the frozen encoder's patch
+                tokens (the encoder named by `config.encoder_name`).
+            labels (`list[dict]`, *optional*): not supported yet; passing them raises a `ValueError`.
+        """
+        if labels is not None:
+            raise ValueError(
+                "Training the LAPVQA detection head is not supported yet: the upstream matching costs and loss "
+                "weights are unpublished. Call the model without `labels` for inference."
+            )
+        self._check_image_features(image_features)
+        hidden_states = self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
+        encoder_outputs: BaseModelOutput = self.encoder(inputs_embeds=hidden_states, **kwargs)
+        queries = self.object_queries.expand(image_features.shape[0], -1, -1)
+        decoder_outputs: BaseModelOutputWithCrossAttentions = self.decoder(
+            inputs_embeds=queries, encoder_hidden_states=encoder_outputs.last_hidden_state, **kwargs
+        )
+        sequence_output = decoder_outputs.last_hidden_state
+        return LapvqaDetectionOutput(
+            logits=self.class_labels_classifier(sequence_output),
+            pred_boxes=self.bbox_predictor(sequence_output).sigmoid(),
+            last_hidden_state=sequence_output,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+__all__ = ["LapvqaDetectionModel", "LapvqaDetectionOutput", "LapvqaDetectionPreTrainedModel"]

@@ -1,0 +1,225 @@
+"""Fine-tuning the captioning decoder on stored encoder features: `image_features` is the pixel path without the
+encoder, a tiny decoder learns the synthetic reports, and the saved model reports from pixels too.
+
+The training loop is the one `test_train.py` runs for DiffVQA (2 processes, kill and resume); here it runs with the
+captioning task, whose model state (the decoder, without the frozen encoder) is resumed exactly as well.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor
+
+from lapvqa_hf import LapvqaCaptioningConfig, LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
+from lapvqa_hf.data import load_mimic_cxr_reports, write_synthetic_mimic_diff_vqa
+from lapvqa_hf.features import FeatureError, FeatureStore, extract_features, images_of, recipe_for
+from lapvqa_hf.train import ReportExamples, TrainConfig, report_collate, report_split, train
+
+TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28)
+TINY_DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A synthetic release, a tiny encoder saved as a folder, and its features of every report's frontal image."""
+    base = tmp_path_factory.mktemp("captioning")
+    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
+    rows = [row for split in load_mimic_cxr_reports(root).values() for row in split]
+    torch.manual_seed(0)
+    encoder = LapvqaVisionModel(LapvqaVisionConfig(**TINY_ENCODER)).eval()
+    encoder.save_pretrained(base / "encoder")
+    # What `lapvqa extract-features --encoder lapvqa-vit-l14 --checkpoint <folder>` records.
+    recipe = dataclasses.replace(
+        recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32, checkpoint=str(base / "encoder")
+    )
+    extract_features(images_of(rows, root=root.resolve()), recipe, base / "features", encoder=encoder, progress=False)
+    return base
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and more spin against other processes on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def config_for(base: Path, output: Path, **changes) -> TrainConfig:
+    values = dict(
+        mimic_root=str(base / "mimic"),
+        features_dir=str(base / "features"),
+        output_dir=str(output),
+        task="captioning",
+        model=TINY_DECODER,
+        learning_rate=0.02,
+        warmup_steps=10,
+        max_steps=120,
+        batch_size=4,
+        checkpoint_every=1000,
+        eval_every=1000,
+        eval_max_new_tokens=48,
+    )
+    return TrainConfig(**(values | changes))
+
+
+def tiny_captioning_model(seed: int = 0) -> LapvqaCaptioningModel:
+    torch.manual_seed(seed)
+    config = LapvqaCaptioningConfig(vision_config=TINY_ENCODER, **TINY_DECODER)
+    return LapvqaCaptioningModel(config).eval()
+
+
+def test_image_features_give_the_pixel_paths_logits_and_reports():
+    model = tiny_captioning_model()
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        patch_tokens = model.vision_model(pixels).last_hidden_state
+        text = torch.randint(0, 50256, (3, 9))
+        assert torch.equal(
+            model(input_ids=text, pixel_values=pixels).logits, model(input_ids=text, image_features=patch_tokens).logits
+        )
+    bos = torch.full((3, 1), 50256)
+    common = dict(input_ids=bos, attention_mask=torch.ones_like(bos), max_new_tokens=8, min_new_tokens=8)
+    from_pixels = model.generate(pixel_values=pixels, do_sample=False, **common)
+    for extra in ({}, {"cache_implementation": "static"}, {"num_beams": 2}):
+        expected = from_pixels if not extra else model.generate(pixel_values=pixels, **extra, **common)
+        assert torch.equal(model.generate(image_features=patch_tokens, **extra, **common), expected), extra
+    with pytest.raises(ValueError, match="Got both pixel_values and image_features: pass exactly one"):
+        model(input_ids=bos, pixel_values=pixels, image_features=patch_tokens)
+    with pytest.raises(ValueError, match="Missing pixel_values or image_features"):
+        model(input_ids=bos)
+    with pytest.raises(ValueError, match=r"shape \[batch, num_patches, 32\].*got \[3, 4, 16\]"):
+        model(input_ids=bos, image_features=patch_tokens[..., :16])
+
+
+def test_report_batches_score_the_report_and_its_eos(gpt2_tokenizer):
+    collate = report_collate(gpt2_tokenizer, max_positions=6)
+    batch = collate(
+        [
+            {"image_features": torch.zeros(4, 32), "report": "No effusion."},
+            {"image_features": torch.ones(4, 32), "report": "A large right pleural effusion is seen."},
+        ]
+    )
+    short = gpt2_tokenizer("No effusion.", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0].tolist() == [50256, *short, 50256] + [50256] * (6 - len(short) - 2)
+    assert batch["labels"][0].tolist() == [50256, *short, 50256] + [-100] * (6 - len(short) - 2)
+    assert batch["attention_mask"].tolist()[1] == [1] * 6, "a long report is cut to the model's positions"
+    assert batch["image_features"].shape == (2, 4, 32)
+
+
+def test_a_tiny_decoder_learns_the_synthetic_reports_and_the_saved_model_reports_from_pixels(prepared, tmp_path):
+    result = train(config_for(prepared, tmp_path / "run"))  # 120 steps, validated and saved at the last
+    losses = result["losses"]
+    assert losses[0] > 10 and losses[-1] < 0.1, (losses[0], losses[-1])
+    assert result["best"]["scores"]["overall"]["bleu4"] > 0.8
+
+    best = tmp_path / "run" / "best"
+    model = AutoModel.from_pretrained(best).eval()
+    processor = AutoProcessor.from_pretrained(best)
+    assert type(model) is LapvqaCaptioningModel and model.config.feature_recipe["vis_dim"] == 32
+    assert model.config.report_sections == ["findings", "impression"]
+    encoder = LapvqaVisionModel.from_pretrained(prepared / "encoder")
+    saved_encoder = model.vision_model.state_dict()
+    assert all(torch.equal(saved_encoder[k], v) for k, v in encoder.state_dict().items()), "the features' encoder"
+    assert (processor.image_processor.image_size, processor.image_processor.resize_mode) == (28, "stretch")
+
+    rows = load_mimic_cxr_reports(prepared / "mimic")["train"]
+    examples = ReportExamples(rows, FeatureStore(prepared / "features"), (prepared / "mimic").resolve())
+    from_features = report_split(model, processor.tokenizer, examples, batch_size=6, max_new_tokens=48)
+    reproduced = sum(r == row["report"] for r, row in zip(from_features, rows, strict=True))
+    assert reproduced >= 10, f"only {reproduced}/{len(rows)} training reports reproduced"
+    inputs = processor(images=list(rows["image"]))
+    generated = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+    from_pixels = [r.strip() for r in processor.batch_decode(generated[:, 1:], skip_special_tokens=True)]
+    assert from_pixels == from_features
+
+
+def test_a_killed_captioning_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, monkeypatch):
+    settings = dict(max_steps=8, gradient_accumulation_steps=2, batch_size=3, checkpoint_every=4)
+    uninterrupted = train(config_for(prepared, tmp_path / "a", **settings))
+    AcceleratorState._reset_state(True)
+    original_save_state = Accelerator.save_state
+
+    def save_then_die(self, output_dir=None, **kwargs):
+        original_save_state(self, output_dir, **kwargs)
+        raise KeyboardInterrupt("killed after the step-4 checkpoint")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(prepared, tmp_path / "b", **settings))
+    monkeypatch.setattr(Accelerator, "save_state", original_save_state)
+    AcceleratorState._reset_state(True)
+    resumed = train(config_for(prepared, tmp_path / "b", **settings))
+
+    assert resumed["losses"] == uninterrupted["losses"][4:]
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-8" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-8" / "model.safetensors")
+    assert not any(k.startswith("vision_model.") for k in a), "the frozen encoder stays out of the checkpoints"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_cli_scores_a_captioning_model(prepared, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    train(config_for(prepared, tmp_path / "run", max_steps=10, eval_every=10))
+    args = [
+        "evaluate",
+        str(tmp_path / "run" / "best"),
+        "--mimic-root",
+        str(prepared / "mimic"),
+        "--features",
+        str(prepared / "features"),
+        "--split",
+        "validation",
+        "--max-new-tokens",
+        "48",
+        "--output",
+        str(tmp_path / "scores.json"),
+    ]
+    assert lapvqa(args) == 0
+    printed = capsys.readouterr().out
+    assert "| reports | n | bleu1 | bleu2 | bleu3 | bleu4 | rouge1 | rougeL | cider |" in printed
+    assert "| overall | 4 |" in printed
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert saved["scores"]["overall"]["cider"] == pytest.approx(best["scores"]["overall"]["cider"])
+    assert len(saved["answers"]) == len(saved["references"]) == 4
+
+
+def test_captioning_needs_features_of_its_own_encoder(prepared, tmp_path):
+    siglip = {"recipe": dataclasses.asdict(dataclasses.replace(recipe_for("siglip"), vis_dim=32)), "shards": []}
+    (tmp_path / "features.json").write_text(json.dumps(siglip))
+    with pytest.raises(FeatureError, match="extract features with `lapvqa extract-features --encoder lapvqa-vit-l14`"):
+        train(config_for(prepared, tmp_path / "x", features_dir=str(tmp_path)))
+    other = LapvqaVisionModel(LapvqaVisionConfig(**(TINY_ENCODER | {"hidden_size": 64})))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(FeatureError, match="gives 64-dim tokens of 28 px images, but the features .* are 32-dim"):
+        train(config_for(prepared, tmp_path / "y", vision_encoder=str(tmp_path / "other")))
+    with pytest.raises(OSError, match="Set `vision_encoder` to that LapvqaVisionModel's folder"):
+        train(config_for(prepared, tmp_path / "z", vision_encoder=str(tmp_path / "absent")))
+    with pytest.raises(ValueError, match="eval_max_new_tokens=100 exceeds the model's 64 learned positions"):
+        train(config_for(prepared, tmp_path / "w", eval_max_new_tokens=100))
+    with pytest.raises(ValueError, match="task='detection': expected one of"):
+        train(config_for(prepared, tmp_path / "v", task="detection"))
