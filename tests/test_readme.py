@@ -7,14 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import upstream_detection_checkpoint
 from lapvqa_hf.convert.captioning import convert_captioning
+from lapvqa_hf.convert.detection import convert_detection
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 from test_image_processing import write_dicom
 
-from lapvqa_hf.original import CaptioningModel, DiffVQAHead, VisionTransformer, VQAHead, randomize_
+from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES
+from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VisionTransformer, VQAHead, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -58,6 +61,17 @@ def test_vqa_usage_snippet(tmp_path, monkeypatch):
     convert_vqa(tmp_path / "siglip_best.pt", "siglip", tmp_path / "lapvqa-vqa-siglip", num_attention_heads=4, **QUIET)
     answers = run_snippet("Single-image VQA", tmp_path, monkeypatch)["answers"]
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_detection_usage_snippet(tmp_path, monkeypatch, capsys):
+    head = DetectionHead(vis_dim=1024, d_model=32, dim_feedforward=48)
+    torch.save(upstream_detection_checkpoint(randomize_(head), "owlv2"), tmp_path / "owlv2.pt")
+    assert "lapvqa convert detection owlv2.pt --output lapvqa-ad-owlv2" in README
+    convert_detection(tmp_path / "owlv2.pt", tmp_path / "lapvqa-ad-owlv2", **QUIET)
+    detections = run_snippet("Abnormality detection", tmp_path, monkeypatch)["detections"]
+    assert len(detections["boxes"]) == 20, "threshold 0.0 keeps every query"
+    assert (detections["boxes"][:, 2] <= 2500).all() and (detections["boxes"][:, 3] <= 2048).all()
+    assert set(detections["label_names"]) <= set(VINDR_CXR_CLASSES)
 
 
 def test_captioning_and_two_image_snippets(xray_files, monkeypatch, capsys):
