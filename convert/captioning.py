@@ -28,6 +28,7 @@ from .common import (
     default_generation_config,
     expected_shapes,
     map_text_decoder,
+    original_decoder_arguments,
     read_text_decoder_fields,
     run_reporting_errors,
     strip_answer,
@@ -77,15 +78,7 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
         vision_width=vision.hidden_size,
         vision_depth=vision.num_hidden_layers,
         vision_heads=vision.num_attention_heads,
-        d_model=config.hidden_size,
-        nhead=config.num_attention_heads,
-        num_layers=config.num_hidden_layers,
-        dim_feedforward=config.intermediate_size,
-        activation=config.hidden_act,
-        vocab_size=config.vocab_size,
-        max_len=config.max_position_embeddings,
-        final_norm=config.use_final_layer_norm,
-        tie_weights=config.tie_word_embeddings,
+        **original_decoder_arguments(config),
     )
     original.load_state_dict(state_dict, strict=True)
     return original.eval()

@@ -76,6 +76,32 @@ def read_text_decoder_fields(
     )
 
 
+def check_encoder_width(encoder: str, vis_dim: int, known_encoders: dict[str, int]) -> None:
+    """The named encoder must be known and give the features the checkpoint's `vis_proj` takes."""
+    if encoder not in known_encoders:
+        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(known_encoders)}.")
+    if known_encoders[encoder] != vis_dim:
+        raise ConversionError(
+            f"encoder {encoder} gives {known_encoders[encoder]}-dim features, but the checkpoint's vis_proj "
+            f"takes {vis_dim}; pick the encoder this head was trained on."
+        )
+
+
+def original_decoder_arguments(config: PreTrainedConfig) -> dict:
+    """The upstream modules' text-decoder arguments (`DiffVQAHead`, `VQAHead`, `CaptioningModel`) for a config."""
+    return dict(
+        d_model=config.hidden_size,
+        nhead=config.num_attention_heads,
+        num_layers=config.num_hidden_layers,
+        dim_feedforward=config.intermediate_size,
+        activation=config.hidden_act,
+        vocab_size=config.vocab_size,
+        max_len=config.max_position_embeddings,
+        final_norm=config.use_final_layer_norm,
+        tie_weights=config.tie_word_embeddings,
+    )
+
+
 def map_text_decoder(mapper: StateDictMapper, config: PreTrainedConfig) -> None:
     """Upstream decoder names -> `LapvqaTextDecoder` names; fused attention projections split into q/k/v."""
     mapper.rename("tok_emb.weight", "decoder.embed_tokens.weight")

@@ -28,6 +28,7 @@ from lapvqa_hf.original import DetectionHead
 from .checkpoint import ConversionError, StateDictMapper, load_untrusted_checkpoint, sha256_of
 from .common import (
     add_common_arguments,
+    check_encoder_width,
     expected_shapes,
     numbered_blocks,
     run_reporting_errors,
@@ -73,8 +74,6 @@ def infer_config(
     layer_norm_eps: float = 1e-5,
 ) -> LapvqaDetectionConfig:
     """Reads the architecture from the weights; the pinned (or given) conventions fill in the rest."""
-    if encoder not in DETECTION_ENCODERS:
-        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(DETECTION_ENCODERS)}.")
     d_model, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
     query_shape = tensor_shape(state_dict, "object_queries", 3, WHAT)
     if query_shape[0] != 1 or query_shape[2] != d_model:
@@ -87,11 +86,7 @@ def infer_config(
         )
     if d_model % num_attention_heads:
         raise ConversionError(f"--num-heads {num_attention_heads} does not divide the width {d_model}.")
-    if DETECTION_ENCODERS[encoder] != vis_dim:
-        raise ConversionError(
-            f"encoder {encoder} gives {DETECTION_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
-            f"takes {vis_dim}; pick the encoder this head was trained on."
-        )
+    check_encoder_width(encoder, vis_dim, DETECTION_ENCODERS)
     return LapvqaDetectionConfig(
         vis_dim=vis_dim,
         d_model=d_model,

@@ -21,8 +21,10 @@ from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
     VerifyReport,
+    check_encoder_width,
     expected_shapes,
     map_text_decoder,
+    original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
     verify_question_answering,
@@ -44,8 +46,6 @@ def infer_config(
     hidden_act: str = "relu",
 ) -> LapvqaDiffVQAConfig:
     """Reads the architecture from the weights; heads and activation are the pinned (or given) assumptions."""
-    if encoder not in KNOWN_ENCODERS:
-        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(KNOWN_ENCODERS)}.")
     decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, WHAT)
     hidden_size = decoder_fields["hidden_size"]
     projection_width, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
@@ -55,11 +55,7 @@ def infer_config(
             f"inconsistent widths: tok_emb {hidden_size}, vis_proj {projection_width}, "
             f"frame_emb {num_frames}x{frame_width} (expected 2x{hidden_size})."
         )
-    if KNOWN_ENCODERS[encoder] != vis_dim:
-        raise ConversionError(
-            f"--encoder {encoder} gives {KNOWN_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
-            f"takes {vis_dim}; pick the encoder this head was trained on."
-        )
+    check_encoder_width(encoder, vis_dim, KNOWN_ENCODERS)
     return LapvqaDiffVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 
@@ -74,18 +70,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQ
 
 def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQAConfig) -> DiffVQAHead:
     """The faithful upstream module, loaded strictly from the same state dict."""
-    head = DiffVQAHead(
-        vis_dim=config.vis_dim,
-        d_model=config.hidden_size,
-        nhead=config.num_attention_heads,
-        num_layers=config.num_hidden_layers,
-        dim_feedforward=config.intermediate_size,
-        activation=config.hidden_act,
-        vocab_size=config.vocab_size,
-        max_len=config.max_position_embeddings,
-        final_norm=config.use_final_layer_norm,
-        tie_weights=config.tie_word_embeddings,
-    )
+    head = DiffVQAHead(vis_dim=config.vis_dim, **original_decoder_arguments(config))
     head.load_state_dict(state_dict, strict=True)
     return head.eval()
 

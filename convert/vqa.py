@@ -23,8 +23,10 @@ from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
     VerifyReport,
+    check_encoder_width,
     expected_shapes,
     map_text_decoder,
+    original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
     verify_question_answering,
@@ -43,8 +45,6 @@ def infer_config(
     state_dict: dict[str, torch.Tensor], encoder: str, num_attention_heads: int = 8, hidden_act: str = "relu"
 ) -> LapvqaVQAConfig:
     """Reads the architecture from the weights; heads and activation are the pinned (or given) assumptions."""
-    if encoder not in KNOWN_ENCODERS:
-        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(KNOWN_ENCODERS)}.")
     if "frame_emb.weight" in state_dict:
         raise ConversionError(
             "this checkpoint has frame_emb.weight, so it is a two-image DiffVQAHead: use `lapvqa convert diffvqa`."
@@ -55,11 +55,7 @@ def infer_config(
         raise ConversionError(
             f"inconsistent widths: tok_emb {decoder_fields['hidden_size']}, vis_proj {projection_width}."
         )
-    if KNOWN_ENCODERS[encoder] != vis_dim:
-        raise ConversionError(
-            f"--encoder {encoder} gives {KNOWN_ENCODERS[encoder]}-dim features, but the checkpoint's vis_proj "
-            f"takes {vis_dim}; pick the encoder this head was trained on."
-        )
+    check_encoder_width(encoder, vis_dim, KNOWN_ENCODERS)
     return LapvqaVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 
@@ -73,18 +69,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQACon
 
 def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQAConfig) -> VQAHead:
     """The faithful upstream module, loaded strictly from the same state dict."""
-    head = VQAHead(
-        vis_dim=config.vis_dim,
-        d_model=config.hidden_size,
-        nhead=config.num_attention_heads,
-        num_layers=config.num_hidden_layers,
-        dim_feedforward=config.intermediate_size,
-        activation=config.hidden_act,
-        vocab_size=config.vocab_size,
-        max_len=config.max_position_embeddings,
-        final_norm=config.use_final_layer_norm,
-        tie_weights=config.tie_word_embeddings,
-    )
+    head = VQAHead(vis_dim=config.vis_dim, **original_decoder_arguments(config))
     head.load_state_dict(state_dict, strict=True)
     return head.eval()
 

@@ -17,6 +17,17 @@ from lapvqa_hf.original import DiffVQAHead, randomize_  # noqa: E402
 
 # A small decoder with the real vocabulary; real-size cases say so explicitly.
 SMALL = dict(d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
+# The config of a decoder small enough to train in seconds (training tests), without dropout.
+TINY_DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
 
 
 def make_pair(
@@ -90,28 +101,41 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 import torch
-from transformers import AutoModel
+import transformers
 
-model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
+request = torch.load(sys.argv[2])
+auto_class = getattr(transformers, request["auto_class"])
+model = auto_class.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 assert "lapvqa_hf" not in sys.modules
-request = torch.load(sys.argv[2])
 with torch.no_grad():
     outputs = model(**request["inputs"])
 result = {"class": type(model).__name__, "outputs": {k: v for k, v in outputs.items() if torch.is_tensor(v)}}
 if request["generate"] is not None:
     result["generated"] = model.generate(**request["inputs"], **request["generate"])
+if request["post_process"] is not None:
+    processor = transformers.AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    result["detections"] = processor.post_process_object_detection(outputs, **request["post_process"])
 torch.save(result, sys.argv[3])
 """
 
 
-def run_with_remote_code(folder, inputs: dict, tmp_path, generate: dict | None = None) -> dict:
-    """Loads `folder` with `AutoModel(trust_remote_code=True)` in a Python where `lapvqa_hf` cannot be imported,
-    runs `model(**inputs)` (and `model.generate(**inputs, **generate)`), and returns the class name and tensors."""
+def run_with_remote_code(
+    folder,
+    inputs: dict,
+    tmp_path,
+    generate: dict | None = None,
+    post_process: dict | None = None,
+    auto_class: str = "AutoModel",
+) -> dict:
+    """Loads `folder` with `auto_class(trust_remote_code=True)` in a Python where `lapvqa_hf` cannot be imported,
+    runs `model(**inputs)` (then `model.generate(**inputs, **generate)`, and the image processor's
+    `post_process_object_detection(outputs, **post_process)`), and returns the class name and the results."""
     import subprocess
     import sys
 
-    torch.save({"inputs": inputs, "generate": generate}, tmp_path / "request.pt")
+    request = {"inputs": inputs, "generate": generate, "post_process": post_process, "auto_class": auto_class}
+    torch.save(request, tmp_path / "request.pt")
     script = tmp_path / "load_remote.py"
     script.write_text(_REMOTE_CODE_SCRIPT)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}

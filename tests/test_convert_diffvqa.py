@@ -203,7 +203,7 @@ def test_wrong_shapes_are_named(checkpoint, tmp_path, capsys):
 
 def test_encoder_with_another_width_is_refused(checkpoint, tmp_path, capsys):
     err = _refused(tmp_path, capsys, checkpoint, encoder="siglip")
-    assert "--encoder siglip gives 1152-dim features, but the checkpoint's vis_proj takes 768" in err
+    assert "encoder siglip gives 1152-dim features, but the checkpoint's vis_proj takes 768" in err
 
 
 def test_unknown_encoder_is_refused_by_the_cli(checkpoint, tmp_path):

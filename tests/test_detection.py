@@ -5,10 +5,10 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import run_with_remote_code
 from conftest import upstream_detection_checkpoint as upstream_checkpoint
 from lapvqa_hf.convert import detection
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
@@ -340,61 +340,21 @@ def test_loading_in_bfloat16_with_a_device_map(converted):
     assert model.dtype == torch.bfloat16 and outputs.pred_boxes.dtype == torch.bfloat16
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import sys, importlib.abc
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "lapvqa_hf" or name.startswith("lapvqa_hf."):
-                raise ImportError("lapvqa_hf is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-    model = AutoModelForObjectDetection.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert "lapvqa_hf" not in sys.modules
-    image_features = torch.load(sys.argv[2])
-    with torch.no_grad():
-        outputs = model(image_features=image_features)
-    detections = processor.post_process_object_detection(
-        outputs, threshold=0.0, target_sizes=[(300, 200)], id2label=model.config.id2label
-    )
-    torch.save({"logits": outputs.logits, "boxes": detections[0]["boxes"], "names": detections[0]["label_names"]},
-               sys.argv[3])
-    """
-)
-
-
 def test_remote_code_loads_without_the_package(converted, tmp_path):
     head, out = converted
     image_features = features(1, 6, 768)
-    torch.save(image_features, tmp_path / "features.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(out), str(tmp_path / "features.pt"), str(tmp_path / "remote.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "remote.pt")
-    model = LapvqaDetectionModel.from_pretrained(out).eval()
+    post_process = dict(threshold=0.0, target_sizes=[(300, 200)])
+    remote = run_with_remote_code(out, {"image_features": image_features}, tmp_path, post_process=post_process)
+    assert remote["class"] == "LapvqaDetectionModel"
+    model = LapvqaDetectionModel.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
         outputs = model(image_features=image_features)
         expected_logits, _ = head(image_features)
-    assert torch.equal(remote["logits"], outputs.logits)
-    assert (remote["logits"] - expected_logits).abs().max() < 1e-5
-    local = LapvqaImageProcessor.from_pretrained(out).post_process_object_detection(
-        outputs, threshold=0.0, target_sizes=[(300, 200)], id2label=model.config.id2label
-    )[0]
-    assert torch.equal(remote["boxes"], local["boxes"]) and remote["names"] == local["label_names"]
+    assert torch.equal(remote["outputs"]["logits"], outputs.logits)
+    assert (remote["outputs"]["logits"] - expected_logits).abs().max() < 1e-5
+    local = LapvqaImageProcessor.from_pretrained(out).post_process_object_detection(outputs, **post_process)[0]
+    assert torch.equal(remote["detections"][0]["boxes"], local["boxes"])
+    assert torch.equal(remote["detections"][0]["labels"], local["labels"])
 
 
 # --- the model's interface -------------------------------------------------------------------------------------

@@ -1,14 +1,10 @@
 """Saving, loading, Auto classes and remote code."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import make_pair, visual_features
+from conftest import make_pair, run_with_remote_code, visual_features
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -87,62 +83,17 @@ def test_attn_implementation_is_chosen_at_load_time(saved):
         assert model.config._attn_implementation == implementation
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import sys, importlib.abc
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "lapvqa_hf" or name.startswith("lapvqa_hf."):
-                raise ImportError("lapvqa_hf is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
-    causal = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert type(causal).__name__ == "LapvqaDiffVQAModel"
-    assert "lapvqa_hf" not in sys.modules
-    inputs = torch.load(sys.argv[2])
-    with torch.no_grad():
-        logits = model(input_ids=inputs["ids"], curr_vis=inputs["curr"], ref_vis=inputs["ref"]).logits
-    answer = model.generate(input_ids=inputs["ids"], attention_mask=torch.ones_like(inputs["ids"]),
-                            curr_vis=inputs["curr"], ref_vis=inputs["ref"], max_new_tokens=4, do_sample=False)
-    torch.save({"logits": logits, "answer": answer}, sys.argv[3])
-    """
-)
-
-
 def test_remote_code_loads_without_the_package(saved, tmp_path):
     model, path = saved
     curr_vis, ref_vis = visual_features(1, 5, 6, 1024)
     ids = torch.randint(0, 50256, (1, 4))
-    torch.save({"ids": ids, "curr": curr_vis, "ref": ref_vis}, tmp_path / "inputs.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "curr_vis": curr_vis, "ref_vis": ref_vis}
+    generate = {"max_new_tokens": 4, "do_sample": False}
+    remote = run_with_remote_code(path, inputs, tmp_path, generate=generate, auto_class="AutoModelForCausalLM")
+    assert remote["class"] == "LapvqaDiffVQAModel"
     with torch.no_grad():
-        assert torch.equal(remote["logits"], model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits)
-    local = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        curr_vis=curr_vis,
-        ref_vis=ref_vis,
-        max_new_tokens=4,
-        do_sample=False,
-    )
-    assert torch.equal(remote["answer"], local)
+        assert torch.equal(remote["outputs"]["logits"], model(**inputs).logits)
+    assert torch.equal(remote["generated"], model.generate(**inputs, **generate))
 
 
 def test_fresh_models_are_initialised_like_transformers_models():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import TINY_DECODER
 from safetensors.torch import load_file
 
 from lapvqa_hf import LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
@@ -19,17 +20,6 @@ from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 from lapvqa_hf.train import DiffVQAExamples, TrainConfig, answer_split, train
-
-TINY_HEAD = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_dropout=0.0,
-)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +44,7 @@ def write_config(base: Path, output: Path, **changes) -> Path:
             mimic_root=str(base / "mimic"),
             features_dir=str(base / "features"),
             output_dir=str(output),
-            model=TINY_HEAD,
+            model=TINY_DECODER,
             learning_rate=0.01,
             warmup_steps=20,
             max_steps=250,

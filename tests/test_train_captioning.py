@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import TINY_DECODER
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
@@ -22,16 +23,6 @@ from lapvqa_hf.features import FeatureError, FeatureStore, extract_features, ima
 from lapvqa_hf.train import ReportExamples, TrainConfig, report_collate, report_split, train
 
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28)
-TINY_DECODER = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_dropout=0.0,
-)
 
 
 @pytest.fixture(scope="module")

@@ -184,9 +184,7 @@ def test_converter_refuses_diffvqa_checkpoints_and_wrong_encoders(tmp_path, caps
     vqa_checkpoint = tmp_path / "siglip_best.pt"
     write_vqa_checkpoint(vqa_checkpoint, vis_dim=768)
     assert lapvqa(["convert", "vqa", str(vqa_checkpoint), "--encoder", "siglip", "--output", str(out)]) == 1
-    assert (
-        "--encoder siglip gives 1152-dim features, but the checkpoint's vis_proj takes 768" in capsys.readouterr().err
-    )
+    assert "encoder siglip gives 1152-dim features, but the checkpoint's vis_proj takes 768" in capsys.readouterr().err
 
     state = torch.load(vqa_checkpoint)
     state["extra.weight"] = torch.zeros(1)
