@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
+from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir, load_untrusted_state_dict, sha256_of
@@ -287,7 +288,6 @@ class AnsweringHeadConverter:
     original_from_state_dict: Callable[[dict, PreTrainedConfig], torch.nn.Module]
     verify: Callable[..., VerifyReport]
     assumptions: tuple[str, ...]
-    known_encoders: tuple[str, ...]
 
     def convert(
         self,
@@ -337,11 +337,9 @@ class AnsweringHeadConverter:
         )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("checkpoint", type=Path, help=f"upstream {self.what} state dict, e.g. coca_best.pt")
         parser.add_argument(
-            "checkpoint", type=Path, help=f"upstream {self.what} state dict, e.g. {self.known_encoders[0]}_best.pt"
-        )
-        parser.add_argument(
-            "--encoder", required=True, choices=sorted(self.known_encoders), help="frozen encoder of the head"
+            "--encoder", required=True, choices=sorted(KNOWN_ENCODERS), help="frozen encoder of the head"
         )
         add_common_arguments(parser, default_heads=8)
 

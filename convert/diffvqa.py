@@ -100,7 +100,6 @@ CONVERTER = AnsweringHeadConverter(
     original_from_state_dict=original_from_state_dict,
     verify=verify,
     assumptions=ASSUMPTIONS,
-    known_encoders=tuple(KNOWN_ENCODERS),
 )
 convert_diffvqa = CONVERTER.convert
 add_arguments = CONVERTER.add_arguments

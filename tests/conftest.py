@@ -103,7 +103,7 @@ sys.meta_path.insert(0, Block())
 import torch
 import transformers
 
-request = torch.load(sys.argv[2])
+request = torch.load(sys.argv[2], weights_only=True)
 auto_class = getattr(transformers, request["auto_class"])
 model = auto_class.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -147,7 +147,7 @@ def run_with_remote_code(
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "result.pt")
+    return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
 def upstream_detection_checkpoint(head: torch.nn.Module, encoder: str, **metadata) -> dict:

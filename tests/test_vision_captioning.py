@@ -232,7 +232,7 @@ REMOTE = textwrap.dedent(
     for folder in sys.argv[1:3]:
         model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    pixels = torch.load(sys.argv[3])
+    pixels = torch.load(sys.argv[3], weights_only=True)
     encoder = AutoModel.from_pretrained(sys.argv[2], trust_remote_code=True, attn_implementation="eager")
     torch.save(encoder(pixels).last_hidden_state, sys.argv[4])
     """
@@ -257,7 +257,7 @@ def test_remote_code_loads_both_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "out.pt"), encoder(pixels).last_hidden_state)
+        assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), encoder(pixels).last_hidden_state)
 
 
 def test_embedding_accessors_and_vocabulary_resizing():

@@ -186,7 +186,7 @@ def test_converter_refuses_diffvqa_checkpoints_and_wrong_encoders(tmp_path, caps
     assert lapvqa(["convert", "vqa", str(vqa_checkpoint), "--encoder", "siglip", "--output", str(out)]) == 1
     assert "encoder siglip gives 1152-dim features, but the checkpoint's vis_proj takes 768" in capsys.readouterr().err
 
-    state = torch.load(vqa_checkpoint)
+    state = torch.load(vqa_checkpoint, weights_only=True)
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, vqa_checkpoint)
     assert (
