@@ -20,7 +20,7 @@ from lapvqa_hf.original import CaptioningModel
 from lapvqa_hf.processing_lapvqa import LapvqaProcessor
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import ConversionError, StateDictMapper, load_untrusted_state_dict, sha256_of
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict
 from .common import (
     DECODER_ASSUMPTIONS,
     VerifyReport,
@@ -134,14 +134,13 @@ def convert_captioning(
     checkpoint = Path(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_config(state_dict, num_attention_heads, hidden_act, vision_num_attention_heads)
-    config.conversion_info = {
-        "source_file": checkpoint.name,
-        "source_sha256": sha256_of(checkpoint),
-        "assumed_num_attention_heads": num_attention_heads,
-        "assumed_hidden_act": hidden_act,
-        "assumed_vision_num_attention_heads": vision_num_attention_heads,
-        "assumptions": list(ASSUMPTIONS),
-    }
+    config.conversion_info = conversion_record(
+        checkpoint,
+        ASSUMPTIONS,
+        num_attention_heads=num_attention_heads,
+        hidden_act=hidden_act,
+        vision_num_attention_heads=vision_num_attention_heads,
+    )
     vision = config.vision_config
     log(
         f"{checkpoint.name}: encoder width {vision.hidden_size}, {vision.num_hidden_layers} layers, "

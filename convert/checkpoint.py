@@ -9,10 +9,12 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+
+from lapvqa_hf.compatibility import transformers_record
 
 
 class ConversionError(Exception):
@@ -94,6 +96,18 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def conversion_record(checkpoint: Path, assumptions: Iterable[str], **assumed_options) -> dict:
+    """`config.conversion_info`: the source file and its hash, the options weights cannot reveal (`assumed_*`), the
+    conventions assumed, and the transformers releases the model code was tested on and written with."""
+    return {
+        "source_file": checkpoint.name,
+        "source_sha256": sha256_of(checkpoint),
+        **{f"assumed_{option}": value for option, value in assumed_options.items()},
+        "assumptions": list(assumptions),
+        **transformers_record(),
+    }
 
 
 class StateDictMapper:

@@ -14,7 +14,13 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import ConversionError, StateDictMapper, atomic_output_dir, load_untrusted_state_dict, sha256_of
+from .checkpoint import (
+    ConversionError,
+    StateDictMapper,
+    atomic_output_dir,
+    conversion_record,
+    load_untrusted_state_dict,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -305,13 +311,9 @@ class AnsweringHeadConverter:
         checkpoint = Path(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
-        config.conversion_info = {
-            "source_file": checkpoint.name,
-            "source_sha256": sha256_of(checkpoint),
-            "assumed_num_attention_heads": num_attention_heads,
-            "assumed_hidden_act": hidden_act,
-            "assumptions": list(self.assumptions),
-        }
+        config.conversion_info = conversion_record(
+            checkpoint, self.assumptions, num_attention_heads=num_attention_heads, hidden_act=hidden_act
+        )
         log(
             f"{checkpoint.name}: vis_dim {config.vis_dim}, {config.num_hidden_layers} layers, FFN "
             f"{config.intermediate_size}, {config.max_position_embeddings} positions, final norm "

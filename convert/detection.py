@@ -25,7 +25,7 @@ from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
 from lapvqa_hf.original import DetectionHead
 
-from .checkpoint import ConversionError, StateDictMapper, load_untrusted_checkpoint, sha256_of
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint
 from .common import (
     add_common_arguments,
     check_encoder_width,
@@ -273,17 +273,16 @@ def convert_detection(
     check_metadata(metadata, config)
     training_results = {key: metadata[key] for key in TRAINING_METADATA if key in metadata}
     config.training_results = training_results or None
-    config.conversion_info = {
-        "source_file": checkpoint.name,
-        "source_sha256": sha256_of(checkpoint),
-        "assumed_num_attention_heads": num_attention_heads,
-        "assumed_activation_function": activation_function,
-        "assumed_decoder_norm_first": decoder_norm_first,
-        "assumed_layer_norm_eps": layer_norm_eps,
-        "assumed_position_embedding_type": config.position_embedding_type,
-        "assumed_resize_mode": resize_mode,
-        "assumptions": list(ASSUMPTIONS),
-    }
+    config.conversion_info = conversion_record(
+        checkpoint,
+        ASSUMPTIONS,
+        num_attention_heads=num_attention_heads,
+        activation_function=activation_function,
+        decoder_norm_first=decoder_norm_first,
+        layer_norm_eps=layer_norm_eps,
+        position_embedding_type=config.position_embedding_type,
+        resize_mode=resize_mode,
+    )
     training = ", ".join(f"{key} {value}" for key, value in training_results.items()) or "no training record"
     log(
         f"{checkpoint.name}: encoder {encoder}, vis_dim {config.vis_dim}, d_model {config.d_model}, "

@@ -19,7 +19,7 @@ from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_vision import LapvqaVisionModel
 from lapvqa_hf.original import VisionTransformer
 
-from .checkpoint import ConversionError, StateDictMapper, load_untrusted_state_dict, sha256_of
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict
 from .common import (
     VerifyReport,
     add_common_arguments,
@@ -132,12 +132,7 @@ def convert_vision_encoder(
     checkpoint = Path(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_vision_config(state_dict, num_attention_heads=num_attention_heads)
-    config.conversion_info = {
-        "source_file": checkpoint.name,
-        "source_sha256": sha256_of(checkpoint),
-        "assumed_num_attention_heads": num_attention_heads,
-        "assumptions": list(VISION_ASSUMPTIONS),
-    }
+    config.conversion_info = conversion_record(checkpoint, VISION_ASSUMPTIONS, num_attention_heads=num_attention_heads)
     log(
         f"{checkpoint.name}: width {config.hidden_size}, {config.num_hidden_layers} layers, MLP "
         f"{config.intermediate_size}, patch {config.patch_size}, {config.image_size} px ({config.num_patches} patches)"

@@ -31,7 +31,7 @@ class LapvqaCaptioningConfig(PreTrainedConfig):
 
     model_type = "lapvqa_captioning"
     sub_configs_defaults = {"vision_config": LapvqaVisionConfig}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vision_config: dict | PreTrainedConfig | None = None
     hidden_size: int = 512

@@ -108,6 +108,7 @@ class LapvqaDetectionConfig(PreTrainedConfig):
     encoder_name: str | None = None
     conversion_info: dict | None = None
     training_results: dict | None = None
+    is_encoder_decoder: bool = True  # as DETR: outputs carry `encoder_*` and `decoder_*` hidden states / attentions
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and "num_labels" not in kwargs:

@@ -53,7 +53,7 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
     """
 
     model_type = "lapvqa_diffvqa"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     remote_auto_map = _REMOTE_AUTO_MAP  # what `auto_map` points to in saved folders (remote code)
 
     vis_dim: int = 768

@@ -197,6 +197,8 @@ def render_model_card(
         dataset_name=entry.dataset.name,
         dataset_split=entry.dataset.split,
         assumptions=assumptions_of(conversion_info),
+        transformers_tested=conversion_info.get("transformers_versions_tested"),
+        converted_with_transformers=conversion_info.get("converted_with_transformers"),
         training_results=training_results or {},
         training_data=TRAINING_DATA[entry.kind],
         kind=entry.kind,

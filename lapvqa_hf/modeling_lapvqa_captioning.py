@@ -1,14 +1,30 @@
 """LAPVQA captioning model: the ViT-L/14 encoder and a 6-layer report decoder, trained on MIMIC-CXR reports."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .modeling_lapvqa_diffvqa import LapvqaCrossAttentionGenerationMixin, LapvqaTextDecoder
+from .modeling_lapvqa_diffvqa import LapvqaCrossAttentionGenerationMixin, LapvqaTextDecoder, resolve_cache_argument
 from .modeling_lapvqa_vision import LapvqaVisionModel
+
+# What the image encoder may be asked for when it runs inside the captioning model's forward.
+_IMAGE_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
+
+
+@dataclass
+class LapvqaCaptioningOutput(CausalLMOutputWithCrossAttentions):
+    r"""
+    [`CausalLMOutputWithCrossAttentions`] plus `image_outputs`: the encoder's output when this step ran it (see
+    [`LapvqaCaptioningModel.get_image_features`]); `None` when the memory came from `image_features` or the cache.
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class LapvqaCaptioningPreTrainedModel(PreTrainedModel):
@@ -17,7 +33,7 @@ class LapvqaCaptioningPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LapvqaDecoderLayer", "LapvqaVisionLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -45,19 +61,18 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
-        image_features, pixel_values = model_kwargs.get("image_features"), model_kwargs.get("pixel_values")
-        if image_features is not None:
-            return image_features.shape[1]
-        if pixel_values is None:
-            return None
-        patch = self.config.vision_config.patch_size
-        return (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
-
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """The decoder's memory: projected patch tokens `[B, grid², hidden_size]`."""
-        patch_tokens = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return self.visual_projection(patch_tokens.last_hidden_state)
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Runs the encoder: `last_hidden_state` holds its patch tokens `[B, grid², vision hidden_size]`, and
+        `pooler_output` the decoder's memory, those tokens projected to `[B, grid², hidden_size]` (as transformers'
+        vision-language models return projected image features). `hidden_states` / `attentions` on request."""
+        image_outputs = self.vision_model(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        image_outputs.pooler_output = self.visual_projection(image_outputs.last_hidden_state)
+        return image_outputs
 
     def encode_visual(
         self,
@@ -71,10 +86,12 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
             raise ValueError(
                 f"{problem} image_features: pass exactly one on the first step, before the cross-attention "
                 "keys/values are cached: the image (from LapvqaImageProcessor) or the encoder's patch tokens "
-                "(e.g. stored by `lapvqa extract-features --encoder lapvqa-vit-l14`)."
+                "(e.g. stored by `lapvqa extract-features --encoder lapvqa-vit-l14`). With an assistant model, pass "
+                "image_features (`model.vision_model(pixel_values).last_hidden_state`): transformers hands "
+                "pixel_values to the main model's first step only."
             )
         if pixel_values is not None:
-            return self.get_image_features(pixel_values, interpolate_pos_encoding)
+            return self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
         width = self.config.vision_config.hidden_size
         if image_features.ndim != 3 or image_features.shape[-1] != width:
             raise ValueError(
@@ -83,6 +100,7 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
             )
         return self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -90,14 +108,15 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         interpolate_pos_encoding: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithCrossAttentions:
+    ) -> LapvqaCaptioningOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `[batch, seq]`): `[bos] + report_ids (+ [eos])`; with a cache,
@@ -109,27 +128,29 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
             image_features (`torch.Tensor` of shape `[batch, num_patches, vision hidden_size]`): instead of
                 `pixel_values`, the frozen encoder's patch tokens (`LapvqaVisionModel`'s `last_hidden_state`, as
                 `lapvqa extract-features --encoder lapvqa-vit-l14` stores them); the encoder is then not run.
+            cache (`Cache`, *optional*): the self- and cross-attention cache of earlier steps, as `generate()`
+                passes it; `past_key_values` is its name before transformers 5.24 and is accepted too.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
                 (shifted inside the loss); -100 is ignored.
             interpolate_pos_encoding (`bool`): let the encoder accept other image sizes (see `LapvqaVisionModel`).
         """
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
-        encoder_hidden_states = None
-        if not memory_is_cached:
-            encoder_hidden_states = self.encode_visual(pixel_values, image_features, interpolate_pos_encoding)
-            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            if encoder_hidden_states.shape[0] != batch_size:
-                source = "pixel_values" if pixel_values is not None else "image_features"
-                raise ValueError(
-                    f"{source} holds {encoder_hidden_states.shape[0]} images but the text holds {batch_size}."
+        cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
+        memory = image_outputs = None
+        if not self._memory_is_cached(cache):
+            if pixel_values is not None and image_features is None:
+                flags = {name: kwargs[name] for name in _IMAGE_OUTPUT_FLAGS if name in kwargs}
+                image_outputs = self.get_image_features(
+                    pixel_values, interpolate_pos_encoding, return_dict=True, **flags
                 )
-
-        return self._decode_with_memory(
-            encoder_hidden_states,
+                memory = image_outputs.pooler_output
+            else:
+                memory = self.encode_visual(pixel_values, image_features)
+        outputs = self._decode_with_memory(
+            memory,
+            "pixel_values holds" if pixel_values is not None else "image_features holds",
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=use_cache,
@@ -137,6 +158,7 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        return LapvqaCaptioningOutput(**outputs, image_outputs=image_outputs)
 
 
-__all__ = ["LapvqaCaptioningModel", "LapvqaCaptioningPreTrainedModel"]
+__all__ = ["LapvqaCaptioningModel", "LapvqaCaptioningOutput", "LapvqaCaptioningPreTrainedModel"]

@@ -1,8 +1,11 @@
 """LAPVQA differential-VQA head: a pre-norm transformer decoder over prior + current chest X-ray features."""
 
+import warnings
 from collections.abc import Callable
+from dataclasses import fields
 
 import torch
+import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
@@ -12,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import TransformersKwargs, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
@@ -20,6 +23,48 @@ from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 logger = logging.get_logger(__name__)
 
 REFERENCE_FRAME, CURRENT_FRAME = 0, 1
+
+# transformers 5.24 renamed the cache that `generate()` hands to `forward` and reads back from the outputs from
+# `past_key_values` to `cache`. The forwards accept both names; outputs carry the cache under the installed name.
+CACHE_OUTPUT_FIELD = (
+    "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithCrossAttentions)} else "past_key_values"
+)
+
+# Keyword arguments the forwards pass down to the decoder layers and attention functions, on top of their named ones.
+DECODER_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | {
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+def resolve_cache_argument(
+    model: nn.Module, cache: Cache | None, past_key_values: Cache | None, kwargs: dict
+) -> Cache | None:
+    """The cache passed as `cache` (transformers >= 5.24) or `past_key_values` (older releases).
+
+    Any other keyword this model does not know is an error, never dropped: a cache that a future transformers
+    passes under a new name would otherwise be ignored and every generated token would see only itself.
+    """
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once, as `cache` (or its older name `past_key_values`), not as both.")
+    if past_key_values is not None and CACHE_OUTPUT_FIELD == "cache":
+        warnings.warn(
+            f"`past_key_values` is deprecated in transformers {transformers.__version__}: pass the cache as `cache`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    unknown = sorted(set(kwargs) - DECODER_FORWARD_KWARGS)
+    if unknown:
+        caches = [name for name in unknown if isinstance(kwargs[name], Cache)]
+        what = f"a Cache as {caches}" if caches else f"unknown argument(s) {unknown}"
+        raise TypeError(
+            f"{type(model).__name__}.forward() received {what} from transformers {transformers.__version__}, which "
+            "this model's code does not understand (it takes the cache as `cache` or `past_key_values`). Update "
+            "lapvqa-hf (`pip install -U lapvqa-hf`) and re-save the model folder, or install a transformers release "
+            "this code was tested with (see `transformers_versions_tested` in the folder's config.json)."
+        )
+    return cache if cache is not None else past_key_values
 
 
 def eager_attention_forward(
@@ -68,33 +113,33 @@ class LapvqaAttention(nn.Module):
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
 
-        cache = None
+        layer_cache = None
         cross_is_cached = False
-        if past_key_values is not None:
+        if cache is not None:
             if self.is_cross_attention:
-                cross_is_cached = bool(past_key_values.is_updated.get(self.layer_idx, False))
-                cache = past_key_values.cross_attention_cache
+                cross_is_cached = bool(cache.is_updated.get(self.layer_idx, False))
+                layer_cache = cache.cross_attention_cache
             else:
-                cache = past_key_values.self_attention_cache
+                layer_cache = cache.self_attention_cache
 
         if cross_is_cached:
-            key_states = cache.layers[self.layer_idx].keys
-            value_states = cache.layers[self.layer_idx].values
+            key_states = layer_cache.layers[self.layer_idx].keys
+            value_states = layer_cache.layers[self.layer_idx].values
         else:
             source = key_value_states if self.is_cross_attention else hidden_states
             kv_shape = (*source.shape[:-1], -1, self.head_dim)
             key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
             value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
-            if cache is not None:
-                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            if layer_cache is not None:
+                key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
                 if self.is_cross_attention:
-                    past_key_values.is_updated[self.layer_idx] = True
+                    cache.is_updated[self.layer_idx] = True
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -134,14 +179,14 @@ class LapvqaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states),
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -150,7 +195,7 @@ class LapvqaDecoderLayer(GradientCheckpointingLayer):
         hidden_states, _ = self.encoder_attn(
             self.encoder_attn_layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -168,7 +213,7 @@ class LapvqaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "decoder"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LapvqaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -200,28 +245,30 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
+        cache: EncoderDecoderCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """Decodes text conditioned on `encoder_hidden_states` (the projected visual memory, `[B, M, hidden]`).
 
-        `encoder_hidden_states` may be omitted once `past_key_values` holds the cross-attention keys/values.
+        `encoder_hidden_states` may be omitted once `cache` holds the cross-attention keys/values.
         Positions are learned and absolute: left padding is handled by counting them from `attention_mask`.
         """
+        cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         seq_length = inputs_embeds.shape[1]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if not torch.compiler.is_compiling():
             self._check_positions(past_seen, seq_length)
         if position_ids is None:
@@ -231,26 +278,18 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
                 position_ids = torch.arange(seq_length, device=inputs_embeds.device).unsqueeze(0) + past_seen
 
         hidden_states = inputs_embeds + self.embed_positions(position_ids)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values.self_attention_cache if past_key_values is not None else None,
+        causal_mask = create_causal_mask(  # the cache goes positionally: its keyword was renamed in 5.24
+            self.config,
+            inputs_embeds,
+            attention_mask,
+            cache.self_attention_cache if cache is not None else None,
             position_ids=position_ids,
         )
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                causal_mask,
-                encoder_hidden_states,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
+            hidden_states = layer(hidden_states, causal_mask, encoder_hidden_states, cache=cache, **kwargs)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states, past_key_values=past_key_values
-        )
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, **{CACHE_OUTPUT_FIELD: cache})
 
     def _check_positions(self, past_seen: int, seq_length: int) -> None:
         limit = self.config.max_position_embeddings
@@ -265,36 +304,56 @@ class LapvqaTextDecoder(LapvqaPreTrainedModel):
 class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
     """Shared by the LAPVQA decoder models (a `self.decoder` attending to a visual memory, then `self.lm_head`):
     the cross-attention cache over the memory, the language-modeling outputs, and `generate()`'s position limits.
-
-    Models define `_visual_memory_length(model_kwargs)`: the number of visual tokens the decoder attends to.
     """
 
-    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
-        raise NotImplementedError
-
     @staticmethod
-    def _with_cross_attention_cache(
-        past_key_values: Cache | None, config, use_cache: bool
-    ) -> tuple[EncoderDecoderCache | None, bool]:
-        """Pairs a plain self-attention cache with a cross-attention one; says whether the memory is cached."""
-        if not use_cache:
-            return None, False
-        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=config))
-        memory_is_cached = past_key_values is not None and bool(past_key_values.is_updated.get(0, False))
-        return past_key_values, memory_is_cached
+    def _memory_is_cached(cache: Cache | None) -> bool:
+        """Whether an earlier step already stored the visual memory's cross-attention keys/values in `cache`."""
+        return isinstance(cache, EncoderDecoderCache) and bool(cache.is_updated.get(0, False))
+
+    def _with_cross_attention_cache(self, cache: Cache | None, memory_length: int) -> EncoderDecoderCache:
+        """Pairs the self-attention cache `generate()` builds for a decoder-only model with a cross-attention cache.
+
+        Beside a compileable (static) self-attention cache the cross part is static too, sized to the memory, so
+        that compiled decoding sees fixed shapes; otherwise it is dynamic.
+        """
+        if cache is None:
+            return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        if isinstance(cache, EncoderDecoderCache):
+            return cache
+        if cache.is_compileable:
+            return EncoderDecoderCache(cache, StaticCache(config=self.config, max_cache_len=memory_length))
+        return EncoderDecoderCache(cache, DynamicCache(config=self.config))
 
     def _decode_with_memory(
         self,
-        encoder_hidden_states: torch.Tensor | None,
+        memory: torch.Tensor | None,
+        memory_source: str,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | None = None,
         **decoder_inputs,
     ) -> CausalLMOutputWithCrossAttentions:
-        """Runs `self.decoder` over the visual memory, then `self.lm_head` (and the shifted LM loss on `labels`)."""
-        num_items_in_batch = decoder_inputs.pop("num_items_in_batch", None)  # gradient accumulation (Trainer)
+        """Runs `self.decoder` over the visual `memory` (`None` once cached), then `self.lm_head` and the shifted LM
+        loss on `labels`. `memory_source` names the input the memory came from (with its verb), for error messages."""
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if memory is not None and memory.shape[0] != batch_size:
+            raise ValueError(f"{memory_source} {memory.shape[0]} samples but the text holds {batch_size}.")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and memory is not None:
+            cache = self._with_cross_attention_cache(cache, memory.shape[1])
         outputs: BaseModelOutputWithPastAndCrossAttentions = self.decoder(
-            encoder_hidden_states=encoder_hidden_states, **decoder_inputs
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=memory,
+            cache=cache,
+            use_cache=use_cache,
+            return_dict=True,
+            **decoder_inputs,
         )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
@@ -306,10 +365,10 @@ class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
+            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
         )
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
@@ -330,23 +389,6 @@ class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
             )
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """Pairs the self-attention cache `generate()` builds with a cross-attention cache for the visual memory.
-
-        A static self-attention cache gets a static cross-attention cache sized to the memory (so compiled
-        decoding sees fixed shapes); otherwise the cross part is dynamic.
-        """
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if cache is None or isinstance(cache, EncoderDecoderCache):
-            return
-        memory_length = self._visual_memory_length(model_kwargs)
-        if isinstance(cache, StaticCache) and memory_length is not None:
-            cross_cache = StaticCache(config=self.config, max_cache_len=memory_length)
-        else:
-            cross_cache = DynamicCache(config=self.config)
-        model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
-
 
 class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
     """The upstream `DiffVQAHead`: answers a question about the change between a prior and a current X-ray.
@@ -366,10 +408,6 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
         self.decoder = LapvqaTextDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
-        curr_vis, ref_vis = model_kwargs.get("curr_vis"), model_kwargs.get("ref_vis")
-        return None if curr_vis is None or ref_vis is None else curr_vis.shape[1] + ref_vis.shape[1]
 
     def encode_visual(self, curr_vis: torch.Tensor, ref_vis: torch.Tensor) -> torch.Tensor:
         """Projects both images' patch tokens and tags them with their frame: `[B, N_ref + N_curr, hidden]`."""
@@ -398,6 +436,7 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
                 f"{ref_vis.shape[0]}."
             )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -405,11 +444,12 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
         curr_vis: torch.Tensor | None = None,
         ref_vis: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
@@ -420,24 +460,20 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
                 Needed for padded batches, since pad, bos and eos share the id 50256.
             curr_vis / ref_vis (`torch.Tensor` of shape `[batch, N, vis_dim]`): the frozen encoder's patch
                 tokens of the current and the prior image (N may differ). Ignored once cached.
+            cache (`Cache`, *optional*): the self- and cross-attention cache of earlier steps, as `generate()`
+                passes it; `past_key_values` is its name before transformers 5.24 and is accepted too.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
                 (shifted inside the loss); -100 is ignored (mask the question with it).
             logits_to_keep (`int` or `torch.Tensor`): compute logits for the last N positions only (0 = all).
         """
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
-        encoder_hidden_states = None if memory_is_cached else self.encode_visual(curr_vis, ref_vis)
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != batch_size:
-            raise ValueError(
-                f"The visual features hold {encoder_hidden_states.shape[0]} samples but the text holds {batch_size}."
-            )
-
+        cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
+        memory = None if self._memory_is_cached(cache) else self.encode_visual(curr_vis, ref_vis)
         return self._decode_with_memory(
-            encoder_hidden_states,
+            memory,
+            "The visual features hold",
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=use_cache,

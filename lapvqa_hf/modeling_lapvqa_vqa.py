@@ -4,9 +4,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_vqa import LapvqaVQAConfig
-from .modeling_lapvqa_diffvqa import LapvqaCrossAttentionGenerationMixin, LapvqaPreTrainedModel, LapvqaTextDecoder
+from .modeling_lapvqa_diffvqa import (
+    LapvqaCrossAttentionGenerationMixin,
+    LapvqaPreTrainedModel,
+    LapvqaTextDecoder,
+    resolve_cache_argument,
+)
 
 
 class LapvqaVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
@@ -28,10 +34,6 @@ class LapvqaVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _visual_memory_length(self, model_kwargs: dict) -> int | None:
-        image_features = model_kwargs.get("image_features")
-        return None if image_features is None else image_features.shape[1]
-
     def encode_visual(self, image_features: torch.Tensor | None) -> torch.Tensor:
         """Projects the image's patch tokens to the decoder width: `[B, N, hidden]`."""
         if image_features is None:
@@ -47,17 +49,19 @@ class LapvqaVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin)
             )
         return self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
@@ -68,24 +72,20 @@ class LapvqaVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin)
                 Needed for padded batches, since pad, bos and eos share the id 50256.
             image_features (`torch.Tensor` of shape `[batch, N, vis_dim]`): the frozen encoder's patch tokens of
                 the image. Ignored once cached.
+            cache (`Cache`, *optional*): the self- and cross-attention cache of earlier steps, as `generate()`
+                passes it; `past_key_values` is its name before transformers 5.24 and is accepted too.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
                 (shifted inside the loss); -100 is ignored (mask the question with it).
             logits_to_keep (`int` or `torch.Tensor`): compute logits for the last N positions only (0 = all).
         """
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        past_key_values, memory_is_cached = self._with_cross_attention_cache(past_key_values, self.config, use_cache)
-        encoder_hidden_states = None if memory_is_cached else self.encode_visual(image_features)
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != batch_size:
-            raise ValueError(
-                f"`image_features` holds {encoder_hidden_states.shape[0]} samples but the text holds {batch_size}."
-            )
-
+        cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
+        memory = None if self._memory_is_cached(cache) else self.encode_visual(image_features)
         return self._decode_with_memory(
-            encoder_hidden_states,
+            memory,
+            "`image_features` holds",
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=use_cache,

@@ -1,13 +1,32 @@
-"""Shared fixtures: offline Hub, the GPT-2 vocabulary from ../shared, and upstream-layout heads with random weights."""
+"""Shared fixtures: a private Hugging Face home per test, offline Hub, the GPT-2 vocabulary from ../shared, and
+upstream-layout heads with random weights."""
 
 import os
+import tempfile
 from pathlib import Path
 
+# Nothing a test does may reach the user's Hugging Face home: point every cache at a throwaway folder before
+# huggingface_hub / transformers / datasets read their constants (at import), and per test below.
+_HF_CACHE_VARIABLES = (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_MODULES_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_EVALUATE_CACHE",
+    "HF_TOKEN_PATH",
+    "TRANSFORMERS_CACHE",
+)
+for _name in _HF_CACHE_VARIABLES:
+    os.environ.pop(_name, None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="lapvqa-tests-hf-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 _TIKTOKEN_CACHE = Path(__file__).resolve().parents[1].parent / "shared" / "tiktoken-cache"
 if _TIKTOKEN_CACHE.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_TIKTOKEN_CACHE))
 
+import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from lapvqa_hf.convert.diffvqa import convert_state_dict  # noqa: E402
@@ -84,6 +103,26 @@ def answers_of(generated: torch.Tensor, prompt_length: int, eos_token_id: int) -
     return out
 
 
+@pytest.fixture(autouse=True)
+def private_hf_home(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own empty Hugging Face home (the environment for subprocesses, the Hub constants here)."""
+    home = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    constants = huggingface_hub.constants
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(home / "assets"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    return home
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """`activation_checkpointing_enable` (transformers >= 5.23), `gradient_checkpointing_enable` before it."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from lapvqa_hf.tokenization import build_gpt2_tokenizer
@@ -113,6 +152,7 @@ with torch.no_grad():
 result = {"class": type(model).__name__, "outputs": {k: v for k, v in outputs.items() if torch.is_tensor(v)}}
 if request["generate"] is not None:
     result["generated"] = model.generate(**request["inputs"], **request["generate"])
+    result["generated_without_cache"] = model.generate(**request["inputs"], **request["generate"], use_cache=False)
 if request["post_process"] is not None:
     processor = transformers.AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
     result["detections"] = processor.post_process_object_detection(outputs, **request["post_process"])
@@ -130,7 +170,8 @@ def run_with_remote_code(
 ) -> dict:
     """Loads `folder` with `auto_class(trust_remote_code=True)` in a Python where `lapvqa_hf` cannot be imported,
     runs `model(**inputs)` (then `model.generate(**inputs, **generate)`, and the image processor's
-    `post_process_object_detection(outputs, **post_process)`), and returns the class name and the results."""
+    `post_process_object_detection(outputs, **post_process)`), and returns the class name and the results.
+    Generation there must give the same tokens with and without the cache."""
     import subprocess
     import sys
 
@@ -147,7 +188,10 @@ def run_with_remote_code(
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "result.pt", weights_only=True)
+    remote = torch.load(tmp_path / "result.pt", weights_only=True)
+    if generate is not None:
+        assert torch.equal(remote["generated"], remote["generated_without_cache"]), "the cache changed the answers"
+    return remote
 
 
 def upstream_detection_checkpoint(head: torch.nn.Module, encoder: str, **metadata) -> dict:

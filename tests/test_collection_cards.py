@@ -9,6 +9,7 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import upstream_detection_checkpoint
 from huggingface_hub import ModelCard
 from lapvqa_hf.convert.captioning import convert_captioning
@@ -19,6 +20,7 @@ from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 
 from lapvqa_hf.collection import ManifestError, load_collection
+from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED, transformers_record
 from lapvqa_hf.model_card import render_model_card, usage_snippet
 from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
@@ -112,6 +114,15 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
     assert "assumption one" in card.text and "Research only" in card.text and "johnson2019mimic" in card.text
     assert ("hu2023expert" in card.text) == (entry.kind == "diffvqa")
     assert f'repo = "{entry.repo_id}"' in card.text
+
+
+def test_cards_state_the_transformers_releases_the_code_was_tested_with():
+    collection = load_collection()
+    (entry,) = collection.select(["lapvqa-diffvqa-coca"])
+    card = render_model_card(entry, collection, {"assumptions": [], **transformers_record()}).text
+    tested = f">={TRANSFORMERS_OLDEST_TESTED},<={TRANSFORMERS_NEWEST_TESTED}"
+    assert f"tested with transformers `{tested}`" in card
+    assert f"written with transformers {transformers.__version__}" in card
 
 
 def test_detection_cards_show_the_training_record_and_the_assumed_options():

@@ -8,11 +8,13 @@ import sys
 
 import pytest
 import torch
+import transformers
 from conftest import visual_features
 from lapvqa_hf.convert import diffvqa
 
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
+from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED
 from lapvqa_hf.original import DiffVQAHead, randomize_
 
 SMALL_HEAD = dict(d_model=64, nhead=4, num_layers=3, dim_feedforward=80, max_len=60)
@@ -57,6 +59,8 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
     info = config["conversion_info"]
     assert info["source_file"] == "coca_best.pt" and len(info["source_sha256"]) == 64
     assert info["assumed_num_attention_heads"] == 4
+    assert info["transformers_versions_tested"] == f">={TRANSFORMERS_OLDEST_TESTED},<={TRANSFORMERS_NEWEST_TESTED}"
+    assert info["converted_with_transformers"] == transformers.__version__ == config["transformers_version"]
     # The card's 128 new tokens, capped by what the 60 learned positions allow.
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 59
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"

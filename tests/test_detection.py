@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_with_remote_code
+from conftest import enable_activation_checkpointing, run_with_remote_code
 from conftest import upstream_detection_checkpoint as upstream_checkpoint
 from lapvqa_hf.convert import detection
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
@@ -412,7 +412,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     gradients = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model.zero_grad()
         outputs = model(image_features=image_features)
         (outputs.logits.sum() + outputs.pred_boxes.sum()).backward()

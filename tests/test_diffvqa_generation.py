@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_pair, visual_features
+from conftest import enable_activation_checkpointing, make_pair, visual_features
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import CompileConfig
 from transformers.generation.streamers import BaseStreamer
@@ -200,7 +200,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         _, model = make_pair(768)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_activation_checkpointing(model)
         torch.manual_seed(0)  # checkpointing replays the same dropout masks
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
         grads.append(model.visual_projection.weight.grad.clone())

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import answers_of
+from conftest import answers_of, enable_activation_checkpointing
 from lapvqa_hf.convert.captioning import convert_state_dict as convert_captioning_state_dict
 from lapvqa_hf.convert.captioning import infer_config as infer_captioning_config
 from lapvqa_hf.convert.checkpoint import StateDictMapper
@@ -118,7 +118,7 @@ def test_wrong_channel_count_is_refused():
 def test_encoder_gradient_checkpointing():
     _, model = vision_pair()
     model.train()
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model(images(2)).last_hidden_state.sum().backward()
     assert model.embeddings.patch_embedding.weight.grad is not None
 
