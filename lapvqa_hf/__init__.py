@@ -46,7 +46,7 @@ for _config, _model, _generative in (
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
 LapvqaProcessor.register_for_auto_class("AutoProcessor")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "KNOWN_ENCODERS",
