@@ -2,6 +2,7 @@
 generation defaults, the write-verify-publish flow and the command-line options."""
 
 import argparse
+import dataclasses
 import re
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
-from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
+from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (
@@ -83,15 +84,38 @@ def read_text_decoder_fields(
     )
 
 
-def check_encoder_width(encoder: str, vis_dim: int, known_encoders: dict[str, int]) -> None:
+def check_encoder_width(encoder: str, vis_dim: int) -> None:
     """The named encoder must be known and give the features the checkpoint's `vis_proj` takes."""
-    if encoder not in known_encoders:
-        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(known_encoders)}.")
-    if known_encoders[encoder] != vis_dim:
+    if encoder not in ENCODER_WIDTHS:
+        raise ConversionError(f"unknown encoder {encoder!r}; expected one of {sorted(ENCODER_WIDTHS)}.")
+    if ENCODER_WIDTHS[encoder] != vis_dim:
         raise ConversionError(
-            f"encoder {encoder} gives {known_encoders[encoder]}-dim features, but the checkpoint's vis_proj "
+            f"encoder {encoder} gives {ENCODER_WIDTHS[encoder]}-dim features, but the checkpoint's vis_proj "
             f"takes {vis_dim}; pick the encoder this head was trained on."
         )
+
+
+def encoder_record(encoder: str, checkpoint: str | None = None, revision: str | None = None) -> dict:
+    """The head's `feature_recipe`: the encoder's recipe, loaded from `checkpoint` (a Hub id or a local folder,
+    default the recipe's Hub id) at `revision`. The encoder stays in its own repo; the head only names it."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        checkpoint = str(Path(checkpoint).resolve())
+    recipe = RECIPES[encoder]
+    return dataclasses.asdict(
+        dataclasses.replace(recipe, checkpoint=checkpoint or recipe.checkpoint, revision=revision or recipe.revision)
+    )
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser, required: bool = True, help_suffix: str = "") -> None:
+    """`--encoder` (the frozen encoder a head was trained on) and where that encoder's weights live."""
+    parser.add_argument(
+        "--encoder", required=required, choices=sorted(ENCODER_WIDTHS), help=f"frozen encoder of the head{help_suffix}"
+    )
+    parser.add_argument(
+        "--encoder-checkpoint",
+        help="Hub id or local folder of the encoder's weights, recorded in config.json (default: the recipe's Hub id)",
+    )
+    parser.add_argument("--encoder-revision", help="revision of --encoder-checkpoint on the Hub (default: main)")
 
 
 def original_decoder_arguments(config: PreTrainedConfig) -> dict:
@@ -306,11 +330,14 @@ class AnsweringHeadConverter:
         overwrite: bool = False,
         tolerance: float = 1e-4,
         log: Callable[[str], None] = print,
+        encoder_checkpoint: str | None = None,
+        encoder_revision: str | None = None,
     ) -> Path:
         """Converts, verifies and writes the model folder atomically; returns its path."""
         checkpoint = Path(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
+        config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
         config.conversion_info = conversion_record(
             checkpoint, self.assumptions, num_attention_heads=num_attention_heads, hidden_act=hidden_act
         )
@@ -340,9 +367,7 @@ class AnsweringHeadConverter:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("checkpoint", type=Path, help=f"upstream {self.what} state dict, e.g. coca_best.pt")
-        parser.add_argument(
-            "--encoder", required=True, choices=sorted(KNOWN_ENCODERS), help="frozen encoder of the head"
-        )
+        add_encoder_arguments(parser)
         add_common_arguments(parser, default_heads=8)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -356,6 +381,8 @@ class AnsweringHeadConverter:
                 run_verify=args.verify,
                 overwrite=args.overwrite,
                 tolerance=args.tolerance,
+                encoder_checkpoint=args.encoder_checkpoint,
+                encoder_revision=args.encoder_revision,
             )
         )
 

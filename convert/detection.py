@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_detection import DETECTION_ENCODERS, VINDR_CXR_CLASSES, LapvqaDetectionConfig
-from lapvqa_hf.features import RECIPES
+from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
+from lapvqa_hf.encoders import RECIPES
 from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
 from lapvqa_hf.original import DetectionHead
@@ -28,7 +28,9 @@ from lapvqa_hf.original import DetectionHead
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint
 from .common import (
     add_common_arguments,
+    add_encoder_arguments,
     check_encoder_width,
+    encoder_record,
     expected_shapes,
     numbered_blocks,
     run_reporting_errors,
@@ -86,7 +88,7 @@ def infer_config(
         )
     if d_model % num_attention_heads:
         raise ConversionError(f"--num-heads {num_attention_heads} does not divide the width {d_model}.")
-    check_encoder_width(encoder, vis_dim, DETECTION_ENCODERS)
+    check_encoder_width(encoder, vis_dim)
     return LapvqaDetectionConfig(
         vis_dim=vis_dim,
         d_model=d_model,
@@ -259,6 +261,8 @@ def convert_detection(
     overwrite: bool = False,
     tolerance: float = 1e-4,
     log=print,
+    encoder_checkpoint: str | None = None,
+    encoder_revision: str | None = None,
 ) -> Path:
     """Converts, verifies and writes the model folder atomically; returns its path.
 
@@ -271,6 +275,7 @@ def convert_detection(
         state_dict, encoder, num_attention_heads, activation_function, decoder_norm_first, layer_norm_eps
     )
     check_metadata(metadata, config)
+    config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
     training_results = {key: metadata[key] for key in TRAINING_METADATA if key in metadata}
     config.training_results = training_results or None
     config.conversion_info = conversion_record(
@@ -311,10 +316,8 @@ def convert_detection(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="upstream DetectionHead checkpoint, e.g. siglip.pt")
-    parser.add_argument(
-        "--encoder",
-        choices=sorted(DETECTION_ENCODERS),
-        help="frozen encoder of the head (required for a plain state dict; otherwise read from the checkpoint)",
+    add_encoder_arguments(
+        parser, required=False, help_suffix=" (required for a plain state dict; otherwise read from the checkpoint)"
     )
     add_common_arguments(parser, default_heads=8)
     parser.add_argument(
@@ -348,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
             run_verify=args.verify,
             overwrite=args.overwrite,
             tolerance=args.tolerance,
+            encoder_checkpoint=args.encoder_checkpoint,
+            encoder_revision=args.encoder_revision,
         )
     )
 

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
+from lapvqa_hf.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from lapvqa_hf.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from lapvqa_hf.original import DiffVQAHead
 
@@ -55,7 +55,7 @@ def infer_config(
             f"inconsistent widths: tok_emb {hidden_size}, vis_proj {projection_width}, "
             f"frame_emb {num_frames}x{frame_width} (expected 2x{hidden_size})."
         )
-    check_encoder_width(encoder, vis_dim, KNOWN_ENCODERS)
+    check_encoder_width(encoder, vis_dim)
     return LapvqaDiffVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 

@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
 from lapvqa_hf.configuration_lapvqa_vqa import LapvqaVQAConfig
 from lapvqa_hf.modeling_lapvqa_vqa import LapvqaVQAModel
 from lapvqa_hf.original import VQAHead
@@ -55,7 +54,7 @@ def infer_config(
         raise ConversionError(
             f"inconsistent widths: tok_emb {decoder_fields['hidden_size']}, vis_proj {projection_width}."
         )
-    check_encoder_width(encoder, vis_dim, KNOWN_ENCODERS)
+    check_encoder_width(encoder, vis_dim)
     return LapvqaVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 

@@ -16,9 +16,10 @@ from transformers import (
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_detection import LapvqaDetectionConfig
-from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
+from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .configuration_lapvqa_vqa import LapvqaVQAConfig
+from .encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_detection import LapvqaDetectionModel
@@ -49,7 +50,9 @@ LapvqaProcessor.register_for_auto_class("AutoProcessor")
 __version__ = "0.2.0"
 
 __all__ = [
-    "KNOWN_ENCODERS",
+    "ENCODER_WIDTHS",
+    "RECIPES",
+    "EncoderRecipe",
     "LapvqaCaptioningConfig",
     "LapvqaCaptioningModel",
     "LapvqaDetectionConfig",

@@ -5,13 +5,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .configuration_lapvqa_detection import DETECTION_ENCODERS
-from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS
+from .encoders import ENCODER_WIDTHS
 
 # Every kind has a converter (`lapvqa convert <kind>`); an entry can still be switched off with convertible=false.
 KNOWN_KINDS = ("diffvqa", "vqa", "captioning", "vision-encoder", "detection")
-# The feature width of each encoder a task head may name.
-ENCODER_WIDTHS = {"diffvqa": KNOWN_ENCODERS, "vqa": KNOWN_ENCODERS, "detection": DETECTION_ENCODERS}
 PIPELINE_TAGS = {
     "diffvqa": "visual-question-answering",
     "vqa": "visual-question-answering",
@@ -56,13 +53,17 @@ class CollectionModel:
     source: Source
     encoder: str
     encoder_label: str
-    vis_dim: int
     dataset: Dataset
     results: tuple[Metric, ...] = field(default_factory=tuple)
 
     @property
     def name(self) -> str:
         return self.repo_id.split("/", 1)[1]
+
+    @property
+    def vis_dim(self) -> int:
+        """The width of the encoder's patch tokens (`lapvqa_hf.encoders`)."""
+        return ENCODER_WIDTHS[self.encoder]
 
     @property
     def pipeline_tag(self) -> str:
@@ -109,10 +110,8 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
     convertible = _require(entry, "convertible", bool, where)
     source = _require(entry, "source", dict, where)
     encoder = _require(entry, "encoder", str, where)
-    vis_dim = _require(entry, "vis_dim", int, where)
-    widths = ENCODER_WIDTHS.get(kind)
-    if widths is not None and widths.get(encoder) != vis_dim:
-        raise ManifestError(f"{where}: encoder {encoder!r} gives {widths.get(encoder)}-dim features, not {vis_dim}.")
+    if encoder not in ENCODER_WIDTHS:
+        raise ManifestError(f"{where}: unknown encoder {encoder!r}; expected one of {sorted(ENCODER_WIDTHS)}.")
     results = []
     for j, metric in enumerate(_require(entry, "results", list, where)):
         value = _require(metric, "value", float, f"{where} results[{j}]")
@@ -139,7 +138,6 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
         ),
         encoder=encoder,
         encoder_label=_require(entry, "encoder_label", str, where),
-        vis_dim=vis_dim,
         dataset=Dataset(*(_require(dataset, k, str, f"{where} dataset") for k in ("name", "type", "split"))),
         results=tuple(results),
     )

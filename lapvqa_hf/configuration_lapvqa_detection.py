@@ -3,16 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-# The frozen encoders the upstream detection heads (`dmusingu/lapvqa-ad`) are trained on, and the width of their
-# patch tokens.
-DETECTION_ENCODERS: dict[str, int] = {
-    "clip-vit-l14": 1024,
-    "coca": 768,
-    "florence2": 1024,
-    "siglip": 1152,
-    "owlv2": 1024,
-    "mae-vit-l16": 1024,
-}
+from .encoders import require_encoder_width
 
 # VinDr-CXR's 14 local findings, in VinDr's `class_id` order; the no-object class follows them.
 VINDR_CXR_CLASSES: tuple[str, ...] = (
@@ -75,12 +66,16 @@ class LapvqaDetectionConfig(PreTrainedConfig):
         dropout / attention_dropout / activation_dropout (`float`, defaults to 0.1): only active in training.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm.
         initializer_range (`float`, defaults to 0.02): std of the normal initialisation of fresh weights.
-        encoder_name (`str`, *optional*): the frozen encoder the head was trained on; for the upstream ones
-            (`DETECTION_ENCODERS`) `vis_dim` must match its width.
+        encoder_name (`str`, *optional*): the frozen encoder the head was trained on; for the known ones
+            (`lapvqa_hf.encoders.RECIPES`) `vis_dim` must match its width.
+        feature_recipe (`dict`, *optional*): the frozen encoder that feeds the head and how its features are taken
+            (`lapvqa_hf.encoders.EncoderRecipe`), recorded by `lapvqa convert`.
         conversion_info (`dict`, *optional*): where the weights came from and which conventions were assumed.
         training_results (`dict`, *optional*): the upstream checkpoint's own record (`epoch`, `val_map40`,
             `val_map50`: validation mAP at IoU 0.4 / 0.5 at the saved epoch).
         id2label / label2id: the 14 VinDr-CXR classes in VinDr's `class_id` order (default).
+        is_encoder_decoder (`bool`, defaults to `True`): as DETR's config; outputs carry `encoder_*` and `decoder_*`
+            hidden states and attentions (the head does not generate).
     """
 
     model_type = "lapvqa_detection"
@@ -106,6 +101,7 @@ class LapvqaDetectionConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     encoder_name: str | None = None
+    feature_recipe: dict | None = None
     conversion_info: dict | None = None
     training_results: dict | None = None
     is_encoder_decoder: bool = True  # as DETR: outputs carry `encoder_*` and `decoder_*` hidden states / attentions
@@ -129,12 +125,7 @@ class LapvqaDetectionConfig(PreTrainedConfig):
                 f"position_embedding_type={self.position_embedding_type!r} is not implemented; "
                 f"expected one of {POSITION_EMBEDDING_TYPES}."
             )
-        if self.encoder_name in DETECTION_ENCODERS:
-            expected = DETECTION_ENCODERS[self.encoder_name]
-            if expected != self.vis_dim:
-                raise ValueError(
-                    f"encoder_name={self.encoder_name!r} gives {expected}-dim features, but vis_dim is {self.vis_dim}."
-                )
+        require_encoder_width(self.encoder_name, self.vis_dim)
 
 
-__all__ = ["DETECTION_ENCODERS", "VINDR_CXR_CLASSES", "LapvqaDetectionConfig"]
+__all__ = ["VINDR_CXR_CLASSES", "LapvqaDetectionConfig"]

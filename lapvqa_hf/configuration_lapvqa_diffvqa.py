@@ -3,16 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-# The frozen encoders DiffVQA heads are trained on, and the width of their patch tokens: the five of the
-# upstream collection, and the collection's own captioning-pretrained ViT-L/14 (`LapvqaVisionModel`).
-KNOWN_ENCODERS: dict[str, int] = {
-    "clip-vit-l14": 1024,
-    "coca": 768,
-    "florence2": 1024,
-    "siglip": 1152,
-    "owlv2": 1024,
-    "lapvqa-vit-l14": 1024,
-}
+from .encoders import require_encoder_width
 
 _REMOTE_AUTO_MAP = {
     "AutoConfig": "configuration_lapvqa_diffvqa.LapvqaDiffVQAConfig",
@@ -45,11 +36,12 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
         use_final_layer_norm (`bool`, defaults to `True`): whether a LayerNorm follows the last layer
             (`decoder.norm.*` in the upstream state dict).
         encoder_name (`str`, *optional*): the frozen encoder the head was trained on (one of
-            `KNOWN_ENCODERS`), so users feed it the right features.
+            `lapvqa_hf.encoders.RECIPES`, whose width `vis_dim` must then be), so users feed it the right features.
         conversion_info (`dict`, *optional*): where the weights came from and which conventions were
             assumed at conversion time (see `lapvqa convert`).
-        feature_recipe (`dict`, *optional*): how the training features were extracted from the frozen encoder
-            (`lapvqa_hf.features.EncoderRecipe`), recorded by `lapvqa_hf.train`.
+        feature_recipe (`dict`, *optional*): the frozen encoder that feeds the head and how its features are taken
+            (`lapvqa_hf.encoders.EncoderRecipe`: checkpoint, revision, input size, normalisation, output), recorded
+            by `lapvqa convert` and `lapvqa_hf.train`.
     """
 
     model_type = "lapvqa_diffvqa"
@@ -91,12 +83,7 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if self.encoder_name is not None and self.encoder_name in KNOWN_ENCODERS:
-            expected = KNOWN_ENCODERS[self.encoder_name]
-            if expected != self.vis_dim:
-                raise ValueError(
-                    f"encoder_name={self.encoder_name!r} gives {expected}-dim features, but vis_dim is {self.vis_dim}."
-                )
+        require_encoder_width(self.encoder_name, self.vis_dim)
 
 
-__all__ = ["KNOWN_ENCODERS", "LapvqaDiffVQAConfig"]
+__all__ = ["LapvqaDiffVQAConfig"]

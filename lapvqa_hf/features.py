@@ -1,8 +1,8 @@
 """Frozen-encoder patch tokens, extracted once per image and stored for fast training (`lapvqa extract-features`).
 
-The upstream DiffVQA card does not say how its features were taken from each encoder. `RECIPES` is the one place
-where that is pinned (checkpoint, input size, normalisation, which hidden state, CLS kept or dropped); the recipe
-is stored with the features and, later, in the config of a head trained on them.
+The upstream DiffVQA card does not say how its features were taken from each encoder; `lapvqa_hf.encoders.RECIPES`
+pins it (checkpoint, input size, normalisation, which hidden state, CLS kept or dropped). The recipe is stored
+with the features and, later, in the config of a head trained on them.
 
 Storage: `features-XXXXX.safetensors` shards (fp16 tensors keyed by image id, `[num_patches, vis_dim]`) and
 `features.json` (the recipe and the shards written so far). A shard is written to a temporary name and renamed,
@@ -13,66 +13,17 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .encoders import RECIPES, EncoderRecipe
 from .image_processing_lapvqa import LapvqaImageProcessor
 
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-HALF_MEAN, HALF_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 MANIFEST = "features.json"
-
-
-@dataclass(frozen=True)
-class EncoderRecipe:
-    """How one frozen encoder turns an image into patch tokens (pinned: the upstream cards are silent)."""
-
-    name: str
-    checkpoint: str
-    library: str  # "transformers" (with `model_class`), "open_clip" or "lapvqa"
-    model_class: str
-    image_size: int
-    image_mean: list[float]
-    image_std: list[float]
-    output: str  # the model output (or method) holding the tokens
-    drop_cls: bool
-    vis_dim: int
-
-
-# fmt: off
-_RECIPE_LIST = (
-    EncoderRecipe(
-        name="clip-vit-l14", checkpoint="openai/clip-vit-large-patch14", library="transformers", model_class="CLIPVisionModel",
-        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
-    ),
-    EncoderRecipe(
-        name="siglip", checkpoint="google/siglip-so400m-patch14-384", library="transformers", model_class="SiglipVisionModel",
-        image_size=384, image_mean=HALF_MEAN, image_std=HALF_STD, output="last_hidden_state", drop_cls=False, vis_dim=1152,
-    ),
-    EncoderRecipe(
-        name="owlv2", checkpoint="google/owlv2-large-patch14-ensemble", library="transformers", model_class="Owlv2VisionModel",
-        image_size=960, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
-    ),
-    EncoderRecipe(
-        name="florence2", checkpoint="florence-community/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
-        image_size=768, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="get_image_features", drop_cls=False, vis_dim=1024,
-    ),
-    EncoderRecipe(
-        name="coca", checkpoint="coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k", library="open_clip", model_class="coca_ViT-L-14",
-        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="visual_tokens", drop_cls=False, vis_dim=768,
-    ),
-    EncoderRecipe(
-        name="lapvqa-vit-l14", checkpoint="dmusingu/lapvqa-vit-l14", library="lapvqa", model_class="LapvqaVisionModel",
-        image_size=224, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="last_hidden_state", drop_cls=False, vis_dim=1024,
-    ),
-)
-RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in _RECIPE_LIST}
-# fmt: on
 
 
 class FeatureError(ValueError):
@@ -86,16 +37,20 @@ def recipe_for(name: str) -> EncoderRecipe:
 
 
 def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> torch.nn.Module:
-    """The frozen encoder of a recipe, from the Hub or a local folder (`checkpoint` overrides the recipe's)."""
+    """The frozen encoder of a recipe, from the Hub (at the recipe's revision; downloaded once, then read from the
+    Hugging Face cache, offline too) or a local folder (`checkpoint` overrides the recipe's)."""
     source = checkpoint or recipe.checkpoint
     if recipe.library == "transformers":
         import transformers
 
-        return getattr(transformers, recipe.model_class).from_pretrained(source).eval()
+        # MAE masks 75% of the patches at random by default; as a feature extractor it sees the whole image.
+        options = {"mask_ratio": 0.0} if recipe.model_class == "ViTMAEModel" else {}
+        model_class = getattr(transformers, recipe.model_class)
+        return model_class.from_pretrained(source, revision=recipe.revision, **options).eval()
     if recipe.library == "lapvqa":
         from .modeling_lapvqa_vision import LapvqaVisionModel
 
-        return LapvqaVisionModel.from_pretrained(source).eval()
+        return LapvqaVisionModel.from_pretrained(source, revision=recipe.revision).eval()
     try:
         import open_clip
     except ImportError:
@@ -119,6 +74,13 @@ def patch_tokens(recipe: EncoderRecipe, encoder: torch.nn.Module, pixel_values: 
         # open_clip's VisionTransformer returns (pooled, tokens) when `output_tokens` is set (CoCa sets it).
         encoder.output_tokens = True
         _, tokens = encoder(pixel_values)
+    elif recipe.model_class == "ViTMAEModel":
+        # MAE orders its patches by random noise before masking; ascending noise keeps the image's order.
+        num_patches = (pixel_values.shape[-2] // encoder.config.patch_size) * (
+            pixel_values.shape[-1] // encoder.config.patch_size
+        )
+        order = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+        tokens = encoder(pixel_values=pixel_values, noise=order.expand(len(pixel_values), -1)).last_hidden_state
     else:
         tokens = getattr(encoder(pixel_values=pixel_values), recipe.output)
     tokens = tokens[:, 1:] if recipe.drop_cls else tokens
@@ -161,7 +123,7 @@ def extract_features(
     manifest = {"recipe": asdict(recipe), "shards": []}
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest["recipe"] != asdict(recipe):
+        if EncoderRecipe(**manifest["recipe"]) != recipe:
             raise FeatureError(
                 f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
                 f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
@@ -247,8 +209,6 @@ def images_of(rows: Iterable[dict], root: str | Path | None = None) -> dict[str,
 
 
 __all__ = [
-    "RECIPES",
-    "EncoderRecipe",
     "FeatureError",
     "FeatureStore",
     "extract_features",

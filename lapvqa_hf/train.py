@@ -36,9 +36,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .configuration_lapvqa_diffvqa import KNOWN_ENCODERS, LapvqaDiffVQAConfig
+from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
+from .encoders import ENCODER_WIDTHS
 from .features import FeatureError, FeatureStore, image_id, recipe_image_processor
 from .metrics import score_answers
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
@@ -205,7 +206,7 @@ class DiffVQATask:
             check_feature_width(config.init_from, self.feature_width(model), features)
             return model
         # A recipe resized for experiments (other width) keeps its record in `feature_recipe`, not as encoder_name.
-        encoder_name = recipe.name if KNOWN_ENCODERS.get(recipe.name) == recipe.vis_dim else None
+        encoder_name = recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
         return LapvqaDiffVQAModel(
             LapvqaDiffVQAConfig(vis_dim=recipe.vis_dim, encoder_name=encoder_name, **config.model)
         )

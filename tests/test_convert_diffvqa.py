@@ -47,6 +47,7 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
     assert names == [
         "config.json",
         "configuration_lapvqa_diffvqa.py",
+        "encoders.py",
         "generation_config.json",
         "model.safetensors",
         "modeling_lapvqa_diffvqa.py",

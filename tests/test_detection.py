@@ -134,6 +134,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "configuration_lapvqa_detection.py",
+        "encoders.py",
         "image_processing_lapvqa.py",
         "model.safetensors",
         "modeling_lapvqa_detection.py",

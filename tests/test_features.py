@@ -18,10 +18,9 @@ from transformers import (
 )
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
-from lapvqa_hf.configuration_lapvqa_diffvqa import KNOWN_ENCODERS
 from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.features import (
-    RECIPES,
     FeatureError,
     FeatureStore,
     extract_features,
@@ -46,9 +45,9 @@ def tiny(recipe_name: str, **changes):
 
 
 def test_every_known_encoder_has_one_recipe_with_its_width():
-    assert set(RECIPES) == set(KNOWN_ENCODERS)
+    assert set(RECIPES) == set(ENCODER_WIDTHS)
     for name, recipe in RECIPES.items():
-        assert recipe.vis_dim == KNOWN_ENCODERS[name]
+        assert recipe.vis_dim == ENCODER_WIDTHS[name]
     with pytest.raises(FeatureError, match="unknown encoder 'resnet'"):
         recipe_for("resnet")
 

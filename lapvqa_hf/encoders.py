@@ -1,0 +1,84 @@
+"""The frozen encoders of the LAPVQA collection: one registry, read by the head configs, the converters, feature
+extraction and the collection manifest.
+
+The upstream cards do not say how each head's features were taken from its encoder; each `EncoderRecipe` pins it
+(checkpoint, input size, normalisation, which output holds the tokens, CLS kept or dropped, token width). A recipe
+is stored with extracted features and, as `feature_recipe`, in the `config.json` of every converted or trained
+head, so that the head's folder says which encoder (checkpoint and revision) feeds it.
+
+This module ships with the model files (remote code): it imports nothing but the standard library.
+"""
+
+from dataclasses import dataclass
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderRecipe:
+    """How one frozen encoder turns an image into patch tokens `[num_patches, vis_dim]`."""
+
+    name: str
+    checkpoint: str  # a Hub id or a local folder (open_clip: "architecture/pretrained tag or file")
+    library: str  # "transformers" (with `model_class`), "open_clip" or "lapvqa"
+    model_class: str
+    image_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    output: str  # the model output (or method) holding the tokens
+    drop_cls: bool
+    vis_dim: int
+    revision: str | None = None  # of `checkpoint` on the Hub; None is its default branch
+
+    def __post_init__(self):  # lists, as JSON gives them back, so that a stored recipe compares equal
+        object.__setattr__(self, "image_mean", [float(v) for v in self.image_mean])
+        object.__setattr__(self, "image_std", [float(v) for v in self.image_std])
+
+
+# fmt: off
+RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in (
+    EncoderRecipe(
+        name="clip-vit-l14", checkpoint="openai/clip-vit-large-patch14", library="transformers", model_class="CLIPVisionModel",
+        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="siglip", checkpoint="google/siglip-so400m-patch14-384", library="transformers", model_class="SiglipVisionModel",
+        image_size=384, image_mean=HALF_MEAN, image_std=HALF_STD, output="last_hidden_state", drop_cls=False, vis_dim=1152,
+    ),
+    EncoderRecipe(
+        name="owlv2", checkpoint="google/owlv2-large-patch14-ensemble", library="transformers", model_class="Owlv2VisionModel",
+        image_size=960, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="florence2", checkpoint="florence-community/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
+        image_size=768, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="get_image_features", drop_cls=False, vis_dim=1024,
+    ),
+    EncoderRecipe(
+        name="coca", checkpoint="coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k", library="open_clip", model_class="coca_ViT-L-14",
+        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="visual_tokens", drop_cls=False, vis_dim=768,
+    ),
+    EncoderRecipe(  # the detection heads' MAE encoder, run without masking
+        name="mae-vit-l16", checkpoint="facebook/vit-mae-large", library="transformers", model_class="ViTMAEModel",
+        image_size=224, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="last_hidden_state", drop_cls=True, vis_dim=1024,
+    ),
+    EncoderRecipe(  # the collection's own captioning-pretrained ViT-L/14
+        name="lapvqa-vit-l14", checkpoint="dmusingu/lapvqa-vit-l14", library="lapvqa", model_class="LapvqaVisionModel",
+        image_size=224, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="last_hidden_state", drop_cls=False, vis_dim=1024,
+    ),
+)}
+# fmt: on
+
+# The width of each encoder's patch tokens: what a head trained on it takes as `vis_dim`.
+ENCODER_WIDTHS: dict[str, int] = {name: recipe.vis_dim for name, recipe in RECIPES.items()}
+
+
+def require_encoder_width(encoder_name: str | None, vis_dim: int) -> None:
+    """A head named after a known encoder must take that encoder's token width."""
+    expected = ENCODER_WIDTHS.get(encoder_name)
+    if expected is not None and expected != vis_dim:
+        raise ValueError(f"encoder_name={encoder_name!r} gives {expected}-dim features, but vis_dim is {vis_dim}.")
+
+
+__all__ = ["ENCODER_WIDTHS", "RECIPES", "EncoderRecipe", "require_encoder_width"]
