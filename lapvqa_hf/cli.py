@@ -140,7 +140,8 @@ def run_extract_features(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
-    from .features import FeatureError, extract_features, images_of, load_encoder, recipe_for
+    from .encoders import EncoderError, load_encoder
+    from .features import extract_features, images_of, recipe_for
 
     def extract() -> None:
         recipe = recipe_for(args.encoder)
@@ -158,7 +159,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
         extract_features(images, recipe, args.output, encoder=encoder, batch_size=args.batch_size, device=args.device)
         print(f"{args.output}: {len(images)} images encoded with {recipe.name}")
 
-    return run_reporting_errors(extract, errors=(DataError, FeatureError, OSError))
+    return run_reporting_errors(extract, errors=(DataError, EncoderError, OSError))  # incl. FeatureError
 
 
 def run_synthesize(args: argparse.Namespace) -> int:

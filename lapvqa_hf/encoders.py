@@ -6,10 +6,15 @@ The upstream cards do not say how each head's features were taken from its encod
 is stored with extracted features and, as `feature_recipe`, in the `config.json` of every converted or trained
 head, so that the head's folder says which encoder (checkpoint and revision) feeds it.
 
-This module ships with the model files (remote code): it imports nothing but the standard library.
+This module ships with the model files (remote code). It imports torch and transformers only inside the functions
+that load and run an encoder, so that the head configs, which read the registry, stay light.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -74,6 +79,68 @@ RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in (
 ENCODER_WIDTHS: dict[str, int] = {name: recipe.vis_dim for name, recipe in RECIPES.items()}
 
 
+class EncoderError(ValueError):
+    """A frozen encoder cannot be loaded or run as its recipe says; the message says what was expected."""
+
+
+def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch.nn.Module":
+    """The frozen encoder of a recipe, from the Hub (at the recipe's revision; downloaded once, then read from the
+    Hugging Face cache, offline too) or a local folder (`checkpoint` overrides the recipe's)."""
+    source = checkpoint or recipe.checkpoint
+    if recipe.library == "transformers":
+        import transformers
+
+        # MAE masks 75% of the patches at random by default; as a feature extractor it sees the whole image.
+        options = {"mask_ratio": 0.0} if recipe.model_class == "ViTMAEModel" else {}
+        model_class = getattr(transformers, recipe.model_class)
+        return model_class.from_pretrained(source, revision=recipe.revision, **options).eval()
+    if recipe.library == "lapvqa":  # a LapvqaVisionModel folder: the package's class, else the folder's own code
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(source, revision=recipe.revision, trust_remote_code=True).eval()
+    try:
+        import open_clip
+    except ImportError:
+        raise EncoderError(f"the {recipe.name} encoder needs open_clip: pip install open_clip_torch.") from None
+    architecture, _, pretrained = source.partition("/")
+    if not pretrained:
+        raise EncoderError(
+            f"an open_clip checkpoint is 'architecture/pretrained' (a tag or a weights file), e.g. "
+            f"{recipe.checkpoint!r}; got {source!r}."
+        )
+    model, *_ = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
+    return model.visual.eval()
+
+
+def patch_tokens(recipe: EncoderRecipe, encoder: "torch.nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
+    """`[batch, num_patches, vis_dim]` from the encoder as the recipe says."""
+    import torch
+
+    if recipe.output == "get_image_features":
+        # Florence-2: the DaViT tokens after the multi-modal projector (position embeddings, projection, norm).
+        tokens = encoder.get_image_features(pixel_values=pixel_values).pooler_output
+    elif recipe.output == "visual_tokens":
+        # open_clip's VisionTransformer returns (pooled, tokens) when `output_tokens` is set (CoCa sets it).
+        encoder.output_tokens = True
+        _, tokens = encoder(pixel_values)
+    elif recipe.model_class == "ViTMAEModel":
+        # MAE orders its patches by random noise before masking; ascending noise keeps the image's order.
+        num_patches = (pixel_values.shape[-2] // encoder.config.patch_size) * (
+            pixel_values.shape[-1] // encoder.config.patch_size
+        )
+        order = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+        tokens = encoder(pixel_values=pixel_values, noise=order.expand(len(pixel_values), -1)).last_hidden_state
+    else:
+        tokens = getattr(encoder(pixel_values=pixel_values), recipe.output)
+    tokens = tokens[:, 1:] if recipe.drop_cls else tokens
+    if tokens.ndim != 3 or tokens.shape[-1] != recipe.vis_dim:
+        raise EncoderError(
+            f"the {recipe.name} recipe expects [batch, patches, {recipe.vis_dim}] tokens, the encoder gave "
+            f"{list(tokens.shape)}; check the checkpoint."
+        )
+    return tokens
+
+
 def require_encoder_width(encoder_name: str | None, vis_dim: int) -> None:
     """A head named after a known encoder must take that encoder's token width."""
     expected = ENCODER_WIDTHS.get(encoder_name)
@@ -81,4 +148,12 @@ def require_encoder_width(encoder_name: str | None, vis_dim: int) -> None:
         raise ValueError(f"encoder_name={encoder_name!r} gives {expected}-dim features, but vis_dim is {vis_dim}.")
 
 
-__all__ = ["ENCODER_WIDTHS", "RECIPES", "EncoderRecipe", "require_encoder_width"]
+__all__ = [
+    "ENCODER_WIDTHS",
+    "RECIPES",
+    "EncoderError",
+    "EncoderRecipe",
+    "load_encoder",
+    "patch_tokens",
+    "require_encoder_width",
+]

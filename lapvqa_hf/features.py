@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .encoders import RECIPES, EncoderRecipe
+from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
 
 
-class FeatureError(ValueError):
+class FeatureError(EncoderError):
     """Features cannot be extracted or read; the message says what was expected."""
 
 
@@ -34,69 +34,6 @@ def recipe_for(name: str) -> EncoderRecipe:
     if name not in RECIPES:
         raise FeatureError(f"unknown encoder {name!r}; expected one of {sorted(RECIPES)}.")
     return RECIPES[name]
-
-
-def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> torch.nn.Module:
-    """The frozen encoder of a recipe, from the Hub (at the recipe's revision; downloaded once, then read from the
-    Hugging Face cache, offline too) or a local folder (`checkpoint` overrides the recipe's)."""
-    source = checkpoint or recipe.checkpoint
-    if recipe.library == "transformers":
-        import transformers
-
-        # MAE masks 75% of the patches at random by default; as a feature extractor it sees the whole image.
-        options = {"mask_ratio": 0.0} if recipe.model_class == "ViTMAEModel" else {}
-        model_class = getattr(transformers, recipe.model_class)
-        return model_class.from_pretrained(source, revision=recipe.revision, **options).eval()
-    if recipe.library == "lapvqa":
-        from .modeling_lapvqa_vision import LapvqaVisionModel
-
-        return LapvqaVisionModel.from_pretrained(source, revision=recipe.revision).eval()
-    try:
-        import open_clip
-    except ImportError:
-        raise FeatureError(f"the {recipe.name} encoder needs open_clip: pip install open_clip_torch.") from None
-    architecture, _, pretrained = source.partition("/")
-    if not pretrained:
-        raise FeatureError(
-            f"an open_clip checkpoint is 'architecture/pretrained' (a tag or a weights file), e.g. "
-            f"{recipe.checkpoint!r}; got {source!r}."
-        )
-    model, *_ = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
-    return model.visual.eval()
-
-
-def patch_tokens(recipe: EncoderRecipe, encoder: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """`[batch, num_patches, vis_dim]` from the encoder as the recipe says."""
-    if recipe.output == "get_image_features":
-        # Florence-2: the DaViT tokens after the multi-modal projector (position embeddings, projection, norm).
-        tokens = encoder.get_image_features(pixel_values=pixel_values).pooler_output
-    elif recipe.output == "visual_tokens":
-        # open_clip's VisionTransformer returns (pooled, tokens) when `output_tokens` is set (CoCa sets it).
-        encoder.output_tokens = True
-        _, tokens = encoder(pixel_values)
-    elif recipe.model_class == "ViTMAEModel":
-        # MAE orders its patches by random noise before masking; ascending noise keeps the image's order.
-        num_patches = (pixel_values.shape[-2] // encoder.config.patch_size) * (
-            pixel_values.shape[-1] // encoder.config.patch_size
-        )
-        order = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
-        tokens = encoder(pixel_values=pixel_values, noise=order.expand(len(pixel_values), -1)).last_hidden_state
-    else:
-        tokens = getattr(encoder(pixel_values=pixel_values), recipe.output)
-    tokens = tokens[:, 1:] if recipe.drop_cls else tokens
-    if tokens.ndim != 3 or tokens.shape[-1] != recipe.vis_dim:
-        raise FeatureError(
-            f"the {recipe.name} recipe expects [batch, patches, {recipe.vis_dim}] tokens, the encoder gave "
-            f"{list(tokens.shape)}; check the checkpoint."
-        )
-    return tokens
-
-
-def recipe_image_processor(recipe: EncoderRecipe) -> LapvqaImageProcessor:
-    """The image preparation of a recipe (size, normalisation, stretched to the square input)."""
-    return LapvqaImageProcessor(
-        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode="stretch"
-    )
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
@@ -140,7 +77,7 @@ def extract_features(
             f"the {recipe.name} recipe feeds {recipe.image_size} px images, but this encoder takes {trained_size} px; "
             "use the recipe's checkpoint or a matching one."
         )
-    processor = recipe_image_processor(recipe)
+    processor = LapvqaImageProcessor.for_recipe(recipe)
     dtype = next(encoder.parameters()).dtype
     bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
     for start in range(0, len(todo), shard_size):
@@ -215,5 +152,4 @@ __all__ = [
     "image_id",
     "images_of",
     "recipe_for",
-    "recipe_image_processor",
 ]

@@ -68,6 +68,13 @@ class LapvqaImageProcessor(BaseImageProcessor):
         self.high_bit_depth_scaling = high_bit_depth_scaling
 
     @classmethod
+    def for_recipe(cls, recipe) -> "LapvqaImageProcessor":
+        """How a frozen encoder's recipe (`lapvqa_hf.encoders.EncoderRecipe`) prepares images for feature
+        extraction: its size and normalisation, stretched to the square input."""
+        return cls(image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std,
+                   resize_mode="stretch")  # fmt: skip
+
+    @classmethod
     def for_encoder(cls, vision_config, **kwargs) -> "LapvqaImageProcessor":
         """The processor sized for a `LapvqaVisionConfig` (its image size and channels)."""
         return cls(image_size=vision_config.image_size, num_channels=vision_config.num_channels, **kwargs)

@@ -40,7 +40,8 @@ from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .encoders import ENCODER_WIDTHS
-from .features import FeatureError, FeatureStore, image_id, recipe_image_processor
+from .features import FeatureError, FeatureStore, image_id
+from .image_processing_lapvqa import LapvqaImageProcessor
 from .metrics import score_answers
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
@@ -371,7 +372,7 @@ class CaptioningTask:
             model.vision_model = None
             self._encoder.to("cpu")
         # The recipe's image preparation, so that the model reports from pixels as it learned from the features.
-        LapvqaProcessor(recipe_image_processor(features.recipe), tokenizer).save_pretrained(target)
+        LapvqaProcessor(LapvqaImageProcessor.for_recipe(features.recipe), tokenizer).save_pretrained(target)
 
 
 TASKS = ("diffvqa", "captioning")

@@ -19,14 +19,13 @@ from transformers import (
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
+from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderError
 from lapvqa_hf.features import (
     FeatureError,
     FeatureStore,
     extract_features,
     images_of,
     recipe_for,
-    recipe_image_processor,
 )
 
 
@@ -184,7 +183,7 @@ def test_wrong_encoder_width_is_refused(release, tmp_path):
     config = LapvqaVisionConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
     )
-    with pytest.raises(FeatureError, match=r"expects \[batch, patches, 1024\] tokens, the encoder gave \[1, 4, 32\]"):
+    with pytest.raises(EncoderError, match=r"expects \[batch, patches, 1024\] tokens, the encoder gave \[1, 4, 32\]"):
         extract_features(
             dict(list(images.items())[:1]),
             tiny("lapvqa-vit-l14", image_size=28),
@@ -248,7 +247,7 @@ def test_florence2_recipe_through_the_cli(release, tmp_path, capsys):
     assert store.recipe.checkpoint == str(tmp_path / "florence2"), "the encoder used is recorded with the features"
     # 768 px / 32 = 24 x 24 DaViT tokens, plus their mean first; projected to 1024 and normed.
     assert store[image].shape == (1 + 24 * 24, 1024)
-    pixels = recipe_image_processor(recipe_for("florence2"))(image)["pixel_values"]
+    pixels = LapvqaImageProcessor.for_recipe(recipe_for("florence2"))(image)["pixel_values"]
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert torch.allclose(store[image].float(), expected, atol=1e-2)
