@@ -20,7 +20,13 @@ from lapvqa_hf.original import CaptioningModel
 from lapvqa_hf.processing_lapvqa import LapvqaProcessor
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict
+from .checkpoint import (
+    ConversionError,
+    StateDictMapper,
+    conversion_record,
+    load_untrusted_state_dict,
+    local_checkpoint,
+)
 from .common import (
     DECODER_ASSUMPTIONS,
     VerifyReport,
@@ -131,7 +137,7 @@ def convert_captioning(
     tolerance: float = 1e-4,
     log=print,
 ) -> Path:
-    checkpoint = Path(checkpoint)
+    checkpoint = local_checkpoint(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_config(state_dict, num_attention_heads, hidden_act, vision_num_attention_heads)
     config.conversion_info = conversion_record(
@@ -168,7 +174,7 @@ def convert_captioning(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="upstream CaptioningModel state dict, e.g. model_best.pt")
+    parser.add_argument("checkpoint", type=Path, help="upstream CaptioningModel state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/model_best.pt")
     add_common_arguments(parser, default_heads=8)
     parser.add_argument(
         "--vision-num-heads", type=int, default=16, help="encoder attention heads (not in the weights; default 16)"

@@ -21,6 +21,31 @@ class ConversionError(Exception):
     """A checkpoint that cannot be converted; the message says what was expected and what was found."""
 
 
+# `OWNER/REPO/PATH/IN/REPO`: a file of a Hub repo, e.g. dmusingu/lapvqa-diffvqa/coca_best.pt
+HUB_FILE = re.compile(r"^(?P<repo_id>[\w.-]+/[\w.-]+)/(?P<filename>[^\s]+)$")
+
+
+def local_checkpoint(source: str | os.PathLike) -> Path:
+    """The checkpoint file to convert: `source` when it is a local file; else, when it reads `OWNER/REPO/FILE`, that
+    file of the Hub repo, downloaded once into the Hugging Face cache (and read from there offline)."""
+    path = Path(source)
+    match = HUB_FILE.match(str(source))
+    if path.exists() or match is None:
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(hf_hub_download(match["repo_id"], match["filename"]))
+    except (HfHubHTTPError, OSError, ValueError) as error:  # offline, unreachable, no such repo or file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConversionError(
+            f"{source} is no local file, and {match['filename']} of the Hub repo {match['repo_id']} could not be "
+            f"fetched ({reason}); it needs the Hub once (then the Hugging Face cache serves it offline), or pass a "
+            "local .pt file."
+        ) from None
+
+
 def load_untrusted(path: str | os.PathLike) -> object:
     """`torch.load(weights_only=True)` with one-line `ConversionError`s.
 

@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
 from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
+from lapvqa_hf.pipeline_lapvqa import save_pretrained_with_pipeline
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (
@@ -21,6 +22,7 @@ from .checkpoint import (
     atomic_output_dir,
     conversion_record,
     load_untrusted_state_dict,
+    local_checkpoint,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -252,13 +254,14 @@ def write_verified(
     extra_files: Callable[[Path], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Saves `model` (and `extra_files`) into a staging folder, verifies what was written, then publishes it.
+    """Saves `model` (with its pipeline, see `save_pretrained_with_pipeline`, and `extra_files`) into a staging
+    folder, verifies what was written, then publishes it.
 
     A failed verification (or any error) leaves `output` untouched and removes the staging folder.
     """
     output = Path(output)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
+        save_pretrained_with_pipeline(model, staging)
         if extra_files is not None:
             extra_files(staging)
         if verify is not None:
@@ -312,6 +315,7 @@ class AnsweringHeadConverter:
     """
 
     what: str  # the upstream class, e.g. "DiffVQAHead"
+    example: str  # an upstream file on the Hub, e.g. "dmusingu/lapvqa-diffvqa/coca_best.pt"
     model_class: type[PreTrainedModel]
     infer_config: Callable[[dict, str, int, str], PreTrainedConfig]
     convert_state_dict: Callable[[dict, PreTrainedConfig], dict]
@@ -334,7 +338,7 @@ class AnsweringHeadConverter:
         encoder_revision: str | None = None,
     ) -> Path:
         """Converts, verifies and writes the model folder atomically; returns its path."""
-        checkpoint = Path(checkpoint)
+        checkpoint = local_checkpoint(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
         config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
@@ -366,7 +370,7 @@ class AnsweringHeadConverter:
         )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("checkpoint", type=Path, help=f"upstream {self.what} state dict, e.g. coca_best.pt")
+        parser.add_argument("checkpoint", type=Path, help=f"upstream {self.what} state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. {self.example}")
         add_encoder_arguments(parser)
         add_common_arguments(parser, default_heads=8)
 

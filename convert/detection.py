@@ -25,7 +25,13 @@ from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
 from lapvqa_hf.original import DetectionHead
 
-from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint
+from .checkpoint import (
+    ConversionError,
+    StateDictMapper,
+    conversion_record,
+    load_untrusted_checkpoint,
+    local_checkpoint,
+)
 from .common import (
     add_common_arguments,
     add_encoder_arguments,
@@ -268,7 +274,7 @@ def convert_detection(
 
     `encoder` is required for a plain state dict and, for a checkpoint with metadata, must match it if given.
     """
-    checkpoint = Path(checkpoint)
+    checkpoint = local_checkpoint(checkpoint)
     state_dict, metadata = load_untrusted_checkpoint(checkpoint)
     encoder = resolve_encoder(metadata, encoder)
     config = infer_config(
@@ -315,7 +321,7 @@ def convert_detection(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="upstream DetectionHead checkpoint, e.g. siglip.pt")
+    parser.add_argument("checkpoint", type=Path, help="upstream DetectionHead checkpoint: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-ad/siglip.pt")
     add_encoder_arguments(
         parser, required=False, help_suffix=" (required for a plain state dict; otherwise read from the checkpoint)"
     )

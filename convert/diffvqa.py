@@ -94,6 +94,7 @@ def verify(
 
 CONVERTER = AnsweringHeadConverter(
     what=WHAT,
+    example="dmusingu/lapvqa-diffvqa/coca_best.pt",
     model_class=LapvqaDiffVQAModel,
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,

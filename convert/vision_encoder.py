@@ -19,7 +19,13 @@ from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_vision import LapvqaVisionModel
 from lapvqa_hf.original import VisionTransformer
 
-from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict
+from .checkpoint import (
+    ConversionError,
+    StateDictMapper,
+    conversion_record,
+    load_untrusted_state_dict,
+    local_checkpoint,
+)
 from .common import (
     VerifyReport,
     add_common_arguments,
@@ -129,7 +135,7 @@ def convert_vision_encoder(
     tolerance: float = 1e-4,
     log=print,
 ) -> Path:
-    checkpoint = Path(checkpoint)
+    checkpoint = local_checkpoint(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_vision_config(state_dict, num_attention_heads=num_attention_heads)
     config.conversion_info = conversion_record(checkpoint, VISION_ASSUMPTIONS, num_attention_heads=num_attention_heads)
@@ -158,7 +164,7 @@ def convert_vision_encoder(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="upstream encoder state dict, e.g. encoder_final.pt")
+    parser.add_argument("checkpoint", type=Path, help="upstream encoder state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/encoder_final.pt")
     add_common_arguments(parser, default_heads=16, with_activation=False)
 
 

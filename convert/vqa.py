@@ -89,6 +89,7 @@ def verify(
 
 CONVERTER = AnsweringHeadConverter(
     what=WHAT,
+    example="dmusingu/lapvqa-vqa/siglip_best.pt",
     model_class=LapvqaVQAModel,
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForObjectDetection,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_detection import LapvqaDetectionConfig
@@ -26,6 +27,7 @@ from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
 from .modeling_lapvqa_vqa import LapvqaVQAModel
+from .pipeline_lapvqa import PIPELINES
 from .processing_lapvqa import LapvqaProcessor
 
 for _config, _model, _generative in (
@@ -44,6 +46,8 @@ for _config, _model, _generative in (
     AutoImageProcessor.register(_config, slow_image_processor_class=LapvqaImageProcessor, exist_ok=True)
     if _config is not LapvqaDetectionConfig:  # detection has no text side, so no tokenizer / LapvqaProcessor
         AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
+for _task, _pipeline in PIPELINES.values():
+    PIPELINE_REGISTRY.register_pipeline(_task, pipeline_class=_pipeline, pt_model=AutoModel, type="multimodal")
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
 LapvqaProcessor.register_for_auto_class("AutoProcessor")
 

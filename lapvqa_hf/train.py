@@ -46,6 +46,7 @@ from .metrics import score_answers
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
+from .pipeline_lapvqa import save_pretrained_with_pipeline
 from .processing_lapvqa import LapvqaProcessor
 from .tokenization import build_gpt2_tokenizer, encode_questions
 
@@ -225,7 +226,7 @@ class DiffVQATask:
         return score_answers(predictions, self.references(dataset), [row["question_type"] for row in dataset.rows])
 
     def save(self, model: LapvqaDiffVQAModel, tokenizer, features: FeatureStore, target: Path) -> None:
-        model.save_pretrained(target)
+        save_pretrained_with_pipeline(model, target)
         tokenizer.save_pretrained(target)
 
 
@@ -367,7 +368,7 @@ class CaptioningTask:
             self._encoder = LapvqaVisionModel.from_pretrained(self.vision_encoder).eval()
         model.vision_model = self._encoder.to(model.device)
         try:
-            model.save_pretrained(target)
+            save_pretrained_with_pipeline(model, target)
         finally:
             model.vision_model = None
             self._encoder.to("cpu")

@@ -18,6 +18,7 @@ from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
+from transformers.pipelines import SUPPORTED_TASKS
 
 from lapvqa_hf.collection import ManifestError, load_collection
 from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED, transformers_record
@@ -101,6 +102,7 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
     data = card.data.to_dict()
     assert data["license"] == "apache-2.0" and data["library_name"] == "transformers"
     assert data["pipeline_tag"] == entry.pipeline_tag and data["base_model"] == entry.source.repo_id
+    assert entry.pipeline_tag in SUPPORTED_TASKS, "a task the installed transformers has"
     assert "chest-xray" in data["tags"] and data["datasets"]
     if entry.results:
         (result,) = data["model-index"][0]["results"]

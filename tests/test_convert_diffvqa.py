@@ -49,8 +49,10 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
         "configuration_lapvqa_diffvqa.py",
         "encoders.py",
         "generation_config.json",
+        "image_processing_lapvqa.py",
         "model.safetensors",
         "modeling_lapvqa_diffvqa.py",
+        "pipeline_lapvqa.py",
         "tokenizer.json",
         "tokenizer_config.json",
     ]

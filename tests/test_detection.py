@@ -138,6 +138,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
         "image_processing_lapvqa.py",
         "model.safetensors",
         "modeling_lapvqa_detection.py",
+        "pipeline_lapvqa.py",
         "preprocessor_config.json",
     ]
     config = json.loads((out / "config.json").read_text())

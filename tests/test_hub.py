@@ -232,9 +232,11 @@ def test_the_token_never_appears_in_output_or_logs(hub, api, tmp_path, monkeypat
     assert SECRET not in captured.out + captured.err + caplog.text
 
 
-def _cli(hub: LocalHub, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cli(hub: LocalHub, *args: str, cwd: Path, offline: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": SECRET, "HF_HOME": str(cwd / "hf-home")}
     env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "lapvqa_hf.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -292,6 +294,29 @@ def test_push_from_a_local_upstream_folder(hub, upstream_repos, api, tmp_path):
     assert not plan.failed
     config = json.loads(hub.repos["dmusingu/lapvqa-diffvqa-owlv2"]["config.json"])
     assert config["encoder_name"] == "owlv2" and config["conversion_info"]["source_file"] == "owlv2_best.pt"
+
+
+def test_convert_straight_from_a_hub_file_then_offline_from_the_cache(hub, tmp_path):
+    arguments = ("convert", "diffvqa", "dmusingu/lapvqa-diffvqa/coca_best.pt", "--encoder", "coca", "--output")
+    online = _cli(hub, *arguments, str(tmp_path / "online"), cwd=tmp_path)
+    assert online.returncode == 0, online.stderr[-3000:]
+    config = json.loads((tmp_path / "online" / "config.json").read_text())
+    assert config["conversion_info"]["source_file"] == "coca_best.pt"
+
+    hub.server.shutdown()  # the Hub is gone: offline, the cache still serves the file
+    cached = _cli(hub, *arguments, str(tmp_path / "cached"), cwd=tmp_path, offline=True)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert (tmp_path / "cached" / "model.safetensors").read_bytes() == (
+        tmp_path / "online" / "model.safetensors"
+    ).read_bytes()
+
+    (tmp_path / "elsewhere").mkdir()  # a fresh Hugging Face home, offline: one line saying what was needed
+    offline = _cli(hub, *arguments, str(tmp_path / "offline"), cwd=tmp_path / "elsewhere", offline=True)
+    assert offline.returncode == 1 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
+    assert offline.stderr.startswith(
+        "error: dmusingu/lapvqa-diffvqa/coca_best.pt is no local file, and coca_best.pt of the Hub repo "
+        "dmusingu/lapvqa-diffvqa could not be fetched"
+    )
 
 
 def test_pull_errors_are_one_line(tmp_path, capsys):

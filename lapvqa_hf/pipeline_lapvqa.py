@@ -1,0 +1,234 @@
+"""Pipelines from chest X-ray images to answers, reports and boxes, one per LAPVQA model kind.
+
+Converted folders name their pipeline in `config.json` (`custom_pipelines`) and carry this file, so that
+`transformers.pipeline(model=DIR_OR_HUB_ID, trust_remote_code=True)` works without `lapvqa_hf` installed.
+The heads that take a frozen encoder's patch tokens (DiffVQA, VQA, detection) load that encoder from its own
+repo, as the head's `config.feature_recipe` names it, and prepare images as that recipe does.
+
+Images may be file paths (PNG, JPEG, DICOM), PIL images or arrays; X-rays are read by `LapvqaImageProcessor`
+(16-bit, DICOM windowing, MONOCHROME1). Prepared images travel between the pipeline steps as `*_pixel_values`:
+transformers' batching treats a key named `pixel_values` as feature-extractor output, which these pipelines lack.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+from transformers import Pipeline, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
+
+from .encoders import EncoderRecipe, load_encoder, patch_tokens
+from .image_processing_lapvqa import LapvqaImageProcessor
+
+
+def _generated_answers(generated: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
+    """The new tokens `[batch, num_return_sequences, new_tokens]`, so that batched outputs split per input."""
+    answers = generated[:, prompt_length:]
+    return answers.reshape(batch_size, -1, answers.shape[-1])
+
+
+class LapvqaFrozenEncoderPipeline(Pipeline):
+    """What the heads fed by a frozen encoder share: the encoder named by the head's `feature_recipe`, loaded once
+    (pass `encoder=` to reuse one already loaded), its image preparation, and batched encoding."""
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __init__(self, *args, encoder: torch.nn.Module | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        recorded = getattr(self.model.config, "feature_recipe", None)
+        if recorded is None:
+            raise ValueError(
+                f"{type(self.model).__name__} names no frozen encoder (config.feature_recipe is empty): convert it "
+                "with `lapvqa convert ... --encoder NAME`, or build the pipeline with encoder= and a feature_recipe."
+            )
+        self.recipe = EncoderRecipe(**recorded)
+        self.encoder = (encoder if encoder is not None else load_encoder(self.recipe)).to(self.device).eval()
+        self.encoder_image_processor = LapvqaImageProcessor.for_recipe(self.recipe)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch tokens `[batch, num_patches, vis_dim]` for prepared images."""
+        dtype = next(self.encoder.parameters()).dtype
+        return patch_tokens(self.recipe, self.encoder, pixel_values.to(self.device, dtype))
+
+    def _question_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """`question_ids + [bos]`, as the heads were trained (left-padded in a batch)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"A question must be a non-empty string, got {question!r}.")
+        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] + [self.model.config.bos_token_id]
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+    def _sanitize_parameters(self, **generate_kwargs):
+        return {}, {"generate_kwargs": generate_kwargs}, {}
+
+    def postprocess(self, model_outputs: dict) -> dict | list[dict]:
+        answers = [
+            {"answer": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
+            for ids in model_outputs["answer_ids"][0]
+        ]
+        return answers[0] if len(answers) == 1 else answers
+
+
+def _require_keys(inputs, keys: tuple[str, ...], task: str) -> None:
+    if not isinstance(inputs, dict) or any(key not in inputs for key in keys):
+        given = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+        raise ValueError(f"{task} takes a dict with {list(keys)} (or a list of them), got {given}.")
+
+
+class LapvqaDiffVQAPipeline(LapvqaFrozenEncoderPipeline):
+    """`pipe({"prior_image": ..., "current_image": ..., "question": "..."})` -> `{"answer": "..."}`; a list in
+    gives a list out (`batch_size=` batches it); generation arguments (`max_new_tokens`, `num_beams`, ...) pass
+    through to `generate()`."""
+
+    def preprocess(self, inputs: dict) -> dict[str, torch.Tensor]:
+        _require_keys(inputs, ("prior_image", "current_image", "question"), "The DiffVQA pipeline")
+        pixels = self.encoder_image_processor([inputs["prior_image"], inputs["current_image"]])["pixel_values"]
+        return {"prior_pixel_values": pixels[:1], "current_pixel_values": pixels[1:], **self._question_prompt(
+            inputs["question"])}  # fmt: skip
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=model_inputs["attention_mask"],
+            ref_vis=self.encode(model_inputs["prior_pixel_values"]),
+            curr_vis=self.encode(model_inputs["current_pixel_values"]),
+            **generate_kwargs,
+        )
+        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+
+
+class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
+    """`pipe({"image": ..., "question": "..."})` -> `{"answer": "..."}`, like the DiffVQA pipeline."""
+
+    def preprocess(self, inputs: dict) -> dict[str, torch.Tensor]:
+        _require_keys(inputs, ("image", "question"), "The VQA pipeline")
+        pixels = self.encoder_image_processor(inputs["image"])["pixel_values"]
+        return {"image_pixel_values": pixels, **self._question_prompt(inputs["question"])}
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=model_inputs["attention_mask"],
+            image_features=self.encode(model_inputs["image_pixel_values"]),
+            **generate_kwargs,
+        )
+        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+
+
+class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
+    """`pipe(image, threshold=0.5)` -> transformers' object-detection output: a list of `{"score", "label", "box":
+    {"xmin", "ymin", "xmax", "ymax"}}` in the original image's pixels, best first. The folder's image processor
+    (the encoder recipe's size and normalisation, and the resize mode whose effect on boxes it undoes) prepares
+    the image."""
+
+    _load_tokenizer = False
+    _load_image_processor = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder_image_processor = self.image_processor
+
+    def _sanitize_parameters(self, threshold: float | None = None, top_k: int | None = None):
+        postprocess = {"threshold": threshold if threshold is not None else 0.5}
+        if top_k is not None:
+            postprocess["top_k"] = top_k
+        return {}, {}, postprocess
+
+    def preprocess(self, image) -> dict[str, torch.Tensor]:
+        height, width = self.image_processor.load_image(image).shape[:2]
+        pixels = self.image_processor(image)["pixel_values"]
+        return {"image_pixel_values": pixels, "target_size": torch.tensor([[height, width]])}
+
+    def _forward(self, model_inputs: dict) -> dict:
+        outputs = self.model(image_features=self.encode(model_inputs["image_pixel_values"]))
+        return {"logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "target_size": model_inputs["target_size"]}
+
+    def postprocess(self, model_outputs: dict, threshold: float = 0.5, top_k: int | None = None) -> list[dict]:
+        outputs = SimpleNamespace(logits=model_outputs["logits"], pred_boxes=model_outputs["pred_boxes"])
+        (detections,) = self.image_processor.post_process_object_detection(
+            outputs, threshold=threshold, target_sizes=model_outputs["target_size"].tolist(), top_k=top_k
+        )
+        labels = self.model.config.id2label
+        return [
+            {
+                "score": score.item(),
+                "label": labels[int(label)],
+                "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(v, 2) for v in box.tolist()), strict=True)),
+            }
+            for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"], strict=True)
+        ]
+
+
+class LapvqaCaptioningPipeline(Pipeline):
+    """`pipe(image)` -> `[{"generated_text": "..."}]` (transformers' image-to-text output): a report written by the
+    captioning model's own encoder and decoder; generation arguments pass through to `generate()`."""
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def _sanitize_parameters(self, **generate_kwargs):
+        return {}, {"generate_kwargs": generate_kwargs}, {}
+
+    def preprocess(self, image) -> dict[str, torch.Tensor]:
+        bos = self.model.config.bos_token_id
+        return {
+            "image_pixel_values": self.image_processor(image)["pixel_values"],
+            "input_ids": torch.tensor([[bos]]),
+            "attention_mask": torch.ones(1, 1, dtype=torch.long),
+        }
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=model_inputs["attention_mask"],
+            pixel_values=model_inputs["image_pixel_values"].to(self.model.dtype),
+            **generate_kwargs,
+        )
+        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+
+    def postprocess(self, model_outputs: dict) -> list[dict]:
+        return [
+            {"generated_text": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
+            for ids in model_outputs["answer_ids"][0]
+        ]
+
+
+# The pipeline of each model type, under its task name (`custom_pipelines` in converted folders).
+PIPELINES = {
+    "lapvqa_diffvqa": ("lapvqa-diffvqa", LapvqaDiffVQAPipeline),
+    "lapvqa_vqa": ("lapvqa-vqa", LapvqaVQAPipeline),
+    "lapvqa_captioning": ("lapvqa-report-generation", LapvqaCaptioningPipeline),
+    "lapvqa_detection": ("lapvqa-abnormality-detection", LapvqaDetectionPipeline),
+}
+
+
+def save_pretrained_with_pipeline(model: PreTrainedModel, folder: str | os.PathLike) -> None:
+    """`model.save_pretrained(folder)`, with the model's pipeline named in `config.json` (`custom_pipelines`) and
+    this file (and the files it imports) copied beside it, so that `transformers.pipeline(model=folder,
+    trust_remote_code=True)` needs nothing but the folder."""
+    entry = PIPELINES.get(model.config.model_type)
+    if entry is not None:
+        task, pipeline_class = entry
+        module = __name__.rsplit(".", 1)[-1]
+        model.config.custom_pipelines = {task: {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"]}}
+    model.save_pretrained(folder)
+    if entry is not None:
+        custom_object_save(pipeline_class, folder)
+
+
+__all__ = [
+    "PIPELINES",
+    "save_pretrained_with_pipeline",
+    "LapvqaCaptioningPipeline",
+    "LapvqaDetectionPipeline",
+    "LapvqaDiffVQAPipeline",
+    "LapvqaFrozenEncoderPipeline",
+    "LapvqaVQAPipeline",
+]
