@@ -1,4 +1,5 @@
-"""The README's commands and code are true: its snippets run on converted random-weight checkpoints."""
+"""The README's and docs' commands and code are true: their snippets run on converted random-weight checkpoints
+(Hub ids replaced by local folders converted the same way)."""
 
 import re
 import shlex
@@ -21,18 +22,29 @@ from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, Visi
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 CI_RUN = (ROOT / ".ci" / "run").read_text()
 QUIET = dict(log=lambda _: None)
 
 
-def snippet(heading: str) -> str:
-    return re.search(rf"## {re.escape(heading)}\n.*?```python\n(.*?)```", README, re.S).group(1)
+def snippet(heading: str) -> tuple[str, str]:
+    """The first Python block under `## heading`, in the README or a docs page, and where it was found."""
+    for name, text in {"README.md": README, **{f"docs/{n}": t for n, t in DOCS.items()}}.items():
+        found = re.search(rf"## {re.escape(heading)}\n.*?```python\n(.*?)```", text, re.S)
+        if found:
+            return found.group(1), name
+    raise AssertionError(f"no section {heading!r} with a Python block")
 
 
-def run_snippet(heading: str, folder: Path, monkeypatch) -> dict:
+def run_snippet(heading: str, folder: Path, monkeypatch, hub_ids: dict[str, Path] | None = None) -> dict:
+    """Runs a snippet in `folder`, with each Hub id of `hub_ids` replaced by its local folder."""
     monkeypatch.chdir(folder)
+    code, source = snippet(heading)
+    for repo_id, local in (hub_ids or {}).items():
+        assert repo_id in code, f"{source} ({heading}) no longer uses {repo_id}"
+        code = code.replace(repo_id, str(local))
     namespace: dict = {}
-    exec(compile(snippet(heading), f"README.md ({heading})", "exec"), namespace)
+    exec(compile(code, f"{source} ({heading})", "exec"), namespace)
     return namespace
 
 
@@ -57,7 +69,7 @@ def test_diffvqa_usage_snippet(tmp_path, monkeypatch):
 def test_vqa_usage_snippet(tmp_path, monkeypatch):
     head = VQAHead(vis_dim=1152, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
     torch.save(randomize_(head).state_dict(), tmp_path / "siglip_best.pt")
-    assert "lapvqa convert vqa siglip_best.pt --encoder siglip --output lapvqa-vqa-siglip" in README
+    assert "lapvqa convert vqa siglip_best.pt --encoder siglip --output lapvqa-vqa-siglip" in DOCS["models.md"]
     convert_vqa(tmp_path / "siglip_best.pt", "siglip", tmp_path / "lapvqa-vqa-siglip", num_attention_heads=4, **QUIET)
     answers = run_snippet("Single-image VQA", tmp_path, monkeypatch)["answers"]
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
@@ -66,7 +78,7 @@ def test_vqa_usage_snippet(tmp_path, monkeypatch):
 def test_detection_usage_snippet(tmp_path, monkeypatch, capsys):
     head = DetectionHead(vis_dim=1024, d_model=32, dim_feedforward=48)
     torch.save(upstream_detection_checkpoint(randomize_(head), "owlv2"), tmp_path / "owlv2.pt")
-    assert "lapvqa convert detection owlv2.pt --output lapvqa-ad-owlv2" in README
+    assert "lapvqa convert detection owlv2.pt --output lapvqa-ad-owlv2" in DOCS["models.md"]
     convert_detection(tmp_path / "owlv2.pt", tmp_path / "lapvqa-ad-owlv2", **QUIET)
     detections = run_snippet("Abnormality detection", tmp_path, monkeypatch)["detections"]
     assert len(detections["boxes"]) == 20, "threshold 0.0 keeps every query"
@@ -124,3 +136,45 @@ def test_ci_runs_the_readme_test_command():
     assert ".venv/bin/python -m pytest -n 2 -q" in CI_RUN
     assert ".venv-floor/bin/python -m pytest -n 2 -q" in CI_RUN, "and again on the declared transformers floor"
     assert "torch==2.13.0" in CI_RUN and '-e ".[dev]"' in CI_RUN
+
+
+def test_the_first_screen_pipelines_run_from_images(xray_files, tmp_path, monkeypatch, capsys):
+    """The README's first examples: two X-rays and a question to an answer, one X-ray to a report and to boxes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Owlv2VisionConfig, Owlv2VisionModel
+
+    clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            image_size=224, patch_size=56)  # fmt: skip
+    CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    owl = Owlv2VisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            image_size=960, patch_size=240)  # fmt: skip
+    Owlv2VisionModel(owl).save_pretrained(tmp_path / "owlv2")
+    head = DiffVQAHead(vis_dim=1024, d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
+    torch.save(randomize_(head).state_dict(), tmp_path / "clip-vit-l14_best.pt")
+    convert_diffvqa(tmp_path / "clip-vit-l14_best.pt", "clip-vit-l14", tmp_path / "diffvqa", num_attention_heads=4,
+                    encoder_checkpoint=str(tmp_path / "clip"), **QUIET)  # fmt: skip
+    run_snippet(  # the prior is a 16-bit PNG, the current a MONOCHROME1 DICOM
+        "Two X-rays and a question: what changed?",
+        xray_files,
+        monkeypatch,
+        {"dmusingu/lapvqa-diffvqa-clip-vit-l14": tmp_path / "diffvqa"},
+    )
+    assert capsys.readouterr().out.startswith("{'answer': ")
+
+    captioning = CaptioningModel(img_size=56, vision_width=64, vision_depth=1, vision_heads=4, d_model=32, nhead=4,
+                                 num_layers=1, dim_feedforward=48, max_len=80)  # fmt: skip
+    torch.save(randomize_(captioning).state_dict(), tmp_path / "model_best.pt")
+    convert_captioning(tmp_path / "model_best.pt", tmp_path / "captioning", num_attention_heads=4,
+                       vision_num_attention_heads=4, **QUIET)  # fmt: skip
+    detection = randomize_(DetectionHead(vis_dim=1024, d_model=32, dim_feedforward=48), std=0.2)  # confident
+    torch.save(upstream_detection_checkpoint(detection, "owlv2"), tmp_path / "owlv2.pt")
+    convert_detection(tmp_path / "owlv2.pt", tmp_path / "detection", encoder_checkpoint=str(tmp_path / "owlv2"),
+                      **QUIET)  # fmt: skip
+    run_snippet(
+        "One X-ray: a report, or boxes",
+        xray_files,
+        monkeypatch,
+        {"dmusingu/lapvqa-captioning": tmp_path / "captioning", "dmusingu/lapvqa-ad-owlv2": tmp_path / "detection"},
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[{'generated_text': ")
+    assert len(printed) > 1 and all(line.endswith("}") for line in printed[1:]), "one line per finding"

@@ -1,8 +1,8 @@
-"""The README's fine-tuning section, run as written on the synthetic release: data, features, `accelerate launch`
+"""The fine-tuning guide's section (docs/fine-tuning.md), run as written on the synthetic release: data, features, `accelerate launch`
 training of a DiffVQA head and of the captioning decoder, evaluation, and a saved folder ready to publish.
 
 Only the scale is shrunk (fewer subjects, a few steps, a tiny DiffVQA decoder, tiny converted models standing in
-for `lapvqa-pretrain-captioning[-encoder]`); every command line of the README runs unchanged otherwise."""
+for `lapvqa-pretrain-captioning[-encoder]`); every command line of the guide runs unchanged otherwise."""
 
 import json
 import os
@@ -18,8 +18,8 @@ from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 
 from lapvqa_hf.original import CaptioningModel, randomize_
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-SECTION = re.search(r"## Fine-tuning a DiffVQA head or the captioning decoder\n(.*?)\n## ", README, re.S).group(1)
+GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md").read_text()
+SECTION = re.search(r"## Fine-tuning a DiffVQA head or the captioning decoder\n(.*?)(\n## |\Z)", GUIDE, re.S).group(1)
 TINY_DIFFVQA = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 SMALL_RUN = [
     "max_steps=4",
