@@ -370,7 +370,11 @@ class AnsweringHeadConverter:
         )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("checkpoint", type=Path, help=f"upstream {self.what} state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. {self.example}")
+        parser.add_argument(
+            "checkpoint",
+            type=Path,
+            help=f"upstream {self.what} state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. {self.example}",
+        )
         add_encoder_arguments(parser)
         add_common_arguments(parser, default_heads=8)
 

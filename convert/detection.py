@@ -321,7 +321,11 @@ def convert_detection(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="upstream DetectionHead checkpoint: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-ad/siglip.pt")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="upstream DetectionHead checkpoint: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-ad/siglip.pt",
+    )
     add_encoder_arguments(
         parser, required=False, help_suffix=" (required for a plain state dict; otherwise read from the checkpoint)"
     )

@@ -164,7 +164,11 @@ def convert_vision_encoder(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="upstream encoder state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/encoder_final.pt")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="upstream encoder state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/encoder_final.pt",
+    )
     add_common_arguments(parser, default_heads=16, with_activation=False)
 
 
