@@ -52,50 +52,31 @@ DATASET_IDS = {
     "detection": ["vindr-cxr"],
 }
 
+IMAGES = "# Images: PNG or JPEG (8 or 16 bit) or DICOM paths (DICOM needs pydicom), PIL images or arrays."
+ENCODER_NOTE = (
+    "# The pipeline loads the frozen {encoder} encoder from its own repo (once; the Hugging Face cache serves it "
+    "offline).{extra}"
+)
+
 USAGE = {
-    "diffvqa": """import torch
-from transformers import AutoModel, AutoTokenizer
+    "diffvqa": """from transformers import pipeline
 
-repo = "{repo_id}"
-model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(repo)
-
-# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the current and the prior image.
-curr_vis = torch.randn(1, 256, model.config.vis_dim)
-ref_vis = torch.randn(1, 256, model.config.vis_dim)
-
+{encoder_note}
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
 question = "what has changed compared to the reference image?"
-input_ids = torch.tensor([tokenizer(question)["input_ids"] + [tokenizer.bos_token_id]])  # question + [bos]
-answer = model.generate(
-    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-    curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=64,
-)
-print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))""",
-    "vqa": """import torch
-from transformers import AutoModel, AutoTokenizer
+print(pipe({{"prior_image": "prior.png", "current_image": "current.png", "question": question}}, max_new_tokens=64))""",
+    "vqa": """from transformers import pipeline
 
-repo = "{repo_id}"
-model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(repo)
+{encoder_note}
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+print(pipe({{"image": "chest_xray.png", "question": "is there a pleural effusion?"}}, max_new_tokens=32))""",
+    "captioning": """from transformers import pipeline
 
-# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the image.
-image_features = torch.randn(1, 256, model.config.vis_dim)
-
-question = "is there a pleural effusion?"
-input_ids = torch.tensor([tokenizer(question)["input_ids"] + [tokenizer.bos_token_id]])  # question + [bos]
-answer = model.generate(
-    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), image_features=image_features, max_new_tokens=32
-)
-print(tokenizer.decode(answer[0, input_ids.shape[1]:], skip_special_tokens=True))""",
-    "captioning": """from transformers import AutoModel, AutoProcessor
-
-repo = "{repo_id}"
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-
-inputs = processor(images=["chest_xray.png"])  # PNG/JPEG (8 or 16 bit) or DICOM (needs pydicom)
-report = model.generate(**inputs, max_new_tokens=128)
-print(processor.batch_decode(report[:, 1:], skip_special_tokens=True)[0])""",
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+print(pipe("chest_xray.png", max_new_tokens=128)[0]["generated_text"])""",
     "vision-encoder": """from transformers import AutoImageProcessor, AutoModel
 
 repo = "{repo_id}"
@@ -105,29 +86,20 @@ encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
 pixel_values = image_processor("chest_xray.png")["pixel_values"]  # PNG/JPEG or DICOM
 patch_tokens = encoder(pixel_values).last_hidden_state  # [1, num_patches, 1024], CLS dropped
 print(patch_tokens.shape)""",
-    "detection": """import torch
-from transformers import AutoImageProcessor, AutoModel
+    "detection": """from transformers import pipeline
 
-repo = "{repo_id}"
-model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-
-# Patch tokens of the frozen {encoder} encoder ([batch, num_patches, {vis_dim}]) for the image, made with the
-# resize mode recorded in preprocessor_config.json (boxes are mapped back through it).
-image_features = torch.randn(1, 256, model.config.vis_dim)
-with torch.no_grad():
-    outputs = model(image_features=image_features)  # logits [1, 20, 15], pred_boxes [1, 20, 4] (cx, cy, w, h)
-height, width = 2048, 2500  # the original image
-detections = image_processor.post_process_object_detection(
-    outputs, threshold=0.1, target_sizes=[(height, width)], id2label=model.config.id2label
-)[0]
-for name, score, box in zip(detections["label_names"], detections["scores"], detections["boxes"]):
-    print(f"{{name}}: {{score:.2f}} at {{[round(v) for v in box.tolist()]}}")  # (x0, y0, x1, y1) in pixels""",
+{encoder_note}
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+for finding in pipe("chest_xray.png", threshold=0.1):  # boxes in the original image's pixels
+    print(finding["label"], round(finding["score"], 2), finding["box"])""",
 }
 
 
 def usage_snippet(entry: CollectionModel) -> str:
-    return USAGE[entry.kind].format(repo_id=entry.repo_id, encoder=entry.encoder_label, vis_dim=entry.vis_dim)
+    extra = " CoCa needs open_clip for now: pip install open_clip_torch." if entry.encoder == "coca" else ""
+    encoder_note = ENCODER_NOTE.format(encoder=entry.encoder_label, extra=extra)
+    return USAGE[entry.kind].format(repo_id=entry.repo_id, encoder_note=encoder_note, images=IMAGES)
 
 
 def assumptions_of(conversion_info: dict) -> list[str]:

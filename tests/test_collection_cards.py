@@ -18,6 +18,7 @@ from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.pipelines import SUPPORTED_TASKS
 
 from lapvqa_hf.collection import ManifestError, load_collection
@@ -114,7 +115,7 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
         assert "model-index" not in data
     assert "assumption one" in card.text and "Research only" in card.text and "johnson2019mimic" in card.text
     assert ("hu2023expert" in card.text) == (entry.kind == "diffvqa")
-    assert f'repo = "{entry.repo_id}"' in card.text
+    assert f'"{entry.repo_id}"' in card.text
 
 
 def test_cards_state_the_transformers_releases_the_code_was_tested_with():
@@ -156,17 +157,25 @@ def test_usage_snippets_only_name_what_exists(entry):
 
 
 def test_usage_snippets_run_on_converted_folders(tmp_path, monkeypatch):
-    collection = {m.kind: m for m in load_collection().select(convertible_only=True)}
+    """Each kind's card snippet, run on a folder converted like the collection's entry (the CLIP ViT-L/14 heads),
+    with the encoder a tiny random CLIP vision tower of the same width in a local folder."""
+    names = ["lapvqa-diffvqa-clip-vit-l14", "lapvqa-vqa-clip-vit-l14", "lapvqa-ad-clip-vit-l14", "lapvqa-captioning",
+             "lapvqa-vit-l14"]  # fmt: skip
+    collection = {m.kind: m for m in load_collection().select(names)}
     quiet = dict(log=lambda _: None)
-    head = randomize_(DiffVQAHead(vis_dim=768, d_model=64, num_layers=2, dim_feedforward=96))
-    torch.save(head.state_dict(), tmp_path / "coca_best.pt")
-    convert_diffvqa(tmp_path / "coca_best.pt", "coca", tmp_path / "diffvqa", **quiet)
-    vqa_head = randomize_(VQAHead(vis_dim=768, d_model=64, num_layers=2, dim_feedforward=96))
-    torch.save(vqa_head.state_dict(), tmp_path / "coca_vqa.pt")
-    convert_vqa(tmp_path / "coca_vqa.pt", "coca", tmp_path / "vqa", **quiet)
+    clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            image_size=224, patch_size=56)  # fmt: skip
+    CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    encoder = dict(encoder_checkpoint=str(tmp_path / "clip"))
+    head = randomize_(DiffVQAHead(vis_dim=1024, d_model=64, num_layers=2, dim_feedforward=96))
+    torch.save(head.state_dict(), tmp_path / "clip-vit-l14_best.pt")
+    convert_diffvqa(tmp_path / "clip-vit-l14_best.pt", "clip-vit-l14", tmp_path / "diffvqa", **encoder, **quiet)
+    vqa_head = randomize_(VQAHead(vis_dim=1024, d_model=64, num_layers=2, dim_feedforward=96))
+    torch.save(vqa_head.state_dict(), tmp_path / "clip_vqa.pt")
+    convert_vqa(tmp_path / "clip_vqa.pt", "clip-vit-l14", tmp_path / "vqa", **encoder, **quiet)
     detection_head = randomize_(DetectionHead(vis_dim=1024, d_model=32, dim_feedforward=48))
-    torch.save(upstream_detection_checkpoint(detection_head, "mae-vit-l16"), tmp_path / "mae-vit-l16.pt")
-    convert_detection(tmp_path / "mae-vit-l16.pt", tmp_path / "detection", **quiet)
+    torch.save(upstream_detection_checkpoint(detection_head, "clip-vit-l14"), tmp_path / "clip-vit-l14.pt")
+    convert_detection(tmp_path / "clip-vit-l14.pt", tmp_path / "detection", **encoder, **quiet)
     captioning = randomize_(
         CaptioningModel(img_size=56, vision_width=64, vision_depth=2, d_model=32, num_layers=2, dim_feedforward=48)
     )
@@ -174,9 +183,9 @@ def test_usage_snippets_run_on_converted_folders(tmp_path, monkeypatch):
     torch.save(captioning.vision_encoder.state_dict(), tmp_path / "encoder_final.pt")
     convert_captioning(tmp_path / "model_best.pt", tmp_path / "captioning", **quiet)
     convert_vision_encoder(tmp_path / "encoder_final.pt", tmp_path / "vision-encoder", **quiet)
-    Image.fromarray((np.random.default_rng(0).random((80, 70)) * 255).astype(np.uint8)).save(
-        tmp_path / "chest_xray.png"
-    )
+    for name in ("chest_xray.png", "prior.png", "current.png"):
+        pixels = (np.random.default_rng(len(name)).random((80, 70)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name)
     monkeypatch.chdir(tmp_path)
     for kind, entry in collection.items():
         code = usage_snippet(entry).replace(f'"{entry.repo_id}"', f'"{tmp_path / kind}"')
