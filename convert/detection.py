@@ -245,10 +245,9 @@ def verify(
 
 
 def image_processor_for(encoder: str, resize_mode: str = "stretch") -> LapvqaImageProcessor:
-    """The image processor of the encoder's feature recipe (size and normalisation), else the processor defaults."""
-    recipe = RECIPES.get(encoder)
-    if recipe is None:
-        return LapvqaImageProcessor(resize_mode=resize_mode)
+    """The folder's image processor: the encoder recipe's input size and normalisation, and `resize_mode`, through
+    which `post_process_object_detection` maps boxes back to the original image."""
+    recipe = RECIPES[encoder]
     return LapvqaImageProcessor(
         image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode=resize_mode
     )

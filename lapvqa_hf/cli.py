@@ -140,7 +140,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
-    from .encoders import EncoderError, load_encoder
+    from .encoders import EncoderError, load_encoder, load_encoder_image_processor
     from .features import extract_features, images_of, recipe_for
 
     def extract() -> None:
@@ -156,7 +156,10 @@ def run_extract_features(args: argparse.Namespace) -> int:
             rows, root = list(load_pairs(args.pairs)), None
         images = images_of(rows, root=Path(root).resolve() if root else None)
         encoder = load_encoder(recipe, args.checkpoint)
-        extract_features(images, recipe, args.output, encoder=encoder, batch_size=args.batch_size, device=args.device)
+        image_processor = load_encoder_image_processor(recipe, args.checkpoint)
+        extract_features(
+            images, recipe, args.output, encoder, image_processor, batch_size=args.batch_size, device=args.device
+        )
         print(f"{args.output}: {len(images)} images encoded with {recipe.name}")
 
     return run_reporting_errors(extract, errors=(DataError, EncoderError, OSError))  # incl. FeatureError

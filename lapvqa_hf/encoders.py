@@ -112,6 +112,26 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch
     return model.visual.eval()
 
 
+def load_encoder_image_processor(recipe: EncoderRecipe, checkpoint: str | None = None):
+    """The encoder's own image processor: the one saved with its checkpoint (transformers' `AutoImageProcessor`; a
+    `LapvqaImageProcessor` for the collection's ViT). open_clip's CoCa has none in transformers' format: its
+    evaluation transform (shortest side resized bicubic, centre crop, CLIP normalisation) is a `CLIPImageProcessor`."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    if recipe.library == "open_clip":
+        side = recipe.image_size
+        return CLIPImageProcessor(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_mean=recipe.image_mean,
+            image_std=recipe.image_std,
+        )
+    source = checkpoint or recipe.checkpoint
+    return AutoImageProcessor.from_pretrained(
+        source, revision=recipe.revision, trust_remote_code=recipe.library == "lapvqa"
+    )
+
+
 def patch_tokens(recipe: EncoderRecipe, encoder: "torch.nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
     """`[batch, num_patches, vis_dim]` from the encoder as the recipe says."""
     import torch
@@ -154,6 +174,7 @@ __all__ = [
     "EncoderError",
     "EncoderRecipe",
     "load_encoder",
+    "load_encoder_image_processor",
     "patch_tokens",
     "require_encoder_width",
 ]

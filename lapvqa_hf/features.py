@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, patch_tokens
+from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
@@ -48,12 +48,17 @@ def extract_features(
     recipe: EncoderRecipe,
     output_dir: str | Path,
     encoder: torch.nn.Module | None = None,
+    image_processor=None,
     batch_size: int = 8,
     shard_size: int = 256,
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`."""
+    """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`.
+
+    `encoder` and `image_processor` default to the recipe's checkpoint and the encoder's own image processor saved
+    with it (`lapvqa_hf.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / MANIFEST
@@ -77,7 +82,8 @@ def extract_features(
             f"the {recipe.name} recipe feeds {recipe.image_size} px images, but this encoder takes {trained_size} px; "
             "use the recipe's checkpoint or a matching one."
         )
-    processor = LapvqaImageProcessor.for_recipe(recipe)
+    image_processor = image_processor or load_encoder_image_processor(recipe)
+    reader = LapvqaImageProcessor()  # X-ray files (16-bit, DICOM) become the 8-bit RGB the encoder's processor takes
     dtype = next(encoder.parameters()).dtype
     bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
     for start in range(0, len(todo), shard_size):
@@ -85,7 +91,7 @@ def extract_features(
         tensors = {}
         for batch_start in range(0, len(shard_ids), batch_size):
             batch_ids = shard_ids[batch_start : batch_start + batch_size]
-            pixels = processor([images[i] for i in batch_ids])["pixel_values"].to(device, dtype)
+            pixels = reader.encoder_pixel_values([images[i] for i in batch_ids], image_processor).to(device, dtype)
             with torch.inference_mode():
                 tokens = patch_tokens(recipe, encoder, pixels)
             tensors.update({i: t.to("cpu", torch.float16).contiguous() for i, t in zip(batch_ids, tokens, strict=True)})

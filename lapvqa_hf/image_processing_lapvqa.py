@@ -68,13 +68,6 @@ class LapvqaImageProcessor(BaseImageProcessor):
         self.high_bit_depth_scaling = high_bit_depth_scaling
 
     @classmethod
-    def for_recipe(cls, recipe) -> "LapvqaImageProcessor":
-        """How a frozen encoder's recipe (`lapvqa_hf.encoders.EncoderRecipe`) prepares images for feature
-        extraction: its size and normalisation, stretched to the square input."""
-        return cls(image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std,
-                   resize_mode="stretch")  # fmt: skip
-
-    @classmethod
     def for_encoder(cls, vision_config, **kwargs) -> "LapvqaImageProcessor":
         """The processor sized for a `LapvqaVisionConfig` (its image size and channels)."""
         return cls(image_size=vision_config.image_size, num_channels=vision_config.num_channels, **kwargs)
@@ -94,6 +87,22 @@ class LapvqaImageProcessor(BaseImageProcessor):
         raise ValueError(
             f"Unsupported image type {type(image).__name__}: pass a file path, a PIL image, a numpy array or a tensor."
         )
+
+    def load_rgb(self, image: ImageSource) -> Image.Image:
+        """Any supported input as the 8-bit RGB image a general-purpose encoder's own processor expects: read as
+        `load_image` reads it (16-bit scaling, DICOM LUTs and windows, MONOCHROME1), grayscale replicated."""
+        loaded = self.load_image(image)
+        rgb = np.repeat(loaded[..., None], 3, axis=-1) if loaded.ndim == 2 else loaded
+        return Image.fromarray(np.round(rgb * 255.0).astype(np.uint8), mode="RGB")
+
+    def encoder_pixel_values(self, images: ImageSource | list[ImageSource], encoder_image_processor) -> torch.Tensor:
+        """X-rays as a frozen encoder's own image processor (CLIP's, SigLIP's, ...) prepares them: read here (see
+        `load_rgb`), then `encoder_image_processor(images=..., return_tensors="pt")["pixel_values"]`."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("No images given: pass one image or a non-empty list of images.")
+        rgb = [self.load_rgb(image) for image in images]
+        return encoder_image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     def _read_file(self, path: Path) -> np.ndarray:
         if not path.is_file():

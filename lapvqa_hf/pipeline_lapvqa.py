@@ -17,7 +17,7 @@ import torch
 from transformers import Pipeline, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 
-from .encoders import EncoderRecipe, load_encoder, patch_tokens
+from .encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 
@@ -28,15 +28,17 @@ def _generated_answers(generated: torch.Tensor, prompt_length: int, batch_size: 
 
 
 class LapvqaFrozenEncoderPipeline(Pipeline):
-    """What the heads fed by a frozen encoder share: the encoder named by the head's `feature_recipe`, loaded once
-    (pass `encoder=` to reuse one already loaded), its image preparation, and batched encoding."""
+    """What the heads fed by a frozen encoder share: the encoder named by the head's `feature_recipe` and its own
+    image processor, loaded once (pass `encoder=` / `encoder_image_processor=` to reuse loaded ones), and batched
+    encoding. X-rays are read by `LapvqaImageProcessor` (16-bit, DICOM), then prepared by the encoder's processor,
+    as `lapvqa extract-features` prepares them for training."""
 
     _load_processor = False
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = True
 
-    def __init__(self, *args, encoder: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, encoder: torch.nn.Module | None = None, encoder_image_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         recorded = getattr(self.model.config, "feature_recipe", None)
         if recorded is None:
@@ -46,7 +48,12 @@ class LapvqaFrozenEncoderPipeline(Pipeline):
             )
         self.recipe = EncoderRecipe(**recorded)
         self.encoder = (encoder if encoder is not None else load_encoder(self.recipe)).to(self.device).eval()
-        self.encoder_image_processor = LapvqaImageProcessor.for_recipe(self.recipe)
+        self.encoder_image_processor = encoder_image_processor or load_encoder_image_processor(self.recipe)
+        self.xray_reader = LapvqaImageProcessor()
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """Images as the encoder's own processor prepares them."""
+        return self.xray_reader.encoder_pixel_values(images, self.encoder_image_processor)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder's patch tokens `[batch, num_patches, vis_dim]` for prepared images."""
@@ -84,7 +91,7 @@ class LapvqaDiffVQAPipeline(LapvqaFrozenEncoderPipeline):
 
     def preprocess(self, inputs: dict) -> dict[str, torch.Tensor]:
         _require_keys(inputs, ("prior_image", "current_image", "question"), "The DiffVQA pipeline")
-        pixels = self.encoder_image_processor([inputs["prior_image"], inputs["current_image"]])["pixel_values"]
+        pixels = self.pixel_values([inputs["prior_image"], inputs["current_image"]])
         return {"prior_pixel_values": pixels[:1], "current_pixel_values": pixels[1:], **self._question_prompt(
             inputs["question"])}  # fmt: skip
 
@@ -105,7 +112,7 @@ class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
 
     def preprocess(self, inputs: dict) -> dict[str, torch.Tensor]:
         _require_keys(inputs, ("image", "question"), "The VQA pipeline")
-        pixels = self.encoder_image_processor(inputs["image"])["pixel_values"]
+        pixels = self.pixel_values([inputs["image"]])
         return {"image_pixel_values": pixels, **self._question_prompt(inputs["question"])}
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
@@ -121,16 +128,17 @@ class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
 
 class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
     """`pipe(image, threshold=0.5)` -> transformers' object-detection output: a list of `{"score", "label", "box":
-    {"xmin", "ymin", "xmax", "ymax"}}` in the original image's pixels, best first. The folder's image processor
-    (the encoder recipe's size and normalisation, and the resize mode whose effect on boxes it undoes) prepares
-    the image."""
+    {"xmin", "ymin", "xmax", "ymax"}}` in the original image's pixels, best first. The folder's own image processor
+    prepares the image (the encoder recipe's size and normalisation, and the recorded resize mode, whose effect on
+    the boxes `post_process_object_detection` undoes; an encoder processor's centre crop could not be undone)."""
 
     _load_tokenizer = False
     _load_image_processor = True
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.encoder_image_processor = self.image_processor
+        if kwargs.get("image_processor") is None:
+            raise ValueError("The detection pipeline needs the model folder's image processor (image_processor=).")
+        super().__init__(*args, encoder_image_processor=kwargs["image_processor"], **kwargs)
 
     def _sanitize_parameters(self, threshold: float | None = None, top_k: int | None = None):
         postprocess = {"threshold": threshold if threshold is not None else 0.5}

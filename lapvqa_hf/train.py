@@ -39,9 +39,8 @@ from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
-from .encoders import ENCODER_WIDTHS
+from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
 from .features import FeatureError, FeatureStore, image_id
-from .image_processing_lapvqa import LapvqaImageProcessor
 from .metrics import score_answers
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
@@ -372,8 +371,9 @@ class CaptioningTask:
         finally:
             model.vision_model = None
             self._encoder.to("cpu")
-        # The recipe's image preparation, so that the model reports from pixels as it learned from the features.
-        LapvqaProcessor(LapvqaImageProcessor.for_recipe(features.recipe), tokenizer).save_pretrained(target)
+        # The encoder's own image processor, so that the model reports from pixels as it learned from the features.
+        image_processor = load_encoder_image_processor(features.recipe, self.vision_encoder)
+        LapvqaProcessor(image_processor, tokenizer).save_pretrained(target)
 
 
 TASKS = ("diffvqa", "captioning")

@@ -18,7 +18,7 @@ from lapvqa_hf.convert.diffvqa import convert_diffvqa
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from transformers.pipelines import SUPPORTED_TASKS
 
 from lapvqa_hf.collection import ManifestError, load_collection
@@ -166,6 +166,7 @@ def test_usage_snippets_run_on_converted_folders(tmp_path, monkeypatch):
     clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             image_size=224, patch_size=56)  # fmt: skip
     CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224).save_pretrained(tmp_path / "clip")
     encoder = dict(encoder_checkpoint=str(tmp_path / "clip"))
     head = randomize_(DiffVQAHead(vis_dim=1024, d_model=64, num_layers=2, dim_feedforward=96))
     torch.save(head.state_dict(), tmp_path / "clip-vit-l14_best.pt")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTMAEConfig, ViTMAEModel
@@ -10,7 +11,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, ViTMAEConfig, ViTMAE
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.collection import load_collection
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
+from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe, load_encoder_image_processor
 from lapvqa_hf.features import load_encoder, patch_tokens
 from lapvqa_hf.original import DetectionHead, DiffVQAHead, VQAHead, randomize_
 
@@ -89,3 +90,24 @@ def test_the_mae_encoder_sees_every_patch(tmp_path):
     with torch.no_grad():
         first, second = (patch_tokens(recipe, encoder, pixels) for _ in range(2))
     assert first.shape == (1, 4, 1024) and torch.equal(first, second), "no random masking or shuffling"
+
+
+def test_an_8_bit_rgb_image_gets_exactly_the_encoders_own_pixel_values():
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from lapvqa_hf import LapvqaImageProcessor
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 47, 3), dtype=np.uint8), mode="RGB")
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    expected = clip(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(LapvqaImageProcessor().encoder_pixel_values(image, clip), expected)
+    gray = np.asarray(image.convert("L"))  # a grayscale X-ray reaches the encoder as its RGB replica
+    replica = clip(images=[Image.fromarray(np.stack([gray] * 3, axis=-1))], return_tensors="pt")["pixel_values"]
+    assert torch.equal(LapvqaImageProcessor().encoder_pixel_values(gray, clip), replica)
+
+
+def test_coca_is_prepared_as_open_clips_evaluation_transform():
+    processor = load_encoder_image_processor(RECIPES["coca"])
+    assert processor.size == {"shortest_edge": 224} and processor.crop_size == {"height": 224, "width": 224}
+    assert processor.do_center_crop and list(processor.image_mean) == RECIPES["coca"].image_mean

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 from transformers import (
+    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     Florence2Config,
@@ -16,6 +17,7 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
@@ -34,6 +36,11 @@ def release(tmp_path_factory):
     root = write_synthetic_mimic_diff_vqa(tmp_path_factory.mktemp("mimic"), num_subjects=5, seed=2)
     rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
     return root, images_of(rows, root=root)
+
+
+def stretch(size: int = 28) -> LapvqaImageProcessor:
+    """The image processor a tiny LapvqaVisionModel's folder would carry (the converter saves one)."""
+    return LapvqaImageProcessor(image_size=size, resize_mode="stretch")
 
 
 def tiny(recipe_name: str, **changes):
@@ -59,15 +66,17 @@ def test_lapvqa_encoder_features_equal_the_model_output(release, tmp_path):
     )
     encoder = LapvqaVisionModel(config).eval()
     recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=64)
-    extract_features(images, recipe, tmp_path / "features", encoder=encoder, batch_size=3, shard_size=8, progress=False)
+    extract_features(
+        images, recipe, tmp_path / "features", encoder, stretch(), batch_size=3, shard_size=8, progress=False
+    )
     store = FeatureStore(tmp_path / "features")
     assert len(store) == 10 and store.recipe == recipe
     manifest = json.loads((tmp_path / "features" / "features.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["features-00000.safetensors", "features-00001.safetensors"]
     image_id = next(iter(images))
-    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")
-    with torch.no_grad():
-        expected = encoder(processor(images[image_id])["pixel_values"]).last_hidden_state[0]
+    pixels = LapvqaImageProcessor().encoder_pixel_values(images[image_id], stretch())  # read as 8-bit RGB, then
+    with torch.no_grad():  # prepared by the encoder's own processor
+        expected = encoder(pixels).last_hidden_state[0]
     assert store[image_id].dtype == torch.float16 and store[image_id].shape == (4, 64)
     assert torch.allclose(store[image_id].float(), expected, atol=1e-2)
 
@@ -122,7 +131,8 @@ def test_lapvqa_encoder_features_equal_the_model_output(release, tmp_path):
 def test_transformers_encoders_follow_their_recipe(release, tmp_path, name, model, patches):
     _, images = release
     recipe = tiny(name, image_size=28, vis_dim=32)
-    extract_features(dict(list(images.items())[:3]), recipe, tmp_path, encoder=model(), progress=False)
+    processor = CLIPImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False)  # each one's own, tiny
+    extract_features(dict(list(images.items())[:3]), recipe, tmp_path, model(), processor, progress=False)
     store = FeatureStore(tmp_path)
     # CLIP and OWLv2 have a CLS token, dropped by their recipes; SigLIP has none: all give the 2x2 patch grid.
     assert {tuple(store[i].shape) for i in list(images)[:3]} == {(patches, 32)}
@@ -135,7 +145,8 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(relea
     )
     encoder = LapvqaVisionModel(config).eval()
     recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=32)
-    extract_features(images, recipe, tmp_path / "reference", encoder=encoder, shard_size=6, progress=False)
+    extract_features(images, recipe, tmp_path / "reference", encoder=encoder, image_processor=stretch(), shard_size=6,
+                     progress=False)  # fmt: skip
 
     calls = []
     original_forward = encoder.forward
@@ -149,11 +160,12 @@ def test_extraction_resumes_after_a_crash_and_matches_an_uninterrupted_run(relea
     monkeypatch.setattr(encoder, "forward", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(
-            images, recipe, tmp_path / "resumed", encoder=encoder, batch_size=3, shard_size=6, progress=False
+            images, recipe, tmp_path / "resumed", encoder, stretch(), batch_size=3, shard_size=6, progress=False
         )
     assert len(FeatureStore(tmp_path / "resumed")) == 6, "the first shard survived the crash"
     calls.clear()
-    extract_features(images, recipe, tmp_path / "resumed", encoder=encoder, batch_size=3, shard_size=6, progress=False)
+    extract_features(images, recipe, tmp_path / "resumed", encoder=encoder, image_processor=stretch(), batch_size=3,
+                     shard_size=6, progress=False)  # fmt: skip
     assert len(calls) == 2, "only the 4 images not yet stored were encoded (batches of 3 and 1)"
     reference, resumed = FeatureStore(tmp_path / "reference"), FeatureStore(tmp_path / "resumed")
     assert len(resumed) == 10 and all(torch.equal(reference[i], resumed[i]) for i in images)
@@ -167,7 +179,7 @@ def test_features_of_another_recipe_are_not_mixed(release, tmp_path):
     )
     recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=32)
     subset = dict(list(images.items())[:2])
-    extract_features(subset, recipe, tmp_path, encoder=LapvqaVisionModel(config), progress=False)
+    extract_features(subset, recipe, tmp_path, LapvqaVisionModel(config), stretch(), progress=False)
     with pytest.raises(FeatureError, match="holds features of another recipe"):
         extract_features(
             subset,
@@ -189,6 +201,7 @@ def test_wrong_encoder_width_is_refused(release, tmp_path):
             tiny("lapvqa-vit-l14", image_size=28),
             tmp_path,
             encoder=LapvqaVisionModel(config),
+            image_processor=stretch(),
             progress=False,
         )
 
@@ -201,6 +214,7 @@ def test_cli_extracts_from_a_release_with_a_local_checkpoint(release, tmp_path, 
         image_size=28, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, hidden_size=1024
     )
     LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder")
+    stretch().save_pretrained(tmp_path / "encoder")
     # The recipe feeds 224 px images: a 28 px checkpoint is refused before anything is encoded.
     args = [
         "extract-features",
@@ -217,6 +231,7 @@ def test_cli_extracts_from_a_release_with_a_local_checkpoint(release, tmp_path, 
         image_size=224, patch_size=112, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
     )
     LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder224")
+    stretch(224).save_pretrained(tmp_path / "encoder224")
     assert lapvqa([*args, "--checkpoint", str(tmp_path / "encoder224")]) == 0
     assert f"{len(images)} images encoded with lapvqa-vit-l14" in capsys.readouterr().out
     assert FeatureStore(tmp_path / "f")[next(iter(images))].shape == (4, 1024)
@@ -238,6 +253,10 @@ def test_florence2_recipe_through_the_cli(release, tmp_path, capsys):
     _, images = release
     model = tiny_florence2()
     model.save_pretrained(tmp_path / "florence2")
+    # Florence-2's own processor: 768 x 768, no crop, ImageNet normalisation
+    processor = CLIPImageProcessor(size={"height": 768, "width": 768}, do_center_crop=False,
+                                   image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    processor.save_pretrained(tmp_path / "florence2")
     image = next(iter(images.values()))  # one image (768 px costs): a plain image, report file
     (tmp_path / "reports.jsonl").write_text(json.dumps({"image": image, "report": "No effusion."}))
     args = ["extract-features", "--encoder", "florence2", "--reports", str(tmp_path / "reports.jsonl")]
@@ -247,7 +266,7 @@ def test_florence2_recipe_through_the_cli(release, tmp_path, capsys):
     assert store.recipe.checkpoint == str(tmp_path / "florence2"), "the encoder used is recorded with the features"
     # 768 px / 32 = 24 x 24 DaViT tokens, plus their mean first; projected to 1024 and normed.
     assert store[image].shape == (1 + 24 * 24, 1024)
-    pixels = LapvqaImageProcessor.for_recipe(recipe_for("florence2"))(image)["pixel_values"]
+    pixels = LapvqaImageProcessor().encoder_pixel_values(image, processor)
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert torch.allclose(store[image].float(), expected, atol=1e-2)
@@ -325,6 +344,7 @@ def test_cli_extracts_the_frontal_image_of_every_report(release, tmp_path, capsy
         image_size=224, patch_size=112, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
     )
     LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder")
+    stretch(224).save_pretrained(tmp_path / "encoder")
     args = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", str(tmp_path / "encoder")]
     assert lapvqa([*args, "--mimic-root", str(root), "--task", "captioning", "--output", str(tmp_path / "f")]) == 0
     reports = [row for split in load_mimic_cxr_reports(root).values() for row in split]

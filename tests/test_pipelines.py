@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from test_image_processing import write_dicom
-from transformers import CLIPVisionConfig, CLIPVisionModel, pipeline
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, pipeline
 
 from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.encoders import EncoderRecipe, load_encoder, patch_tokens
+from lapvqa_hf.encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from lapvqa_hf.tokenization import build_gpt2_tokenizer, encode_questions
 
@@ -49,6 +49,7 @@ def clip_encoder(tmp_path_factory):
     )  # fmt: skip
     torch.manual_seed(0)
     CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224).save_pretrained(folder)  # as CLIP's own
     return folder
 
 
@@ -80,11 +81,17 @@ def detection_folder(tmp_path_factory, clip_encoder):
 
 
 def manual_tokens(folder: str, images: list) -> torch.Tensor:
-    """The encoder's patch tokens as a user would compute them by hand from the head's recorded recipe."""
+    """The encoder's patch tokens as a user would compute them by hand from the head's recorded recipe: X-rays read
+    as 8-bit RGB, then the encoder's own image processor, then the encoder."""
     recipe = EncoderRecipe(**json.loads(open(os.path.join(folder, "config.json")).read())["feature_recipe"])
-    encoder = load_encoder(recipe)
+    encoder, processor = load_encoder(recipe), load_encoder_image_processor(recipe)
+    if json.loads(open(os.path.join(folder, "config.json")).read())["model_type"] == "lapvqa_detection":
+        processor = LapvqaImageProcessor.from_pretrained(folder)  # detection: the folder's own (boxes map back)
+        pixels = processor(images)["pixel_values"]
+    else:
+        pixels = LapvqaImageProcessor().encoder_pixel_values(images, processor)
     with torch.no_grad():
-        return patch_tokens(recipe, encoder, LapvqaImageProcessor.for_recipe(recipe)(images)["pixel_values"])
+        return patch_tokens(recipe, encoder, pixels)
 
 
 def manual_answers(model, images: dict, questions: list[str], **generate) -> list[str]:

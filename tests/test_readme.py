@@ -140,11 +140,12 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_first_screen_pipelines_run_from_images(xray_files, tmp_path, monkeypatch, capsys):
     """The README's first examples: two X-rays and a question to an answer, one X-ray to a report and to boxes."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Owlv2VisionConfig, Owlv2VisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Owlv2VisionConfig, Owlv2VisionModel
 
     clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             image_size=224, patch_size=56)  # fmt: skip
     CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224).save_pretrained(tmp_path / "clip")
     owl = Owlv2VisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                             image_size=960, patch_size=240)  # fmt: skip
     Owlv2VisionModel(owl).save_pretrained(tmp_path / "owlv2")

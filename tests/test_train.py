@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lapvqa_hf import LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
+from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 from lapvqa_hf.train import DiffVQAExamples, TrainConfig, answer_split, train
 
@@ -34,7 +35,10 @@ def prepared(tmp_path_factory):
         )
     )
     recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
-    extract_features(images_of(rows, root=root.resolve()), recipe, base / "features", encoder=encoder, progress=False)
+    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")  # the tiny encoder's own
+    extract_features(
+        images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
+    )
     return base
 
 

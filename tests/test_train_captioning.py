@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoProcessor
 from lapvqa_hf import LapvqaCaptioningConfig, LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureError, FeatureStore, extract_features, images_of, recipe_for
+from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.train import ReportExamples, TrainConfig, report_collate, report_split, train
 
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28)
@@ -34,6 +35,7 @@ def prepared(tmp_path_factory):
     torch.manual_seed(0)
     encoder = LapvqaVisionModel(LapvqaVisionConfig(**TINY_ENCODER)).eval()
     encoder.save_pretrained(base / "encoder")
+    LapvqaImageProcessor(image_size=28, resize_mode="stretch").save_pretrained(base / "encoder")  # its own processor
     # What `lapvqa extract-features --encoder lapvqa-vit-l14 --checkpoint <folder>` records.
     recipe = dataclasses.replace(
         recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32, checkpoint=str(base / "encoder")
