@@ -67,6 +67,14 @@ class LapvqaFrozenEncoderPipeline(Pipeline):
         ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] + [self.model.config.bos_token_id]
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
 
+    def _answer(self, model_inputs: dict, generate_kwargs: dict, **visual_features) -> dict[str, torch.Tensor]:
+        """`generate()` from the question prompts and the encoded images; the answers without the prompts."""
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(
+            input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **visual_features, **generate_kwargs
+        )
+        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+
     def _sanitize_parameters(self, **generate_kwargs):
         return {}, {"generate_kwargs": generate_kwargs}, {}
 
@@ -96,15 +104,9 @@ class LapvqaDiffVQAPipeline(LapvqaFrozenEncoderPipeline):
             inputs["question"])}  # fmt: skip
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
-        input_ids = model_inputs["input_ids"]
-        generated = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=model_inputs["attention_mask"],
-            ref_vis=self.encode(model_inputs["prior_pixel_values"]),
-            curr_vis=self.encode(model_inputs["current_pixel_values"]),
-            **generate_kwargs,
-        )
-        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+        ref_vis = self.encode(model_inputs["prior_pixel_values"])
+        curr_vis = self.encode(model_inputs["current_pixel_values"])
+        return self._answer(model_inputs, generate_kwargs, ref_vis=ref_vis, curr_vis=curr_vis)
 
 
 class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
@@ -116,14 +118,8 @@ class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
         return {"image_pixel_values": pixels, **self._question_prompt(inputs["question"])}
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
-        input_ids = model_inputs["input_ids"]
-        generated = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=model_inputs["attention_mask"],
-            image_features=self.encode(model_inputs["image_pixel_values"]),
-            **generate_kwargs,
-        )
-        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+        image_features = self.encode(model_inputs["image_pixel_values"])
+        return self._answer(model_inputs, generate_kwargs, image_features=image_features)
 
 
 class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):

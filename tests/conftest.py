@@ -2,6 +2,8 @@
 upstream-layout heads with random weights."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -130,7 +132,7 @@ def gpt2_tokenizer():
     return build_gpt2_tokenizer()
 
 
-_REMOTE_CODE_SCRIPT = """
+_WITHOUT_LAPVQA_HF = """
 import sys, importlib.abc
 
 class Block(importlib.abc.MetaPathFinder):
@@ -139,6 +141,23 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("lapvqa_hf is blocked in this test")
 
 sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_lapvqa_hf(code: str, args: list, tmp_path) -> subprocess.CompletedProcess:
+    """Runs Python `code` with `args` in a fresh interpreter where `lapvqa_hf` cannot be imported (as a user of a
+    converted folder without the package), its remote-code modules cached under `tmp_path`."""
+    script = tmp_path / "without_lapvqa_hf.py"
+    script.write_text(_WITHOUT_LAPVQA_HF + code)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+_REMOTE_CODE_SCRIPT = """
 import torch
 import transformers
 
@@ -172,22 +191,9 @@ def run_with_remote_code(
     runs `model(**inputs)` (then `model.generate(**inputs, **generate)`, and the image processor's
     `post_process_object_detection(outputs, **post_process)`), and returns the class name and the results.
     Generation there must give the same tokens with and without the cache."""
-    import subprocess
-    import sys
-
     request = {"inputs": inputs, "generate": generate, "post_process": post_process, "auto_class": auto_class}
     torch.save(request, tmp_path / "request.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(_REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "request.pt"), str(tmp_path / "result.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_lapvqa_hf(_REMOTE_CODE_SCRIPT, [folder, tmp_path / "request.pt", tmp_path / "result.pt"], tmp_path)
     remote = torch.load(tmp_path / "result.pt", weights_only=True)
     if generate is not None:
         assert torch.equal(remote["generated"], remote["generated_without_cache"]), "the cache changed the answers"

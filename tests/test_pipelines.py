@@ -4,12 +4,11 @@ head kind: the same tokens as the manual path (the encoder recipe's image prepar
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_lapvqa_hf
 from PIL import Image
 from test_image_processing import write_dicom
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, pipeline
@@ -169,14 +168,7 @@ def test_bad_pipeline_inputs_say_what_is_expected(vqa_folder):
 
 
 REMOTE_PIPELINE = """
-import importlib.abc, json, sys
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "lapvqa_hf" or name.startswith("lapvqa_hf."):
-            raise ImportError("lapvqa_hf is blocked in this test")
-
-sys.meta_path.insert(0, Block())
+import json
 import transformers
 
 pipe = transformers.pipeline(model=sys.argv[1], trust_remote_code=True)
@@ -188,12 +180,5 @@ print(json.dumps(pipe(json.loads(sys.argv[2]), max_new_tokens=6)))
 def test_the_remote_code_pipeline_answers_without_the_package(diffvqa_folder, xrays, tmp_path):
     row = {"prior_image": xrays[0], "current_image": xrays[1], "question": QUESTIONS[0]}
     expected = pipeline(model=diffvqa_folder, trust_remote_code=True)(row, max_new_tokens=6)
-    script = tmp_path / "remote_pipeline.py"
-    script.write_text(REMOTE_PIPELINE)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), diffvqa_folder, json.dumps(row)], cwd=tmp_path, env=env, capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_lapvqa_hf(REMOTE_PIPELINE, [diffvqa_folder, json.dumps(row)], tmp_path)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
