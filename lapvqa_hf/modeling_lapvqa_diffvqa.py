@@ -61,8 +61,8 @@ def resolve_cache_argument(
         raise TypeError(
             f"{type(model).__name__}.forward() received {what} from transformers {transformers.__version__}, which "
             "this model's code does not understand (it takes the cache as `cache` or `past_key_values`). Update "
-            "lapvqa-hf (`pip install -U lapvqa-hf`) and re-save the model folder, or install a transformers release "
-            "this code was tested with (see `transformers_versions_tested` in the folder's config.json)."
+            "lapvqa-hf and re-save the model folder, or install a transformers release this code was tested with "
+            "(see `transformers_versions_tested` in the folder's config.json)."
         )
     return cache if cache is not None else past_key_values
 
