@@ -24,6 +24,9 @@ from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_e
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
+# How images reach the encoder, recorded in the manifest: stores written by lapvqa-hf 0.1.x (which stretched
+# images with the recipe's own normalisation instead) are not resumed with differently prepared images.
+IMAGE_PREPARATION = "xray-as-8-bit-rgb, then the encoder's own image processor"
 
 
 class FeatureError(EncoderError):
@@ -62,13 +65,18 @@ def extract_features(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / MANIFEST
-    manifest = {"recipe": asdict(recipe), "shards": []}
+    manifest = {"recipe": asdict(recipe), "image_preparation": IMAGE_PREPARATION, "shards": []}
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if EncoderRecipe(**manifest["recipe"]) != recipe:
             raise FeatureError(
                 f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
                 f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
+            )
+        if manifest.get("image_preparation") != IMAGE_PREPARATION:
+            raise FeatureError(
+                f"{output_dir} holds features of images prepared otherwise (by lapvqa-hf 0.1.x: stretched with the "
+                "recipe's normalisation); extract into a new folder, so that one store never mixes the two."
             )
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
     todo = [image_id for image_id in images if image_id not in done]

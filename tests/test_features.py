@@ -1,5 +1,6 @@
 """`lapvqa extract-features`: frozen patch tokens per image, fp16 shards, one recipe per encoder, resumable."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -188,6 +189,14 @@ def test_features_of_another_recipe_are_not_mixed(release, tmp_path):
             encoder=LapvqaVisionModel(config),
             progress=False,
         )
+
+
+def test_a_store_of_differently_prepared_images_is_not_resumed(release, tmp_path):
+    _, images = release
+    recipe = tiny("lapvqa-vit-l14", image_size=28, vis_dim=32)
+    (tmp_path / "features.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "shards": []}))
+    with pytest.raises(FeatureError, match="holds features of images prepared otherwise"):
+        extract_features(images, recipe, tmp_path, image_processor=stretch(), progress=False)
 
 
 def test_wrong_encoder_width_is_refused(release, tmp_path):
