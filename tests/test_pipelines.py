@@ -129,6 +129,66 @@ def test_vqa_pipeline_answers_as_the_manual_path(vqa_folder, xrays):
     assert pipe(rows, max_new_tokens=6, batch_size=2) == [{"answer": a} for a in expected]
 
 
+def tiny_encoder_folder(name: str, folder):
+    """A random encoder of each family at its recipe's width and input size, with its own image processor, saved
+    as a local folder (few, large patches: 16 tokens)."""
+    from test_features import tiny_florence2
+    from transformers import (
+        Owlv2ImageProcessor,
+        Owlv2VisionConfig,
+        Owlv2VisionModel,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        ViTImageProcessor,
+        ViTMAEConfig,
+        ViTMAEModel,
+    )
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from lapvqa_hf import LapvqaVisionConfig, LapvqaVisionModel
+
+    layer = dict(intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    if name == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, image_size=384, patch_size=96, **layer))
+        processor = SiglipImageProcessor(size={"height": 384, "width": 384})
+    elif name == "owlv2":
+        model = Owlv2VisionModel(Owlv2VisionConfig(hidden_size=1024, image_size=960, patch_size=240, **layer))
+        processor = Owlv2ImageProcessor(size={"height": 960, "width": 960})
+    elif name == "florence2":
+        model = tiny_florence2()
+        processor = CLIPImageProcessor(size={"height": 768, "width": 768}, do_center_crop=False,
+                                       image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    elif name == "mae-vit-l16":
+        config = ViTMAEConfig(hidden_size=1024, image_size=224, patch_size=56, decoder_num_hidden_layers=1,
+                              decoder_hidden_size=32, decoder_intermediate_size=32, **layer)  # fmt: skip
+        model, processor = ViTMAEModel(config), ViTImageProcessor(size={"height": 224, "width": 224})
+    else:  # the collection's own ViT, as `lapvqa convert vision-encoder` writes it
+        model = LapvqaVisionModel(LapvqaVisionConfig(hidden_size=1024, image_size=224, patch_size=56, **layer))
+        processor = LapvqaImageProcessor(image_size=224)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["siglip", "owlv2", "florence2", "mae-vit-l16", "lapvqa-vit-l14"])
+def test_every_encoder_family_feeds_its_head_through_the_pipeline(name, tmp_path, xrays):
+    from lapvqa_hf.encoders import ENCODER_WIDTHS
+
+    encoder_folder = tiny_encoder_folder(name, tmp_path / name)
+    torch.save(randomize_(VQAHead(vis_dim=ENCODER_WIDTHS[name], **TINY_HEAD), seed=3).state_dict(), tmp_path / "h.pt")
+    folder = tmp_path / "vqa"
+    arguments = ["--encoder", name, "--encoder-checkpoint", str(encoder_folder), "--num-heads", "4"]
+    assert lapvqa(["convert", "vqa", str(tmp_path / "h.pt"), *arguments, "--output", str(folder)]) == 0
+    pipe = pipeline(model=str(folder), trust_remote_code=True)
+    row = {"image": xrays[4], "question": QUESTIONS[1]}  # the DICOM
+    tokens = manual_tokens(str(folder), [row["image"]])
+    assert tokens.shape[-1] == ENCODER_WIDTHS[name]
+    expected = manual_answers(pipe.model, {"image_features": tokens}, [row["question"]])
+    assert pipe(row, max_new_tokens=6) == {"answer": expected[0]}
+
+
 def test_detection_pipeline_gives_boxes_in_the_original_images_pixels(detection_folder, xrays):
     pipe = pipeline(model=detection_folder, trust_remote_code=True)
     found = pipe(xrays[1], threshold=0.0)  # the 16-bit PNG, 50 x 44
