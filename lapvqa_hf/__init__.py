@@ -1,7 +1,8 @@
 """Transformers-native LAPVQA chest X-ray models.
 
-Importing the package registers the model classes with Transformers' Auto classes, and marks them for
-remote-code export so that `save_pretrained` writes `auto_map` and copies the model files.
+Importing the package registers the model classes with Transformers' Auto classes and the pipelines with its
+pipeline registry, and marks the classes for remote-code export so that `save_pretrained` writes `auto_map` and
+copies the model files.
 """
 
 from transformers import (
