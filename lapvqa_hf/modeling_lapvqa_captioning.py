@@ -79,8 +79,10 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> torch.Tensor:
-        """The decoder's memory `[B, N, hidden_size]` from the image, or from the encoder's stored patch tokens."""
+        **image_output_flags,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
+        """The decoder's memory `[B, N, hidden_size]`, from the image (with the encoder's outputs, see
+        `get_image_features`) or from the encoder's stored patch tokens (then no encoder outputs)."""
         if (pixel_values is None) == (image_features is None):
             problem = "Got both pixel_values and" if pixel_values is not None else "Missing pixel_values or"
             raise ValueError(
@@ -91,14 +93,17 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
                 "pixel_values to the main model's first step only."
             )
         if pixel_values is not None:
-            return self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+            image_outputs = self.get_image_features(
+                pixel_values, interpolate_pos_encoding, return_dict=True, **image_output_flags
+            )
+            return image_outputs.pooler_output, image_outputs
         width = self.config.vision_config.hidden_size
         if image_features.ndim != 3 or image_features.shape[-1] != width:
             raise ValueError(
                 f"`image_features` must be the encoder's patch tokens of shape [batch, num_patches, {width}] "
                 f"(LapvqaVisionModel's last_hidden_state), got {list(image_features.shape)}."
             )
-        return self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
+        return self.visual_projection(image_features.to(self.visual_projection.weight.dtype)), None
 
     @can_return_tuple
     def forward(
@@ -137,14 +142,8 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
         cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
         memory = image_outputs = None
         if not self._memory_is_cached(cache):
-            if pixel_values is not None and image_features is None:
-                flags = {name: kwargs[name] for name in _IMAGE_OUTPUT_FLAGS if name in kwargs}
-                image_outputs = self.get_image_features(
-                    pixel_values, interpolate_pos_encoding, return_dict=True, **flags
-                )
-                memory = image_outputs.pooler_output
-            else:
-                memory = self.encode_visual(pixel_values, image_features)
+            flags = {name: kwargs[name] for name in _IMAGE_OUTPUT_FLAGS if name in kwargs}
+            memory, image_outputs = self.encode_visual(pixel_values, image_features, interpolate_pos_encoding, **flags)
         outputs = self._decode_with_memory(
             memory,
             "pixel_values holds" if pixel_values is not None else "image_features holds",
