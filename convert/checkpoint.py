@@ -1,4 +1,4 @@
-"""Safe loading of untrusted upstream `.pt` files, strict key mapping and atomic output folders."""
+"""Safe loading of untrusted upstream `.pt` (and `.safetensors`) files, strict key mapping and atomic output folders."""
 
 import contextlib
 import hashlib
@@ -54,6 +54,8 @@ def load_untrusted(path: str | os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file.")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -72,6 +74,20 @@ def load_untrusted(path: str | os.PathLike) -> object:
         first_line = str(error).split(".")[0].strip() or type(error).__name__
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line})."
+        ) from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file holds tensors only, so it cannot run code; a damaged one is still refused in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConversionError(
+            f"{path}: not a readable safetensors file (truncated or corrupt: {first_line})."
         ) from None
 
 
@@ -155,8 +171,10 @@ class StateDictMapper:
         self.used.add(key)
         return self.source[key]
 
-    def rename(self, source_key: str, target_key: str) -> None:
-        self._put(target_key, self.consume(source_key))
+    def rename(
+        self, source_key: str, target_key: str, transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    ) -> None:
+        self._put(target_key, transform(self.consume(source_key)))
 
     def split(self, source_key: str, target_keys: list[str]) -> None:
         """Splits a fused tensor (e.g. `in_proj_weight`) into equal chunks along dim 0."""

@@ -297,11 +297,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, wi
 def run_reporting_errors(
     command: Callable[[], object], errors: tuple[type[Exception], ...] = (ConversionError, OSError)
 ) -> int:
-    """Runs a command for the CLI: an expected error becomes one `error:` line and exit code 1."""
+    """Runs a command for the CLI: an expected error becomes one `error:` line (its first) and exit code 1."""
     try:
         command()
     except errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: {first_line}", file=sys.stderr)
         return 1
     return 0
 

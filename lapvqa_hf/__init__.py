@@ -17,6 +17,7 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .configuration_lapvqa_detection import LapvqaDetectionConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
@@ -24,6 +25,7 @@ from .configuration_lapvqa_vqa import LapvqaVQAConfig
 from .encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
@@ -47,6 +49,11 @@ for _config, _model, _generative in (
     AutoImageProcessor.register(_config, slow_image_processor_class=LapvqaImageProcessor, exist_ok=True)
     if _config is not LapvqaDetectionConfig:  # detection has no text side, so no tokenizer / LapvqaProcessor
         AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
+# CoCa's image tower keeps open_clip's preprocessing, saved with it as a CLIPImageProcessor.
+AutoConfig.register(LapvqaCocaVisionConfig.model_type, LapvqaCocaVisionConfig, exist_ok=True)
+AutoModel.register(LapvqaCocaVisionConfig, LapvqaCocaVisionModel, exist_ok=True)
+LapvqaCocaVisionConfig.register_for_auto_class()
+LapvqaCocaVisionModel.register_for_auto_class("AutoModel")
 for _task, _pipeline in PIPELINES.values():
     PIPELINE_REGISTRY.register_pipeline(_task, pipeline_class=_pipeline, pt_model=AutoModel, type="multimodal")
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -60,6 +67,8 @@ __all__ = [
     "EncoderRecipe",
     "LapvqaCaptioningConfig",
     "LapvqaCaptioningModel",
+    "LapvqaCocaVisionConfig",
+    "LapvqaCocaVisionModel",
     "LapvqaDetectionConfig",
     "LapvqaDetectionModel",
     "LapvqaDiffVQAConfig",

@@ -4,6 +4,7 @@ lapvqa convert diffvqa CHECKPOINT --encoder NAME --output DIR
 lapvqa convert vqa CHECKPOINT --encoder NAME --output DIR
 lapvqa convert captioning model_best.pt --output DIR
 lapvqa convert vision-encoder encoder_final.pt --output DIR
+lapvqa convert coca-encoder open_clip_pytorch_model.bin --output DIR
 lapvqa convert detection siglip.pt --output DIR
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError
 
 from . import __version__
-from .convert import captioning, detection, diffvqa, vision_encoder, vqa
+from .convert import captioning, coca_encoder, detection, diffvqa, vision_encoder, vqa
 from .convert.common import run_reporting_errors
 
 CONVERTERS = {
@@ -22,6 +23,7 @@ CONVERTERS = {
     "vqa": (vqa, "a single-image VQAHead state dict ({encoder}_best.pt)"),
     "captioning": (captioning, "the captioning model (model_best.pt: ViT-L/14 + report decoder)"),
     "vision-encoder": (vision_encoder, "the captioning-pretrained ViT-L/14 alone (encoder_final.pt)"),
+    "coca-encoder": (coca_encoder, "open_clip's CoCa ViT-L/14 image tower (open_clip_pytorch_model.bin)"),
     "detection": (detection, "a DETR-style DetectionHead checkpoint ({encoder}.pt, VinDr-CXR)"),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from .encoders import ENCODER_WIDTHS
 
 # Every kind has a converter (`lapvqa convert <kind>`); an entry can still be switched off with convertible=false.
-KNOWN_KINDS = ("diffvqa", "vqa", "captioning", "vision-encoder", "detection")
+KNOWN_KINDS = ("diffvqa", "vqa", "captioning", "vision-encoder", "coca-vision-encoder", "detection")
 # The Hub pipeline tag of each kind: a task transformers 5 has (it removed visual-question-answering and
 # image-to-text). The folders' own pipelines are custom ones (`lapvqa_hf.pipeline_lapvqa`).
 PIPELINE_TAGS = {
@@ -16,6 +16,7 @@ PIPELINE_TAGS = {
     "vqa": "image-text-to-text",
     "captioning": "image-text-to-text",
     "vision-encoder": "image-feature-extraction",
+    "coca-vision-encoder": "image-feature-extraction",
     "detection": "object-detection",
 }
 

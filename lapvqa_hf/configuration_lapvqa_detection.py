@@ -41,7 +41,7 @@ class LapvqaDetectionConfig(PreTrainedConfig):
     transformer decoder; each query yields class logits over `id2label` + no-object (the last index) and a box
     (cx, cy, w, h) in [0, 1] relative to the image the encoder saw.
 
-    The upstream card is silent on several details; these are pinned (SPEC.md section 3, recorded here so that
+    The upstream card is silent on several details; these are pinned (docs/models.md, recorded here so that
     a different convention can be chosen): `num_attention_heads=8`, `activation_function="relu"`,
     `decoder_norm_first=True` (pre-norm, like the encoder), `position_embedding_type="none"` (the object queries
     are the decoder's input, and neither they nor the visual tokens get positional encodings, unlike DETR),

@@ -24,10 +24,10 @@ class LapvqaDiffVQAConfig(PreTrainedConfig):
         hidden_size (`int`, defaults to 512): decoder width.
         num_hidden_layers (`int`, defaults to 6): decoder layers.
         num_attention_heads (`int`, defaults to 8): attention heads. Not recorded in the upstream weights
-            (pinned by SPEC.md; a converter option).
+            (a pinned convention; a converter option, see docs/converting.md).
         intermediate_size (`int`, defaults to 2048): feed-forward width.
         hidden_act (`str`, defaults to `"relu"`): feed-forward activation. Not recorded in the upstream
-            weights (pinned by SPEC.md; a converter option).
+            weights (a pinned convention; a converter option, see docs/converting.md).
         max_position_embeddings (`int`, defaults to 200): learned positions; question + answer must fit.
         vocab_size (`int`, defaults to 50257): GPT-2 vocabulary.
         dropout / attention_dropout / activation_dropout (`float`, defaults to 0.1): as in

@@ -26,8 +26,8 @@ class EncoderRecipe:
     """How one frozen encoder turns an image into patch tokens `[num_patches, vis_dim]`."""
 
     name: str
-    checkpoint: str  # a Hub id or a local folder (open_clip: "architecture/pretrained tag or file")
-    library: str  # "transformers" (with `model_class`), "open_clip" or "lapvqa"
+    checkpoint: str  # a Hub id or a local folder
+    library: str  # "transformers" (a class of transformers) or "lapvqa" (a class of this package, remote code)
     model_class: str
     image_size: int
     image_mean: list[float]
@@ -60,9 +60,9 @@ RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in (
         name="florence2", checkpoint="florence-community/Florence-2-large", library="transformers", model_class="Florence2ForConditionalGeneration",
         image_size=768, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, output="get_image_features", drop_cls=False, vis_dim=1024,
     ),
-    EncoderRecipe(
-        name="coca", checkpoint="coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k", library="open_clip", model_class="coca_ViT-L-14",
-        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="visual_tokens", drop_cls=False, vis_dim=768,
+    EncoderRecipe(  # open_clip's coca_ViT-L-14 (mscoco_finetuned_laion2b_s13b_b90k), converted: `lapvqa convert coca-encoder`
+        name="coca", checkpoint="dmusingu/lapvqa-coca-vit-l14", library="lapvqa", model_class="LapvqaCocaVisionModel",
+        image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, output="last_hidden_state", drop_cls=False, vis_dim=768,
     ),
     EncoderRecipe(  # the detection heads' MAE encoder, run without masking
         name="mae-vit-l16", checkpoint="facebook/vit-mae-large", library="transformers", model_class="ViTMAEModel",
@@ -83,53 +83,53 @@ class EncoderError(ValueError):
     """A frozen encoder cannot be loaded or run as its recipe says; the message says what was expected."""
 
 
+def _unreachable(recipe: EncoderRecipe, source: str, error: OSError) -> EncoderError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return EncoderError(
+        f"the {recipe.name} encoder could not be loaded from {source} ({reason}); a Hub id needs the Hub once (then "
+        "the Hugging Face cache serves it offline), or pass a local folder of the encoder."
+    )
+
+
 def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch.nn.Module":
     """The frozen encoder of a recipe, from the Hub (at the recipe's revision; downloaded once, then read from the
     Hugging Face cache, offline too) or a local folder (`checkpoint` overrides the recipe's)."""
     source = checkpoint or recipe.checkpoint
-    if recipe.library == "transformers":
-        import transformers
+    try:
+        if recipe.library == "transformers":
+            import transformers
 
-        # MAE masks 75% of the patches at random by default; as a feature extractor it sees the whole image.
-        options = {"mask_ratio": 0.0} if recipe.model_class == "ViTMAEModel" else {}
-        model_class = getattr(transformers, recipe.model_class)
-        return model_class.from_pretrained(source, revision=recipe.revision, **options).eval()
-    if recipe.library == "lapvqa":  # a LapvqaVisionModel folder: the package's class, else the folder's own code
+            # MAE masks 75% of the patches at random by default; as a feature extractor it sees the whole image.
+            options = {"mask_ratio": 0.0} if recipe.model_class == "ViTMAEModel" else {}
+            model_class = getattr(transformers, recipe.model_class)
+            return model_class.from_pretrained(source, revision=recipe.revision, **options).eval()
+        # A folder of this package's encoders (the LAPVQA ViT, CoCa's image tower): the package's class when it is
+        # installed, else the folder's own code.
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(source, revision=recipe.revision, trust_remote_code=True).eval()
-    try:
-        import open_clip
-    except ImportError:
-        raise EncoderError(f"the {recipe.name} encoder needs open_clip: pip install open_clip_torch.") from None
-    architecture, _, pretrained = source.partition("/")
-    if not pretrained:
+        model = AutoModel.from_pretrained(source, revision=recipe.revision, trust_remote_code=True).eval()
+    except OSError as error:
+        raise _unreachable(recipe, source, error) from None
+    if type(model).__name__ != recipe.model_class:
         raise EncoderError(
-            f"an open_clip checkpoint is 'architecture/pretrained' (a tag or a weights file), e.g. "
-            f"{recipe.checkpoint!r}; got {source!r}."
+            f"the {recipe.name} recipe expects a {recipe.model_class} at {source}, found a {type(model).__name__}."
         )
-    model, *_ = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
-    return model.visual.eval()
+    return model
 
 
 def load_encoder_image_processor(recipe: EncoderRecipe, checkpoint: str | None = None):
     """The encoder's own image processor: the one saved with its checkpoint (transformers' `AutoImageProcessor`; a
-    `LapvqaImageProcessor` for the collection's ViT). open_clip's CoCa has none in transformers' format: its
-    evaluation transform (shortest side resized bicubic, centre crop, CLIP normalisation) is a `CLIPImageProcessor`."""
-    from transformers import AutoImageProcessor, CLIPImageProcessor
+    `LapvqaImageProcessor` for the collection's ViT, open_clip's evaluation transform as a `CLIPImageProcessor`
+    for CoCa)."""
+    from transformers import AutoImageProcessor
 
-    if recipe.library == "open_clip":
-        side = recipe.image_size
-        return CLIPImageProcessor(
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-            image_mean=recipe.image_mean,
-            image_std=recipe.image_std,
-        )
     source = checkpoint or recipe.checkpoint
-    return AutoImageProcessor.from_pretrained(
-        source, revision=recipe.revision, trust_remote_code=recipe.library == "lapvqa"
-    )
+    try:
+        return AutoImageProcessor.from_pretrained(
+            source, revision=recipe.revision, trust_remote_code=recipe.library == "lapvqa"
+        )
+    except OSError as error:
+        raise _unreachable(recipe, source, error) from None
 
 
 def patch_tokens(recipe: EncoderRecipe, encoder: "torch.nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
@@ -139,10 +139,6 @@ def patch_tokens(recipe: EncoderRecipe, encoder: "torch.nn.Module", pixel_values
     if recipe.output == "get_image_features":
         # Florence-2: the DaViT tokens after the multi-modal projector (position embeddings, projection, norm).
         tokens = encoder.get_image_features(pixel_values=pixel_values).pooler_output
-    elif recipe.output == "visual_tokens":
-        # open_clip's VisionTransformer returns (pooled, tokens) when `output_tokens` is set (CoCa sets it).
-        encoder.output_tokens = True
-        _, tokens = encoder(pixel_values)
     elif recipe.model_class == "ViTMAEModel":
         # MAE orders its patches by random noise before masking; ascending noise keeps the image's order.
         num_patches = (pixel_values.shape[-2] // encoder.config.patch_size) * (

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
 from .convert.checkpoint import ConversionError
+from .convert.coca_encoder import convert_coca_encoder
 from .convert.detection import convert_detection
 from .convert.diffvqa import convert_diffvqa
 from .convert.vision_encoder import convert_vision_encoder
@@ -113,6 +114,7 @@ CONVERTERS = {
     "vqa": lambda entry, source, out, log: convert_vqa(source, entry.encoder, out, overwrite=True, log=log),
     "captioning": lambda entry, source, out, log: convert_captioning(source, out, overwrite=True, log=log),
     "vision-encoder": lambda entry, source, out, log: convert_vision_encoder(source, out, overwrite=True, log=log),
+    "coca-vision-encoder": lambda entry, source, out, log: convert_coca_encoder(source, out, overwrite=True, log=log),
     "detection": lambda entry, source, out, log: convert_detection(
         source, out, encoder=entry.encoder, overwrite=True, log=log
     ),
@@ -177,7 +179,14 @@ def prepare_repo(
             plan.error = f"upstream file not found: {source}"
             return plan
     else:
-        source = Path(api.hf_hub_download(entry.source.repo_id, entry.source.filename, revision=entry.source.revision))
+        try:
+            source = Path(
+                api.hf_hub_download(entry.source.repo_id, entry.source.filename, revision=entry.source.revision)
+            )
+        except HfHubHTTPError as error:  # this repo fails; the others are still planned
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            plan.error = f"upstream file {entry.source.repo_id}/{entry.source.filename} could not be fetched ({reason})"
+            return plan
     folder = work_dir / entry.name
     verify_lines: list[str] = []
 

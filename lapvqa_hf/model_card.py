@@ -24,6 +24,11 @@ DESCRIPTIONS = {
         "The ViT-L/14 encoder of the LAPVQA captioning model, the collection's strongest frozen chest X-ray feature "
         "extractor: its patch tokens (`[batch, 256, 1024]` at 224 px) feed the LAPVQA task heads."
     ),
+    "coca-vision-encoder": (
+        "The image tower of open_clip's CoCa ViT-L/14 (LAION-2B, fine-tuned on MSCOCO captions), converted to "
+        "Transformers: the frozen encoder of the LAPVQA CoCa heads. Its attentional pooler gives 255 image tokens "
+        "(`[batch, 255, 768]`) and CoCa's contrastive image embedding; no open_clip is needed to run it."
+    ),
     "detection": (
         "Abnormality detection on chest X-rays: a DETR-style head (2 encoder layers, 20 object queries, 3 decoder "
         "layers) over the frozen {encoder} encoder's patch tokens predicts boxes of VinDr-CXR's 14 abnormality "
@@ -35,6 +40,7 @@ TRAINING_DATA = {
     "vqa": "MIMIC-CXR question-answer pairs",
     "captioning": "MIMIC-CXR reports",
     "vision-encoder": "MIMIC-CXR reports (captioning objective)",
+    "coca-vision-encoder": "LAION-2B image-text pairs, then MSCOCO captions (by the open_clip authors)",
     "detection": "VinDr-CXR (radiologist-annotated boxes)",
 }
 TASK_TAGS = {
@@ -42,6 +48,7 @@ TASK_TAGS = {
     "vqa": ["visual-question-answering"],
     "captioning": ["radiology-report-generation", "image-captioning"],
     "vision-encoder": ["feature-extraction", "vision-transformer"],
+    "coca-vision-encoder": ["feature-extraction", "vision-transformer", "coca", "open_clip"],
     "detection": ["object-detection", "vindr-cxr", "detr"],
 }
 DATASET_IDS = {
@@ -49,14 +56,18 @@ DATASET_IDS = {
     "vqa": ["mimic-cxr"],
     "captioning": ["mimic-cxr"],
     "vision-encoder": ["mimic-cxr"],
+    "coca-vision-encoder": ["laion/laion2B-en", "mscoco"],
     "detection": ["vindr-cxr"],
 }
 
 IMAGES = "# Images: PNG or JPEG (8 or 16 bit) or DICOM paths (DICOM needs pydicom), PIL images or arrays."
 ENCODER_NOTE = (
     "# The pipeline loads the frozen {encoder} encoder from its own repo (once; the Hugging Face cache serves it "
-    "offline).{extra}"
+    "offline)."
 )
+DATASET_TAGS = {"coca-vision-encoder": []}  # not trained on chest X-rays
+# The weights' own licence: the LAPVQA heads are the collection's; CoCa's image tower is open_clip's (MIT).
+LICENSES = {"coca-vision-encoder": "mit"}
 
 USAGE = {
     "diffvqa": """from transformers import pipeline
@@ -86,6 +97,17 @@ encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
 pixel_values = image_processor("chest_xray.png")["pixel_values"]  # PNG/JPEG or DICOM
 patch_tokens = encoder(pixel_values).last_hidden_state  # [1, num_patches, 1024], CLS dropped
 print(patch_tokens.shape)""",
+    "coca-vision-encoder": """from transformers import AutoImageProcessor, AutoModel
+from PIL import Image
+
+repo = "{repo_id}"
+image_processor = AutoImageProcessor.from_pretrained(repo)  # open_clip's evaluation transform
+encoder = AutoModel.from_pretrained(repo, trust_remote_code=True)
+
+pixel_values = image_processor(Image.open("chest_xray.png").convert("RGB"), return_tensors="pt")["pixel_values"]
+outputs = encoder(pixel_values)
+print(outputs.last_hidden_state.shape)  # [1, 255, 768]: the tokens the LAPVQA CoCa heads take
+print(outputs.image_embeds.shape)  # [1, 768]: CoCa's contrastive image embedding""",
     "detection": """from transformers import pipeline
 
 {encoder_note}
@@ -97,8 +119,7 @@ for finding in pipe("chest_xray.png", threshold=0.1):  # boxes in the original i
 
 
 def usage_snippet(entry: CollectionModel) -> str:
-    extra = " CoCa needs open_clip for now: pip install open_clip_torch." if entry.encoder == "coca" else ""
-    encoder_note = ENCODER_NOTE.format(encoder=entry.encoder_label, extra=extra)
+    encoder_note = ENCODER_NOTE.format(encoder=entry.encoder_label)
     return USAGE[entry.kind].format(repo_id=entry.repo_id, encoder_note=encoder_note, images=IMAGES)
 
 
@@ -130,10 +151,17 @@ def card_data(entry: CollectionModel) -> ModelCardData:
         for metric in entry.results
     ]
     return ModelCardData(
-        license="apache-2.0",
+        license=LICENSES.get(entry.kind, "apache-2.0"),
         library_name="transformers",
         pipeline_tag=entry.pipeline_tag,
-        tags=["chest-xray", "radiology", "medical-imaging", "lapvqa", "mimic-cxr", *TASK_TAGS[entry.kind]],
+        tags=[
+            "chest-xray",
+            "radiology",
+            "medical-imaging",
+            "lapvqa",
+            *DATASET_TAGS.get(entry.kind, ["mimic-cxr"]),
+            *TASK_TAGS[entry.kind],
+        ],  # fmt: skip
         base_model=entry.source.repo_id,
         datasets=DATASET_IDS[entry.kind],
         model_name=entry.name,

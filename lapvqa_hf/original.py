@@ -1,9 +1,12 @@
-"""The upstream modules, re-implemented as SPEC.md pins them, with their original state-dict layout.
+"""The upstream modules, re-implemented as the pinned conventions (docs/converting.md) describe them, with their
+original state-dict layout.
 
 These are the yardsticks of every parity test and of the converters' verify step: they are deliberately
 plain (`torch.nn.TransformerDecoder`, a full re-computation per generated token, as the upstream card's
 `generate` does) and must not be "improved".
 """
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -55,7 +58,7 @@ def greedy_answers(
 
 
 class DiffVQAHead(nn.Module):
-    """`lapvqa.diffvqa.model.DiffVQAHead` (SPEC.md section 1)."""
+    """`lapvqa.diffvqa.model.DiffVQAHead`."""
 
     def __init__(
         self,
@@ -105,7 +108,7 @@ class DiffVQAHead(nn.Module):
 
 
 class VQAHead(nn.Module):
-    """`lapvqa.vqa.model.VQAHead` (SPEC.md section 3): DiffVQAHead with one image, no `frame_emb`, 150 positions
+    """`lapvqa.vqa.model.VQAHead`: DiffVQAHead with one image, no `frame_emb`, 150 positions
     and `tok_emb` tied to `lm_head`."""
 
     def __init__(
@@ -190,7 +193,7 @@ class TimmPatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """The captioning model's ViT-L/14 in timm's `VisionTransformer` key layout (SPEC.md section 2).
+    """The captioning model's ViT-L/14 in timm's `VisionTransformer` key layout.
 
     Returns the patch tokens after the final norm, CLS dropped: `[B, grid², dim]`.
     """
@@ -219,7 +222,7 @@ class VisionTransformer(nn.Module):
 
 
 class CaptioningModel(nn.Module):
-    """`lapvqa.pretrain.model.CaptioningModel` (SPEC.md section 2): ViT encoder + report decoder."""
+    """`lapvqa.pretrain.model.CaptioningModel`: ViT encoder + report decoder."""
 
     def __init__(
         self,
@@ -260,6 +263,89 @@ class CaptioningModel(nn.Module):
         return greedy_answers(lambda ids: decode(self, ids, memory), start, bos_id, eos_id, max_new_tokens)
 
 
+class OpenClipResidualAttentionBlock(nn.Module):
+    """open_clip's `ResidualAttentionBlock`: pre-norm `nn.MultiheadAttention` and a GELU MLP (`c_fc`, `c_proj`)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, mlp_width), gelu=nn.GELU(), c_proj=nn.Linear(mlp_width, width))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenClipTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList([OpenClipResidualAttentionBlock(width, heads, mlp_width) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class OpenClipAttentionalPooler(nn.Module):
+    """open_clip's `AttentionalPooler`: learned queries cross-attend (`kdim = vdim = context width`)."""
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int, n_queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(d_model, n_head, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.attn(q, x, x, need_weights=False)[0]
+
+
+class CocaVisionTower(nn.Module):
+    """open_clip's `VisionTransformer` as `coca_ViT-L-14` builds it (`attentional_pool=True`, `pool_type="tok"`,
+    `output_tokens=True`), with its state-dict keys (the `visual.*` part of an open_clip CoCa checkpoint).
+
+    Returns `(image_embedding, tokens)`: the first pooled query projected, and the other pooled queries.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 14,
+        width: int = 1024,
+        layers: int = 24,
+        heads: int = 16,
+        mlp_ratio: float = 4.0,
+        output_dim: int = 768,
+        attn_pooler_queries: int = 256,
+        attn_pooler_heads: int = 8,
+    ):
+        super().__init__()
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = OpenClipTransformer(width, layers, heads, int(width * mlp_ratio))
+        self.attn_pool = OpenClipAttentionalPooler(output_dim, width, attn_pooler_heads, attn_pooler_queries)
+        self.ln_post = nn.LayerNorm(output_dim)
+        self.proj = nn.Parameter(scale * torch.randn(output_dim, output_dim))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv1(images).flatten(2).permute(0, 2, 1)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.positional_embedding
+        x = self.transformer(self.ln_pre(x))
+        x = self.ln_post(self.attn_pool(x))
+        return x[:, 0] @ self.proj, x[:, 1:]
+
+
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
     """Fills every parameter with seeded noise (norm weights around 1), so parity checks exercise all of them.
@@ -270,13 +356,13 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module
     for name, parameter in module.named_parameters():
         noise = torch.randn(parameter.shape, generator=generator) * std
         owner = name.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in name else ""
-        is_norm_weight = "norm" in owner and name.endswith("weight")
+        is_norm_weight = ("norm" in owner or owner.startswith("ln_")) and name.endswith("weight")
         parameter.copy_(noise + 1.0 if is_norm_weight else noise)
     return module
 
 
 class DetectionHead(nn.Module):
-    """`lapvqa.detection.model.DetectionHead` (SPEC.md section 3): DETR-style abnormality detection on VinDr-CXR.
+    """`lapvqa.detection.model.DetectionHead`: DETR-style abnormality detection on VinDr-CXR.
 
     Known (card): `vis_proj` Linear(vis_dim -> d_model), 2 pre-norm encoder layers, `object_queries` [1, 20, d_model],
     3 decoder layers, `class_head` Linear(d_model -> 14 + 1), `box_head` MLP(d_model -> d_model -> 4) + sigmoid.

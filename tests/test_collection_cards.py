@@ -35,8 +35,8 @@ def test_manifest_lists_every_upstream_file_once():
     for encoder in ("clip-vit-l14", "coca", "florence2", "siglip", "owlv2"):
         assert f"lapvqa-diffvqa-{encoder}" in names and f"lapvqa-vqa-{encoder}" in names
         assert f"lapvqa-ad-{encoder}" in names
-    assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
-    assert len(collection.models) == 18
+    assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-coca-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
+    assert len(collection.models) == 19
     assert [m.name for m in collection.select(convertible_only=True)] == [
         "lapvqa-diffvqa-clip-vit-l14",
         "lapvqa-diffvqa-coca",
@@ -45,6 +45,7 @@ def test_manifest_lists_every_upstream_file_once():
         "lapvqa-diffvqa-owlv2",
         "lapvqa-captioning",
         "lapvqa-vit-l14",
+        "lapvqa-coca-vit-l14",
         "lapvqa-vqa-clip-vit-l14",
         "lapvqa-vqa-coca",
         "lapvqa-vqa-florence2",
@@ -101,7 +102,8 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
     info = {"assumptions": ["assumption one", "assumption two"], "source_sha256": "ab" * 32}
     card = ModelCard(str(render_model_card(entry, collection, info, "verify passed: max |Δlogit| = 1.0e-06")))
     data = card.data.to_dict()
-    assert data["license"] == "apache-2.0" and data["library_name"] == "transformers"
+    coca_tower = entry.kind == "coca-vision-encoder"  # open_clip's weights, not trained on chest X-rays
+    assert data["license"] == ("mit" if coca_tower else "apache-2.0") and data["library_name"] == "transformers"
     assert data["pipeline_tag"] == entry.pipeline_tag and data["base_model"] == entry.source.repo_id
     assert entry.pipeline_tag in SUPPORTED_TASKS, "a task the installed transformers has"
     assert "chest-xray" in data["tags"] and data["datasets"]
@@ -113,7 +115,8 @@ def test_every_card_renders_and_its_metadata_parses_back(entry):
             assert f"| {metric.name} | {'~' if metric.approximate else ''}{metric.value:.3f} |" in card.text
     else:
         assert "model-index" not in data
-    assert "assumption one" in card.text and "Research only" in card.text and "johnson2019mimic" in card.text
+    assert "assumption one" in card.text and "Research only" in card.text
+    assert ("johnson2019mimic" in card.text) != coca_tower and ("yu2022coca" in card.text) == coca_tower
     assert ("hu2023expert" in card.text) == (entry.kind == "diffvqa")
     assert f'"{entry.repo_id}"' in card.text
 

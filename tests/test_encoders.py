@@ -11,7 +11,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, ViTMAEConfig, ViTMAE
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.collection import load_collection
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe, load_encoder_image_processor
+from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 from lapvqa_hf.features import load_encoder, patch_tokens
 from lapvqa_hf.original import DetectionHead, DiffVQAHead, VQAHead, randomize_
 
@@ -105,9 +105,3 @@ def test_an_8_bit_rgb_image_gets_exactly_the_encoders_own_pixel_values():
     gray = np.asarray(image.convert("L"))  # a grayscale X-ray reaches the encoder as its RGB replica
     replica = clip(images=[Image.fromarray(np.stack([gray] * 3, axis=-1))], return_tensors="pt")["pixel_values"]
     assert torch.equal(LapvqaImageProcessor().encoder_pixel_values(gray, clip), replica)
-
-
-def test_coca_is_prepared_as_open_clips_evaluation_transform():
-    processor = load_encoder_image_processor(RECIPES["coca"])
-    assert processor.size == {"shortest_edge": 224} and processor.crop_size == {"height": 224, "width": 224}
-    assert processor.do_center_crop and list(processor.image_mean) == RECIPES["coca"].image_mean

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import sys
-import types
 
 import pytest
 import torch
@@ -281,67 +280,36 @@ def test_florence2_recipe_through_the_cli(release, tmp_path, capsys):
     assert torch.allclose(store[image].float(), expected, atol=1e-2)
 
 
-class OpenClipStandIn(types.ModuleType):
-    """Records what the CoCa recipe asks of open_clip, and answers as open_clip's API does.
+def test_coca_features_come_from_the_converted_image_tower_without_open_clip(release, tmp_path, capsys, monkeypatch):
+    from test_coca_encoder import converted_tiny_coca
 
-    `create_model_and_transforms(name, pretrained=...)` returns `(model, train transform, val transform)`; the model's
-    `visual` tower (open_clip's `VisionTransformer`) returns the pooled embedding, or `(pooled, tokens)` when its
-    `output_tokens` is set, tokens `[batch, n, embed_dim]`: CoCa's attentional pooler output without its first query.
-    """
-
-    def __init__(self):
-        super().__init__("open_clip")
-        self.calls = []
-
-    def create_model_and_transforms(self, model_name, pretrained=None, **kwargs):
-        self.calls.append((model_name, pretrained))
-        model = torch.nn.Module()
-        model.visual = CoCaVisualStandIn()
-        return model, None, None
-
-
-class CoCaVisualStandIn(torch.nn.Module):
-    def __init__(self, embed_dim: int = 768):
-        super().__init__()
-        self.output_tokens = False  # CoCa's config sets it; the recipe must not rely on that
-        self.conv1 = torch.nn.Conv2d(3, embed_dim, kernel_size=56, stride=56, bias=False)
-        self.class_embedding = torch.nn.Parameter(torch.randn(embed_dim))
-
-    def forward(self, x: torch.Tensor):
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
-        pooled, tokens = x[:, 0], x[:, 1:]
-        return (pooled, tokens) if self.output_tokens else pooled
-
-
-def test_coca_recipe_through_the_cli_with_an_open_clip_stand_in(release, tmp_path, capsys, monkeypatch):
+    from lapvqa_hf import LapvqaCocaVisionModel
     from lapvqa_hf.cli import main as lapvqa
 
     root, images = release
-    open_clip = OpenClipStandIn()
-    monkeypatch.setitem(sys.modules, "open_clip", open_clip)
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` would raise ImportError
+    folder = converted_tiny_coca(tmp_path / "coca")
     args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
-    torch.manual_seed(0)
-    assert lapvqa(args) == 0
-    assert open_clip.calls == [("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k")]
+    assert lapvqa([*args, "--checkpoint", str(folder)]) == 0
     assert f"{len(images)} images encoded with coca" in capsys.readouterr().out
-    image_id = next(iter(images))
-    assert FeatureStore(tmp_path / "f")[image_id].shape == (16, 768), "224 px / 56 = 4 x 4 tokens, CLS dropped"
+    image_id, path = next(iter(images.items()))
+    store = FeatureStore(tmp_path / "f")
+    assert store.recipe.checkpoint == str(folder) and store[image_id].shape == (8, 768), "9 queries, the first pooled"
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    pixels = LapvqaImageProcessor().encoder_pixel_values(LapvqaImageProcessor().load_rgb(path), processor)
+    with torch.no_grad():
+        expected = LapvqaCocaVisionModel.from_pretrained(folder)(pixels).last_hidden_state[0]
+    torch.testing.assert_close(store[image_id].float(), expected, atol=2e-3, rtol=1e-2)  # stored as fp16
 
-    assert lapvqa([*args[:-1], str(tmp_path / "g"), "--checkpoint", "coca_ViT-L-14/weights/open_clip.bin"]) == 0
-    assert open_clip.calls[-1] == ("coca_ViT-L-14", "weights/open_clip.bin"), "architecture/weights file"
-    assert lapvqa([*args[:-1], str(tmp_path / "h"), "--checkpoint", "coca_ViT-L-14"]) == 1
-    assert "an open_clip checkpoint is 'architecture/pretrained'" in capsys.readouterr().err
 
-
-def test_coca_without_open_clip_says_how_to_install_it(release, tmp_path, capsys, monkeypatch):
+def test_the_coca_recipe_without_its_encoder_repo_says_what_it_needed(release, tmp_path, capsys):
     from lapvqa_hf.cli import main as lapvqa
 
-    root, _ = release
-    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
+    root, _ = release  # offline, with an empty Hugging Face cache: dmusingu/lapvqa-coca-vit-l14 cannot be fetched
     args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
     assert lapvqa(args) == 1
-    assert "the coca encoder needs open_clip: pip install open_clip_torch." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dmusingu/lapvqa-coca-vit-l14" in err and err.count("\n") == 1, err
     assert not (tmp_path / "f").exists()
 
 

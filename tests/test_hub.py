@@ -18,7 +18,7 @@ from lapvqa_hf.convert import diffvqa
 
 from lapvqa_hf.collection import load_collection
 from lapvqa_hf.hub import describe, execute, plan_push, push
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
+from lapvqa_hf.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 SECRET = "hf_sentinelTOKENthatMustNeverBePrinted"
 # Every manifest entry converts (the exact list is specified in test_collection_cards.py).
@@ -28,6 +28,7 @@ ONE_PER_KIND = [
     "lapvqa-diffvqa-coca",
     "lapvqa-captioning",
     "lapvqa-vit-l14",
+    "lapvqa-coca-vit-l14",
     "lapvqa-vqa-siglip",
     "lapvqa-ad-mae-vit-l16",
 ]
@@ -53,6 +54,11 @@ def upstream_repos() -> dict[str, dict[str, bytes]]:
         elif entry.kind == "detection":
             head = randomize_(DetectionHead(vis_dim=entry.vis_dim, d_model=32, dim_feedforward=48))
             checkpoint = _checkpoint_bytes(upstream_detection_checkpoint(head, entry.encoder))
+            repos.setdefault(entry.source.repo_id, {})[entry.source.filename] = checkpoint
+        elif entry.kind == "coca-vision-encoder":  # a whole open_clip CoCa checkpoint; the converter's default heads
+            tower = CocaVisionTower(image_size=56, patch_size=28, width=64, layers=1, heads=16, attn_pooler_queries=5)
+            checkpoint = {f"visual.{key}": tensor for key, tensor in randomize_(tower).state_dict().items()}
+            checkpoint = _checkpoint_bytes({**checkpoint, "logit_scale": torch.tensor(4.6)})
             repos.setdefault(entry.source.repo_id, {})[entry.source.filename] = checkpoint
     captioning = randomize_(
         CaptioningModel(
@@ -148,7 +154,7 @@ def test_dry_run_plans_every_chosen_repo_and_writes_nothing(hub, api, tmp_path):
     text = describe(plan)
     assert "● dmusingu/lapvqa-diffvqa-coca: create repo, one commit" in text
     assert "collection LAPVQA (to be created): add" in text
-    assert text.endswith("5 repo(s) ready, 5 commit(s), 5 collection addition(s), 0 failed.")
+    assert text.endswith("6 repo(s) ready, 6 commit(s), 6 collection addition(s), 0 failed.")
     assert api.writes() == []
 
 
@@ -242,12 +248,27 @@ def _cli(hub: LocalHub, *args: str, cwd: Path, offline: bool = False) -> subproc
     )
 
 
+def test_an_upstream_file_missing_on_the_hub_fails_its_repo_in_one_line_and_the_others_go_on(upstream_repos, tmp_path):
+    repos = {repo: dict(files) for repo, files in upstream_repos.items()}
+    del repos["laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k"]
+    with LocalHub(repos) as server:
+        names = ["lapvqa-coca-vit-l14", "lapvqa-vit-l14"]
+        plan = plan_push(load_collection(), names, tmp_path / "work", api=RecordingHfApi(server), **QUIET)
+    (failed,) = plan.failed
+    assert failed.entry.name == "lapvqa-coca-vit-l14" and "\n" not in failed.error
+    assert failed.error.startswith(
+        "upstream file laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k/open_clip_pytorch_model.bin could not "
+        "be fetched ("
+    )
+    assert [r.entry.name for r in plan.repos if r.error is None] == ["lapvqa-vit-l14"]
+
+
 def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
     result = _cli(hub, "push", "--dry-run", "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in CONVERTIBLE:
         assert f"● dmusingu/{name}: create repo, one commit" in result.stdout
-    assert "18 repo(s) ready, 18 commit(s), 18 collection addition(s), 0 failed." in result.stdout
+    assert "19 repo(s) ready, 19 commit(s), 19 collection addition(s), 0 failed." in result.stdout
     assert SECRET not in result.stdout + result.stderr
     assert not any(method not in ("GET", "HEAD") for method, _, _ in hub.requests), "a dry run only reads"
 

@@ -164,6 +164,10 @@ def tiny_encoder_folder(name: str, folder):
         config = ViTMAEConfig(hidden_size=1024, image_size=224, patch_size=56, decoder_num_hidden_layers=1,
                               decoder_hidden_size=32, decoder_intermediate_size=32, **layer)  # fmt: skip
         model, processor = ViTMAEModel(config), ViTImageProcessor(size={"height": 224, "width": 224})
+    elif name == "coca":  # CoCa's image tower, as `lapvqa convert coca-encoder` writes it from open_clip weights
+        from test_coca_encoder import converted_tiny_coca
+
+        return converted_tiny_coca(folder)
     else:  # the collection's own ViT, as `lapvqa convert vision-encoder` writes it
         model = LapvqaVisionModel(LapvqaVisionConfig(hidden_size=1024, image_size=224, patch_size=56, **layer))
         processor = LapvqaImageProcessor(image_size=224)
@@ -172,7 +176,7 @@ def tiny_encoder_folder(name: str, folder):
     return folder
 
 
-@pytest.mark.parametrize("name", ["siglip", "owlv2", "florence2", "mae-vit-l16", "lapvqa-vit-l14"])
+@pytest.mark.parametrize("name", ["siglip", "owlv2", "florence2", "coca", "mae-vit-l16", "lapvqa-vit-l14"])
 def test_every_encoder_family_feeds_its_head_through_the_pipeline(name, tmp_path, xrays):
     from lapvqa_hf.encoders import ENCODER_WIDTHS
 
@@ -242,3 +246,20 @@ def test_the_remote_code_pipeline_answers_without_the_package(diffvqa_folder, xr
     expected = pipeline(model=diffvqa_folder, trust_remote_code=True)(row, max_new_tokens=6)
     result = run_without_lapvqa_hf(REMOTE_PIPELINE, [diffvqa_folder, json.dumps(row)], tmp_path)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_a_coca_head_answers_from_images_with_transformers_alone(tmp_path, xrays):
+    """The collection's headline model: a CoCa DiffVQA head and CoCa's converted image tower, both remote code."""
+    from test_coca_encoder import converted_tiny_coca
+
+    encoder_folder = converted_tiny_coca(tmp_path / "lapvqa-coca-vit-l14")
+    torch.save(randomize_(DiffVQAHead(vis_dim=768, **TINY_HEAD), seed=3).state_dict(), tmp_path / "coca_best.pt")
+    folder = str(tmp_path / "lapvqa-diffvqa-coca")
+    arguments = ["--encoder", "coca", "--encoder-checkpoint", str(encoder_folder), "--num-heads", "4"]
+    assert lapvqa(["convert", "diffvqa", str(tmp_path / "coca_best.pt"), *arguments, "--output", folder]) == 0
+    row = {"prior_image": xrays[4], "current_image": xrays[1], "question": QUESTIONS[0]}  # DICOM, 16-bit PNG
+    curr, ref = manual_tokens(folder, [row["current_image"]]), manual_tokens(folder, [row["prior_image"]])
+    expected = manual_answers(pipeline(model=folder, trust_remote_code=True).model, {"curr_vis": curr, "ref_vis": ref},
+                              [row["question"]])  # fmt: skip
+    result = run_without_lapvqa_hf(REMOTE_PIPELINE, [folder, json.dumps(row)], tmp_path)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": expected[0]}

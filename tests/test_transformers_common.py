@@ -15,6 +15,8 @@ from transformers_common_tests import import_common
 from lapvqa_hf import (
     LapvqaCaptioningConfig,
     LapvqaCaptioningModel,
+    LapvqaCocaVisionConfig,
+    LapvqaCocaVisionModel,
     LapvqaDetectionConfig,
     LapvqaDetectionModel,
     LapvqaDiffVQAConfig,
@@ -135,6 +137,25 @@ class VisionModelTester:
     def prepare_config_and_inputs_for_common(self):
         pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
         return self.get_config(), {"pixel_values": pixel_values}
+
+
+class CocaVisionModelTester(VisionModelTester):
+    """A tiny CoCa image tower (like transformers' CLIP vision tester): the same trunk as above, then 5 pooler queries
+    of width 24. Hidden states and attentions are the trunk's."""
+
+    def get_config(self):
+        return LapvqaCocaVisionConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            patch_size=self.patch_size,
+            image_size=self.image_size,
+            num_channels=self.num_channels,
+            projection_dim=24,
+            num_pooler_queries=5,
+            pooler_num_attention_heads=4,
+        )
 
 
 class CaptioningModelTester:
@@ -280,6 +301,25 @@ class LapvqaVisionModelTest(ModelTesterMixin, unittest.TestCase):
         # as transformers' ViT test: the input embedding is the patch convolution, and there is no output embedding
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         model = LapvqaVisionModel(config)
+        self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
+        self.assertIsNone(model.get_output_embeddings())
+
+
+class LapvqaCocaVisionModelTest(LapvqaVisionModelTest):
+    all_model_classes = (LapvqaCocaVisionModel,)
+
+    def setUp(self):
+        self.model_tester = CocaVisionModelTester(self)
+        base_models = patch.dict(common.MODEL_MAPPING_NAMES, {"lapvqa_coca_vision": "LapvqaCocaVisionModel"})
+        base_models.start()
+        self.addCleanup(base_models.stop)
+        self.config_tester = ConfigTester(
+            self, config_class=LapvqaCocaVisionConfig, has_text_modality=False, hidden_size=48
+        )
+
+    def test_model_get_set_embeddings(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        model = LapvqaCocaVisionModel(config)
         self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
         self.assertIsNone(model.get_output_embeddings())
 
