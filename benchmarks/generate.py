@@ -5,6 +5,11 @@ static cache + torch.compile, at the real size (vis_dim 768, N = 256 patches per
     python benchmarks/generate.py --device cuda --dtype bfloat16    # GPU, bf16 + SDPA
 
 Weights are random (upstream layout); every mode generates exactly --new-tokens tokens per sample.
+
+The floor of a decode step is the bytes it must read (every decoder weight but the cross-attention key/value
+projections, `lm_head`, and the cached cross- and self-attention keys/values) divided by the device's read
+bandwidth, measured first with a large `tensor.sum()`; `ms / step` is a call's time over the new tokens (prefill
+included), and `x floor` their ratio.
 """
 
 import argparse
@@ -30,6 +35,29 @@ def build_models(vis_dim: int, device: str, dtype: torch.dtype, attn_implementat
     model.load_state_dict(convert_state_dict(original.state_dict(), config))
     model.set_attn_implementation(attn_implementation)
     return original.to(device, dtype), model.to(device, dtype).eval()
+
+
+def read_bandwidth(device: str, dtype: torch.dtype, megabytes: int = 1024) -> float:
+    """Bytes per second that a `sum()` over a tensor far larger than the caches reads."""
+    data = torch.ones(megabytes * 2**20 // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+    return data.numel() * data.element_size() / time_call(data.sum, device, repeats=5)
+
+
+def decode_step_bytes(model: LapvqaDiffVQAModel, batch: int, memory_tokens: int, text_tokens: int) -> int:
+    """What one cached decode step must read: weights (cross-attention k/v projections excluded: their outputs are
+    cached), one `lm_head` pass, and the cached keys/values of every layer."""
+    config, size = model.config, next(model.parameters()).element_size()
+    skipped = (
+        "visual_projection",
+        "frame_embeddings",
+        "embed_tokens",
+        "embed_positions",
+        "encoder_attn.k_proj",
+        "encoder_attn.v_proj",
+    )
+    weights = sum(p.numel() for name, p in model.named_parameters() if not any(s in name for s in skipped))
+    cached = 2 * config.num_hidden_layers * batch * (memory_tokens + text_tokens) * config.hidden_size
+    return (weights + cached) * size
 
 
 def main() -> None:
@@ -59,11 +87,13 @@ def main() -> None:
         if args.device.startswith("cuda")
         else f"{platform.processor() or 'CPU'} x{torch.get_num_threads()} threads"
     )
+    bandwidth = read_bandwidth(args.device, dtype)
     print(
         f"# {date.today()}  device: {device_name}  dtype: {args.dtype}  attention: {args.attn_implementation}  torch {torch.__version__}"
+        f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s"
     )
-    print("| batch | mode | s / batch | answers/s | tokens/s | speed-up vs naive |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | mode | s / batch | answers/s | tokens/s | speed-up vs naive | ms / step | floor ms | x floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         curr_vis = torch.randn(batch, args.patches, args.vis_dim, device=args.device, dtype=dtype)
@@ -87,27 +117,45 @@ def main() -> None:
             ),
         }
         naive_seconds = None
+        text_tokens = args.prompt_tokens + args.new_tokens // 2  # the self-attention cache's mean length
+        floor_ms = 1e3 * decode_step_bytes(model, batch, 2 * args.patches, text_tokens) / bandwidth
         for mode in args.modes.split(","):
-            with torch.inference_mode():
-                seconds = time_call(runs[mode], args.device, args.repeats)
+            try:
+                with torch.inference_mode():
+                    seconds = time_call(runs[mode], args.device, args.repeats)
+            except Exception as error:  # one failing mode (e.g. a compile error) must not lose the other rows
+                print(f"| {batch} | {mode} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} |")
+                continue
             naive_seconds = seconds if mode == "naive" else naive_seconds
             speedup = f"{naive_seconds / seconds:.1f}x" if naive_seconds else "-"
+            step_ms = 1e3 * seconds / args.new_tokens
             row = dict(
                 batch=batch,
                 mode=mode,
                 seconds=seconds,
                 answers_per_s=batch / seconds,
                 tokens_per_s=batch * args.new_tokens / seconds,
+                step_ms=step_ms,
+                floor_ms=floor_ms,
             )
             results.append(row)
             print(
-                f"| {batch} | {mode} | {seconds:.3f} | {row['answers_per_s']:.1f} | {row['tokens_per_s']:.0f} | {speedup} |",
+                f"| {batch} | {mode} | {seconds:.3f} | {row['answers_per_s']:.1f} | {row['tokens_per_s']:.0f} | {speedup} "
+                f"| {step_ms:.2f} | {floor_ms:.2f} | {step_ms / floor_ms:.1f}x |",
                 flush=True,
             )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(
-                {"device": device_name, "dtype": args.dtype, "args": vars(args), "results": results}, file, indent=1
+                {
+                    "device": device_name,
+                    "dtype": args.dtype,
+                    "read_bandwidth_gb_s": bandwidth / 1e9,
+                    "args": vars(args),
+                    "results": results,
+                },
+                file,
+                indent=1,
             )
 
 
