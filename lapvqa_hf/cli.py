@@ -6,6 +6,7 @@ lapvqa convert captioning model_best.pt --output DIR
 lapvqa convert vision-encoder encoder_final.pt --output DIR
 lapvqa convert coca-encoder open_clip_pytorch_model.bin --output DIR
 lapvqa convert detection siglip.pt --output DIR
+lapvqa answer MODEL --input rows.csv --output answers.jsonl
 """
 
 import argparse
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--output", type=Path, help="also write the scores and answers as JSON here")
     evaluate.set_defaults(handler=run_evaluate)
+
+    from . import answer
+
+    answer_parser = commands.add_parser(
+        "answer", help="answer a CSV / JSON Lines file of images and questions (batched, resumable, heat maps)"
+    )
+    answer.add_arguments(answer_parser)
+    answer_parser.set_defaults(handler=answer.run)
     return parser
 
 
