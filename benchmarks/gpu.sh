@@ -20,4 +20,5 @@ run generate-dynamic generate.py --device cuda --dtype bfloat16 --batch-sizes 1,
 run generate-static generate.py --device cuda --dtype bfloat16 --batch-sizes 1,256 --modes static-compiled --repeats 5 --json "$out/generate-static.json"
 run generate-naive generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8 --modes naive --repeats 1
 run encode encode.py --device cuda --dtype bfloat16 --image-sizes 224,378 --batch-sizes 1,64,256 --caption-batch-sizes 1,64,256 --repeats 3
+run answer answer.py --device cuda --dtype bfloat16 --rows 64 --batch-size 32
 run encode-compiled encode.py --device cuda --dtype bfloat16 --compile --image-sizes 224 --batch-sizes 64,256 --caption-batch-sizes 64 --repeats 5
