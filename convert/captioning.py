@@ -169,7 +169,13 @@ def convert_captioning(
         return verify(original_from_state_dict(state_dict, config), reloaded, tolerance)
 
     return write_verified(
-        model, output, verify_written if run_verify else None, overwrite=overwrite, extra_files=save_processor, log=log
+        model,
+        output,
+        verify_written if run_verify else None,
+        source=checkpoint,
+        overwrite=overwrite,
+        extra_files=save_processor,
+        log=log,
     )
 
 

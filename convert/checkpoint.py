@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -56,6 +57,15 @@ def load_untrusted(path: str | os.PathLike) -> object:
         raise ConversionError(f"{path}: no such file.")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if zipfile.is_zipfile(path):  # torch.save's format: its records carry CRC-32s, which torch.load does not check
+        try:
+            damaged = zipfile.ZipFile(path).testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint (corrupt archive: {error}).") from None
+        if damaged is not None:
+            raise ConversionError(
+                f"{path}: corrupted tensor data (checksum mismatch in {damaged}); download or copy the file again."
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,13 +102,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_state_dict(state_dict: object, where: str) -> dict[str, torch.Tensor]:
+    """A flat dict of real floating-point tensors, every value finite: the weights of these models are nothing
+    else, and a NaN in a rarely used row (a token embedding, a late position) would pass any verify step."""
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{where}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ConversionError(
             f"{where}: expected only tensors in the state dict, found other values under {not_tensors}."
         )
+    not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise ConversionError(f"{where}: expected floating-point weights, found {', '.join(sorted(not_float))}.")
+    not_finite = sorted(k for k, v in state_dict.items() if not torch.isfinite(v).all())
+    if not_finite:
+        raise ConversionError(f"{where}: non-finite values (NaN or inf) in {not_finite}; the checkpoint is damaged.")
     return state_dict
 
 
@@ -216,22 +234,82 @@ class StateDictMapper:
         return self.target
 
 
+def written_by_a_conversion(folder: Path) -> bool:
+    """Whether `folder` is a `lapvqa convert` output: its `config.json` records the conversion."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("conversion_info"), dict)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _with_umask_permissions(folder: Path) -> None:
+    """Gives a finished staging folder the permissions the user's umask gives new files and folders (temporary
+    folders and some writers create them private)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _remove_abandoned_staging(output: Path) -> None:
+    """Staging and retired folders of `output` whose process is gone (a killed conversion) are removed."""
+    for folder in output.parent.glob(f".{output.name}.*-pid*-*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(tmp|old)-pid(\d+)-\w+", folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 @contextlib.contextmanager
-def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    output: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """Yields an empty temporary folder beside `output` and moves it into place only if the block succeeds.
 
-    On any error the temporary folder is removed and `output` is untouched. An existing, non-empty `output`
-    is refused unless `overwrite`, in which case it is replaced whole, never merged.
+    On any error the temporary folder is removed and `output` is untouched; one left by a killed run is removed by
+    the next. An existing, non-empty `output` is refused unless `overwrite`, and even then only when it is an
+    earlier conversion's output (see `written_by_a_conversion`), which is replaced whole, never merged. `output`
+    may not be, or hold, the `source` checkpoint. The result gets the user's umask permissions.
     """
     output = Path(output).absolute()
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise ConversionError(f"{output} already exists and is not empty; pass --overwrite to replace it.")
+    if source is not None:
+        source, target = Path(source).resolve(), output.resolve()
+        if source == target or target in source.parents:
+            raise ConversionError(
+                f"--output {output} would replace the input {source}; write the conversion to another folder."
+            )
+    if output.exists():
+        if not output.is_dir():
+            raise ConversionError(
+                f"{output} is a file; --output must be a folder (new, empty or an earlier conversion)."
+            )
+        if any(output.iterdir()):
+            if not overwrite:
+                raise ConversionError(f"{output} already exists and is not empty; pass --overwrite to replace it.")
+            if not written_by_a_conversion(output):
+                raise ConversionError(
+                    f"{output} is not the output of an earlier `lapvqa convert` (no config.json with conversion_info); "
+                    "--overwrite replaces only those: choose another --output."
+                )
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    _remove_abandoned_staging(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-pid{os.getpid()}-", dir=output.parent))
     try:
         yield staging
+        _with_umask_permissions(staging)
         if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-pid{os.getpid()}-", dir=output.parent))
             os.replace(output, retired / output.name)
             os.replace(staging, output)
             shutil.rmtree(retired, ignore_errors=True)

@@ -222,6 +222,7 @@ def convert_coca_encoder(
         model,
         output,
         verify_written if run_verify else None,
+        source=checkpoint,
         overwrite=overwrite,
         extra_files=lambda folder: coca_image_processor(config).save_pretrained(folder),
         log=log,

@@ -250,17 +250,19 @@ def write_verified(
     model: PreTrainedModel,
     output: str | Path,
     verify: Callable[[Path], VerifyReport] | None,
+    source: Path,
     overwrite: bool = False,
     extra_files: Callable[[Path], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Saves `model` (with its pipeline, see `save_pretrained_with_pipeline`, and `extra_files`) into a staging
-    folder, verifies what was written, then publishes it.
+    folder, verifies what was written, then publishes it (see `atomic_output_dir`: `source`, the checkpoint
+    converted, is never replaced).
 
     A failed verification (or any error) leaves `output` untouched and removes the staging folder.
     """
     output = Path(output)
-    with atomic_output_dir(output, overwrite=overwrite) as staging:
+    with atomic_output_dir(output, overwrite=overwrite, source=source) as staging:
         save_pretrained_with_pipeline(model, staging)
         if extra_files is not None:
             extra_files(staging)
@@ -365,6 +367,7 @@ class AnsweringHeadConverter:
             model,
             output,
             verify_written if run_verify else None,
+            source=checkpoint,
             overwrite=overwrite,
             extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
             log=log,

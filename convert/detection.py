@@ -313,6 +313,7 @@ def convert_detection(
         model,
         output,
         verify_written if run_verify else None,
+        source=checkpoint,
         overwrite=overwrite,
         extra_files=image_processor.save_pretrained,
         log=log,

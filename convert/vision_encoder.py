@@ -157,6 +157,7 @@ def convert_vision_encoder(
         model,
         output,
         verify_written if run_verify else None,
+        source=checkpoint,
         overwrite=overwrite,
         extra_files=lambda folder: LapvqaImageProcessor.for_encoder(config).save_pretrained(folder),
         log=log,

@@ -177,44 +177,49 @@ def run_extract_features(args: argparse.Namespace) -> int:
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
-    from .data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+    from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 
-    root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)
-    questions = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
-    reports = {split: len(rows) for split, rows in load_mimic_cxr_reports(root).items()}
-    print(f"wrote {root}: questions {questions}, reports {reports}")
-    return 0
+    def synthesize() -> None:
+        root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)
+        questions = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
+        reports = {split: len(rows) for split, rows in load_mimic_cxr_reports(root).items()}
+        print(f"wrote {root}: questions {questions}, reports {reports}")
+
+    return run_reporting_errors(synthesize, errors=(DataError, OSError))
 
 
 def run_pull(args: argparse.Namespace) -> int:
     from .collection import ManifestError, load_collection
-    from .hub import pull
+    from .hub import pull, reaching_the_hub
 
-    return run_reporting_errors(
-        lambda: pull(
-            load_collection(),
-            args.names,
-            upstream=args.upstream,
-            revision=args.revision,
-            local_dir=args.local_dir,
-            cache_dir=args.cache_dir,
-            offline=args.offline,
-        ),
-        errors=(ManifestError, OSError, HfHubHTTPError),
-    )
+    def pull_repos() -> None:
+        with reaching_the_hub("`lapvqa pull` downloads from it; --offline reads the local cache only"):
+            pull(
+                load_collection(),
+                args.names,
+                upstream=args.upstream,
+                revision=args.revision,
+                local_dir=args.local_dir,
+                cache_dir=args.cache_dir,
+                offline=args.offline,
+            )
+
+    return run_reporting_errors(pull_repos, errors=(ManifestError, OSError, HfHubHTTPError))
 
 
 def run_push(args: argparse.Namespace) -> int:
     from .collection import ManifestError, load_collection
-    from .hub import push
+    from .hub import push, reaching_the_hub
 
     plans = []
-    code = run_reporting_errors(
-        lambda: plans.append(
-            push(load_collection(), args.names, args.work_dir, dry_run=args.dry_run, upstream_dir=args.upstream_dir)
-        ),
-        errors=(ManifestError, OSError, HfHubHTTPError),
-    )
+
+    def push_repos() -> None:
+        with reaching_the_hub("`lapvqa push` needs it, --dry-run too: the plan compares with the Hub's repos"):
+            plans.append(
+                push(load_collection(), args.names, args.work_dir, dry_run=args.dry_run, upstream_dir=args.upstream_dir)
+            )
+
+    code = run_reporting_errors(push_repos, errors=(ManifestError, OSError, HfHubHTTPError))
     return 1 if code or plans[0].failed else 0
 
 

@@ -13,8 +13,11 @@ lie next to the study folders (`files/p{..}/p{subject_id}/s{study_id}.txt`). All
 
 import csv
 import gzip
+import os
 import random
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -288,8 +291,34 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
     answered from that ground truth, and every study has a MIMIC-CXR-style report (`s{study_id}.txt`) whose
     FINDINGS and IMPRESSION describe its frontal image, so a model can learn both. Subjects are split 60/20/20
     into train/val/test, in the question table and in the split table (`mimic-cxr-2.0.0-split.csv`).
+
+    `root` must be new or empty: an existing release is never written into. The release is written into a
+    temporary folder beside it and renamed into place when complete, so a killed run leaves no half release.
     """
-    root = Path(root)
+    target = Path(root).absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise DataError(f"{target} exists and is not empty; synthesize writes a new release: choose a new --output.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_synthetic_release(staging, num_subjects, seed)
+        os.chmod(staging, 0o777 & ~_umask())
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_synthetic_release(root: Path, num_subjects: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     picker = random.Random(seed)
     metadata, questions, splits = [], [], []
@@ -357,7 +386,6 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
             writer = csv.DictWriter(file, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-    return root
 
 
 __all__ = [

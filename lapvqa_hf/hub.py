@@ -4,15 +4,17 @@ Everything that talks to the Hub goes through one `HfApi` (tests pass a recordin
 huggingface_hub's usual sources (`HF_TOKEN`, `hf auth login`) and is never printed.
 """
 
+import contextlib
 import difflib
 import hashlib
+import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
@@ -25,6 +27,36 @@ from .convert.vqa import convert_vqa
 from .model_card import render_model_card
 
 Log = Callable[[str], None]
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection errors of the HTTP client huggingface_hub uses (httpx2 from huggingface_hub 2, httpx before)."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+class HubUnreachableError(OSError):
+    """The Hub could not be reached; the message says which endpoint and what needed it."""
+
+
+@contextlib.contextmanager
+def reaching_the_hub(needed_for: str) -> Iterator[None]:
+    """Turns a failed connection (raised as such, or as huggingface_hub's 'cannot find it in the local cache')
+    into one line naming the endpoint and what needed it."""
+    try:
+        yield
+    except (*_transport_errors(), LocalEntryNotFoundError) as error:
+        if isinstance(error, LocalEntryNotFoundError) and not str(error).startswith("Got: "):
+            raise
+        reason = str(error).removeprefix("Got: ").strip().splitlines()[0]
+        raise HubUnreachableError(
+            f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached ({reason}); {needed_for}."
+        ) from None
 
 
 # --- pull -----------------------------------------------------------------------------------------------------

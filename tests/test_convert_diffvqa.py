@@ -240,11 +240,11 @@ def test_failed_verification_writes_nothing(checkpoint, tmp_path, capsys, monkey
 
 def test_existing_output_is_kept_unless_overwrite(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    assert run_cli(checkpoint, "--encoder", "coca", "--output", out, "--num-heads", "4") == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
     assert run_cli(checkpoint, "--encoder", "coca", "--output", out, "--num-heads", "4") == 1
     assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "model.safetensors").stat().st_mtime_ns == first
     assert run_cli(checkpoint, "--encoder", "coca", "--output", out, "--num-heads", "4", "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_mtime_ns != first, "an earlier conversion is replaced whole"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

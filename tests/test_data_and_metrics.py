@@ -339,3 +339,15 @@ def test_cli_writes_a_synthetic_release(tmp_path, capsys):
         in printed
     )
     assert len(load_mimic_diff_vqa(tmp_path / "mimic")["train"]) == 9
+
+
+def test_synthesize_never_writes_into_an_existing_release(release, tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    questions = (release / "mimic_pair_questions.csv").read_bytes()
+    assert lapvqa(["data", "synthesize", "--output", str(release), "--subjects", "3"]) == 1
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error == f"error: {release} exists and is not empty; synthesize writes a new release: choose a new --output."
+    assert (release / "mimic_pair_questions.csv").read_bytes() == questions
+    assert lapvqa(["data", "synthesize", "--output", str(tmp_path / "new"), "--subjects", "3"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["new"], "written beside, then renamed into place"

@@ -348,3 +348,37 @@ def test_pull_errors_are_one_line(tmp_path, capsys):
     assert lapvqa(["pull", "lapvqa-diffvqa-coca", "--offline", "--cache-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "cached" in err[0]
+
+
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as probe:  # bound and closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_pull_without_a_reachable_hub_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": _closed_port(), "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "lapvqa_hf.cli", "pull", "lapvqa-vit-l14", "--cache-dir",
+                             str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: the Hugging Face Hub ({env['HF_ENDPOINT']}) could not be reached (")
+    assert error.endswith("`lapvqa pull` downloads from it; --offline reads the local cache only.")
+    assert "Traceback" not in result.stderr
+
+
+def test_push_dry_run_without_a_reachable_hub_says_so_in_one_line(tmp_path, monkeypatch):
+    import time
+
+    from lapvqa_hf.hub import HubUnreachableError, reaching_the_hub
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's retries back off
+    api = HfApi(endpoint=_closed_port())
+    with pytest.raises(HubUnreachableError) as raised:
+        with reaching_the_hub("`lapvqa push` needs it"):
+            plan_push(load_collection(), ["lapvqa-vit-l14"], tmp_path / "work", api=api, **QUIET)
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith("`lapvqa push` needs it.") and "could not be reached" in message
