@@ -16,6 +16,7 @@ batch in flight: a re-run with the same arguments resumes from the part files.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -280,11 +281,37 @@ class Answerer:
                 values[path] = str(error).splitlines()[0] or type(error).__name__
         if prepared:
             pixels = torch.cat([p for p, _ in prepared.values()])
-            with torch.inference_mode():
+            with torch.inference_mode(), self._pooled_tokens_to_patches() as to_patches:
                 tokens = self._tokens(pixels)
-            for (path, (_, size)), row_tokens in zip(prepared.items(), tokens, strict=True):
-                values[path] = (row_tokens, size)
+            for i, (path, (_, size)) in enumerate(prepared.items()):
+                values[path] = (tokens[i], size, to_patches[i] if to_patches else None)
         return [values[path] for path in paths]
+
+    @contextlib.contextmanager
+    def _pooled_tokens_to_patches(self) -> Iterator[list]:
+        """For heat maps over an attentional pooler's tokens (CoCa's 255, which form no patch grid): yields a list
+        that the encoding fills with, per image, the pooler's attention from each token over the patches (mean over
+        heads, CLS dropped, rows summing to 1), which carries attention over tokens back onto the patch grid."""
+        pooler = getattr(getattr(self.pipe, "encoder", None), "attentional_pooler", None)
+        found: list[torch.Tensor] = []
+        if self.maps is None or pooler is None:
+            yield found
+            return
+
+        def record(module, inputs, output) -> None:
+            queries, context = inputs
+            batch, heads = len(queries), module.config.pooler_num_attention_heads
+            query = module.q_proj(queries).view(batch, queries.shape[1], heads, -1).transpose(1, 2)
+            key = module.k_proj(context).view(batch, context.shape[1], heads, -1).transpose(1, 2)
+            weights = torch.softmax(query @ key.transpose(-1, -2) * module.scaling, dim=-1).mean(dim=1)
+            weights = weights[:, 1:, 1:]  # tokens after the image embedding's query; patches after CLS
+            found.extend(weights / weights.sum(dim=-1, keepdim=True))
+
+        hook = pooler.attention.register_forward_hook(record)
+        try:
+            yield found
+        finally:
+            hook.remove()
 
     def _pixels(self, path: str) -> tuple[torch.Tensor, tuple[int, int]]:
         pipe = self.pipe
@@ -342,7 +369,8 @@ class Answerer:
         key = "report" if self.model_type == "lapvqa_captioning" else "answer"
         outputs = [{key: text} for text in texts]
         if self.maps is not None and self.model_type != "lapvqa_captioning":
-            pictures = self._attention_maps(rows, texts, generated, attention_mask, visual)
+            to_patches = {path: value[2] for path, value in images.items() if not isinstance(value, str)}
+            pictures = self._attention_maps(rows, texts, generated, attention_mask, visual, to_patches)
             for output, picture in zip(outputs, pictures, strict=True):
                 output.update(picture)
         return outputs
@@ -353,7 +381,7 @@ class Answerer:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         return input_ids, mask
 
-    def _attention_maps(self, rows, answers: list[str], generated, prompt_mask, visual) -> list[dict]:
+    def _attention_maps(self, rows, answers: list[str], generated, prompt_mask, visual, to_patches) -> list[dict]:
         """Cross-attention of the answer's tokens over the visual memory (mean over layers, heads and answer
         tokens), from one teacher-forced forward over prompt + answer, drawn over the images."""
         eos, prompt_width = self.model.config.eos_token_id, prompt_mask.shape[1]
@@ -369,18 +397,19 @@ class Answerer:
             # The logits that chose the answer's tokens: from the prompt's last position to the last answer token's.
             chose = range(prompt_width - 1, prompt_width - 1 + int(answer_mask[i].sum()))
             weights = attention[i, list(chose)].mean(dim=0).cpu().numpy()
-            pictures.append(self._draw(index, row, answers[i], weights))
+            pictures.append(self._draw(index, row, answers[i], weights, to_patches))
         return pictures
 
-    def _draw(self, index: int, row: dict, answer: str, weights: np.ndarray) -> dict:
+    def _draw(self, index: int, row: dict, answer: str, weights: np.ndarray, to_patches: dict) -> dict:
         reader = self.pipe.xray_reader
         weights = weights / weights.sum()
-        if self.model_type == "lapvqa_diffvqa":  # the memory is [prior tokens ; current tokens]
-            parts = np.split(weights, 2)
-            images = [reader.load_rgb(row["prior_image"]), reader.load_rgb(row["current_image"])]
-            names = ["prior (reference)", "current"]
-        else:
-            parts, images, names = [weights], [reader.load_rgb(row["image"])], ["image"]
+        columns = ["prior_image", "current_image"] if self.model_type == "lapvqa_diffvqa" else ["image"]
+        parts = np.split(weights, len(columns))  # DiffVQA's memory is [prior tokens ; current tokens]
+        names = ["prior (reference)", "current"] if len(columns) == 2 else ["image"]
+        images = [reader.load_rgb(row[column]) for column in columns]
+        for i, column in enumerate(columns):  # pooled tokens (CoCa) back onto the patch grid
+            if to_patches.get(row[column]) is not None:
+                parts[i] = parts[i] @ to_patches[row[column]].float().cpu().numpy()
         grids = [patch_grid(part) for part in parts]
         if any(grid is None for grid in grids):
             return {"map": None, "map_error": f"the encoder's {len(weights)} tokens form no square patch grid"}

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,22 @@ def test_the_readmes_dataset_command_runs(studies, diffvqa_folder, tmp_path, mon
     arguments = [diffvqa_folder if a == arguments[2] else a for a in arguments[1:]]
     assert lapvqa([*arguments, "--image-root", str(folder), "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert len(lines(tmp_path / "answers.jsonl")) == len(rows) and len(list((tmp_path / "maps").glob("*.png"))) == 5
+
+
+def test_coca_heat_maps_carry_the_pooled_tokens_attention_back_onto_the_patches(studies, tmp_path):
+    from test_coca_encoder import converted_tiny_coca
+
+    folder, rows = studies
+    encoder = converted_tiny_coca(tmp_path / "coca")  # 4 x 4 patches, 9 pooler queries: 8 tokens
+    torch.save(randomize_(DiffVQAHead(vis_dim=768, **TINY_HEAD), seed=3).state_dict(), tmp_path / "coca_best.pt")
+    model = str(tmp_path / "lapvqa-diffvqa-coca")
+    arguments = ["--encoder", "coca", "--encoder-checkpoint", str(encoder), "--num-heads", "4", "--output", model]
+    assert lapvqa(["convert", "diffvqa", str(tmp_path / "coca_best.pt"), *arguments]) == 0
+    answerer = Answerer(model, generate_kwargs={"max_new_tokens": 4}, save_maps=tmp_path / "maps")
+    path = str(folder / "p0.png")
+    tokens, _, to_patches = answerer.images.get([path])[path]
+    assert tokens.shape == (8, 768) and to_patches.shape == (8, 16)
+    torch.testing.assert_close(to_patches.sum(dim=-1), torch.ones(8))
+    found = lines(answer_dataset(model, folder / "diffvqa.csv", tmp_path / "a.jsonl", answerer=answerer, **QUIET))
+    answered = [line for line in found if "answer" in line]
+    assert answered and all(Path(line["map"]).is_file() for line in answered)
