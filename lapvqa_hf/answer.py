@@ -18,7 +18,6 @@ batch in flight: a re-run with the same arguments resumes from the part files.
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from .convert.checkpoint import sha256_of
 
 COLUMNS = {
     "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
@@ -80,14 +81,6 @@ def read_rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict]:
     if not rows:
         raise AnswerError(f"{path}: no rows.")
     return [row for _, row in rows]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PartFile:

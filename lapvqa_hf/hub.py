@@ -18,7 +18,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
-from .convert.checkpoint import ConversionError
+from .convert.checkpoint import ConversionError, sha256_of
 from .convert.coca_encoder import convert_coca_encoder
 from .convert.detection import convert_detection
 from .convert.diffvqa import convert_diffvqa
@@ -162,14 +162,6 @@ def git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _remote_files(api: HfApi, repo_id: str) -> dict[str, tuple[str, str | None]]:
     """`path -> (git blob id, LFS sha256 or None)` of the repo's main branch."""
     files = {}
@@ -244,7 +236,7 @@ def prepare_repo(
     remote = _remote_files(api, entry.repo_id) if exists else {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()
-        sha256 = sha256_file(path)
+        sha256 = sha256_of(path)
         if relative not in remote:
             change = "add"
         else:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from test_image_processing import write_dicom
-from test_pipelines import QUESTIONS, TINY_HEAD, convert
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, pipeline
+from test_pipelines import QUESTIONS, TINY_HEAD, convert, tiny_clip_folder
+from transformers import pipeline
 
 from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.answer import Answerer, answer_dataset, patch_grid
@@ -52,15 +52,7 @@ def studies(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=224,
-        patch_size=56,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPVisionModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224).save_pretrained(folder)
-    return folder
+    return tiny_clip_folder(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")

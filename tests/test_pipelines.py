@@ -37,11 +37,9 @@ def xrays(tmp_path_factory) -> list:
     return [str(png8), str(png16), pil, array, str(dicom)]
 
 
-@pytest.fixture(scope="module")
-def clip_encoder(tmp_path_factory):
+def tiny_clip_folder(folder):
     """A random CLIP vision tower of CLIP ViT-L/14's width and input size (1024, 224 px) with 56 px patches (4 x 4
-    tokens): the frozen encoder, in its own folder."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokens), with CLIP's own image processor: the frozen encoder, in its own folder."""
     config = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=224,
         patch_size=56,
@@ -50,6 +48,11 @@ def clip_encoder(tmp_path_factory):
     CLIPVisionModel(config).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224).save_pretrained(folder)  # as CLIP's own
     return folder
+
+
+@pytest.fixture(scope="module")
+def clip_encoder(tmp_path_factory):
+    return tiny_clip_folder(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def convert(kind: str, head: torch.nn.Module, folder, encoder_folder, *extra) -> str:

@@ -123,8 +123,8 @@ class VisionModelTester:
         self.num_patches = (image_size // patch_size) ** 2
         self.seq_length = self.num_patches + 1  # patch tokens + CLS inside the encoder
 
-    def get_config(self):
-        return LapvqaVisionConfig(
+    def trunk_fields(self) -> dict:
+        return dict(
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
@@ -133,6 +133,9 @@ class VisionModelTester:
             image_size=self.image_size,
             num_channels=self.num_channels,
         )
+
+    def get_config(self):
+        return LapvqaVisionConfig(**self.trunk_fields())
 
     def prepare_config_and_inputs_for_common(self):
         pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
@@ -145,16 +148,7 @@ class CocaVisionModelTester(VisionModelTester):
 
     def get_config(self):
         return LapvqaCocaVisionConfig(
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            patch_size=self.patch_size,
-            image_size=self.image_size,
-            num_channels=self.num_channels,
-            projection_dim=24,
-            num_pooler_queries=5,
-            pooler_num_attention_heads=4,
+            **self.trunk_fields(), projection_dim=24, num_pooler_queries=5, pooler_num_attention_heads=4
         )
 
 
