@@ -57,15 +57,16 @@ def load_untrusted(path: str | os.PathLike) -> object:
         raise ConversionError(f"{path}: no such file.")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    if zipfile.is_zipfile(path):  # torch.save's format: its records carry CRC-32s, which torch.load does not check
-        try:
-            damaged = zipfile.ZipFile(path).testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise ConversionError(f"{path}: not a readable PyTorch checkpoint (corrupt archive: {error}).") from None
-        if damaged is not None:
-            raise ConversionError(
-                f"{path}: corrupted tensor data (checksum mismatch in {damaged}); download or copy the file again."
-            )
+    try:  # torch.save's zip format: its records carry CRC-32s, which torch.load does not check
+        damaged = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
+    except Exception as error:  # whatever a damaged archive makes zipfile raise, the file is corrupt
+        raise ConversionError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt archive: {_first_line(error)})."
+        ) from None
+    if damaged is not None:
+        raise ConversionError(
+            f"{path}: corrupted tensor data (checksum mismatch in {damaged}); download or copy the file again."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,11 +81,14 @@ def load_untrusted(path: str | os.PathLike) -> object:
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (corrupt, or pickled objects other than tensors)."
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
-        first_line = str(error).split(".")[0].strip() or type(error).__name__
+    except Exception as error:  # whatever a truncated or damaged file makes the unpickler raise, it is corrupt
         raise ConversionError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {first_line})."
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {_first_line(error)})."
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".") or type(error).__name__
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -243,18 +247,14 @@ def written_by_a_conversion(folder: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("conversion_info"), dict)
 
 
-def _umask() -> int:
+def with_umask_permissions(path: str | os.PathLike) -> None:
+    """Gives a finished file, or a folder and all it holds, the permissions the user's umask gives new ones
+    (`tempfile`'s folders and files, renamed into place, and some writers' files are private otherwise)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
-
-
-def _with_umask_permissions(folder: Path) -> None:
-    """Gives a finished staging folder the permissions the user's umask gives new files and folders (temporary
-    folders and some writers create them private)."""
-    mask = _umask()
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    path = Path(path)
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _remove_abandoned_staging(output: Path) -> None:
@@ -307,7 +307,7 @@ def atomic_output_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-pid{os.getpid()}-", dir=output.parent))
     try:
         yield staging
-        _with_umask_permissions(staging)
+        with_umask_permissions(staging)
         if output.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-pid{os.getpid()}-", dir=output.parent))
             os.replace(output, retired / output.name)

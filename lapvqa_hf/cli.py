@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--output", type=Path, required=True, help="feature folder (re-running resumes)")
     extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
-    extract.add_argument("--batch-size", type=int, default=8)
-    extract.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    extract.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default 8)")
+    extract.add_argument("--shard-size", type=int, default=256, help="images per safetensors shard (default 256)")
+    extract.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     extract.set_defaults(handler=run_extract_features)
 
     evaluate = commands.add_parser(
@@ -152,9 +153,13 @@ def run_extract_features(args: argparse.Namespace) -> int:
 
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
     from .encoders import EncoderError, load_encoder, load_encoder_image_processor
-    from .features import extract_features, images_of, recipe_for
+    from .features import FAILURES, FeatureError, extract_features, images_of, read_failures, recipe_for, resolve_device
 
     def extract() -> None:
+        for option, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+            if value < 1:
+                raise FeatureError(f"{option} must be a positive number of images, got {value}.")
+        device = resolve_device(args.device)
         recipe = recipe_for(args.encoder)
         if args.checkpoint:  # recorded with the features: training completes a captioning model with this encoder
             recipe = dataclasses.replace(recipe, checkpoint=args.checkpoint)
@@ -169,9 +174,25 @@ def run_extract_features(args: argparse.Namespace) -> int:
         encoder = load_encoder(recipe, args.checkpoint)
         image_processor = load_encoder_image_processor(recipe, args.checkpoint)
         extract_features(
-            images, recipe, args.output, encoder, image_processor, batch_size=args.batch_size, device=args.device
+            images,
+            recipe,
+            args.output,
+            encoder,
+            image_processor,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=device,
         )
-        print(f"{args.output}: {len(images)} images encoded with {recipe.name}")
+        failures = read_failures(args.output)
+        summary = f"{args.output}: {len(images) - len(failures)} images encoded with {recipe.name}"
+        if failures:
+            listed = "; ".join(f"{failure['image_id']}: {failure['reason']}" for failure in failures[:3])
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+            summary += (
+                f"; {len(failures)} unreadable images skipped, listed in {args.output / FAILURES} (a re-run retries "
+                f"them): {listed}{more}"
+            )
+        print(summary)
 
     return run_reporting_errors(extract, errors=(DataError, EncoderError, OSError))  # incl. FeatureError
 

@@ -24,6 +24,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
+from .convert.checkpoint import with_umask_permissions
+
 QUESTIONS_FILE = "mimic_pair_questions.csv"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
@@ -302,7 +304,7 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _write_synthetic_release(staging, num_subjects, seed)
-        os.chmod(staging, 0o777 & ~_umask())
+        with_umask_permissions(staging)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(staging, target)
@@ -310,12 +312,6 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_synthetic_release(root: Path, num_subjects: int, seed: int) -> None:

@@ -5,10 +5,15 @@ pins it (checkpoint, input size, normalisation, which hidden state, CLS kept or 
 with the features and, later, in the config of a head trained on them.
 
 Storage: `features-XXXXX.safetensors` shards (fp16 tensors keyed by image id, `[num_patches, vis_dim]`) and
-`features.json` (the recipe and the shards written so far). A shard is written to a temporary name and renamed,
-then `features.json` is replaced atomically, so a crash loses at most the shard in progress and a re-run resumes.
+`features.json` (the recipe and the shards written so far, each with its image ids and sha256). A shard is written
+to a temporary name and renamed, then `features.json` is replaced atomically, so a crash loses at most the shard in
+progress and a re-run resumes. Shards are checked whenever they are read (sha256, image ids, finite values); a
+damaged one is named with its fix: delete it and re-run, which extracts its images again. Images that cannot be
+read are skipped and listed in `failures.json` (a re-run retries them); non-finite features are never stored.
 """
 
+import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -17,13 +22,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
+from .convert.checkpoint import with_umask_permissions
 from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
+FAILURES = "failures.json"  # the images the latest run could not read: image id, path and reason
 # How images reach the encoder, recorded in the manifest: stores written by lapvqa-hf 0.1.x (which stretched
 # images with the recipe's own normalisation instead) are not resumed with differently prepared images.
 IMAGE_PREPARATION = "xray-as-8-bit-rgb, then the encoder's own image processor"
@@ -43,7 +51,105 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(handle, "w") as file:
         json.dump(payload, file, indent=1)
+    with_umask_permissions(temporary)
     os.replace(temporary, path)
+
+
+def _read_manifest(output_dir: Path) -> dict:
+    """`features.json`: the recipe, how images were prepared, and the shards (file, image ids, sha256)."""
+    path = output_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        EncoderRecipe(**manifest["recipe"])
+        if not all(isinstance(shard["file"], str) and isinstance(shard["ids"], list) for shard in manifest["shards"]):
+            raise TypeError("a shard entry without its file name and image ids")
+    except (ValueError, KeyError, TypeError) as error:  # incl. JSONDecodeError, UnicodeDecodeError
+        raise FeatureError(
+            f"{path}: not a features manifest ({error}); extract into a new folder, or delete {output_dir} and "
+            "extract again."
+        ) from None
+    return manifest
+
+
+def _read_shard(output_dir: Path, shard: dict, vis_dim: int) -> dict[str, torch.Tensor]:
+    """A shard's tensors, checked against the manifest: its sha256 (when recorded), its image ids, and
+    `[num_patches, vis_dim]` finite features."""
+    path = output_dir / shard["file"]
+    fix = f"delete it and re-run `lapvqa extract-features` into {output_dir}, which extracts its images again."
+    if not path.is_file():
+        raise FeatureError(
+            f"{path}: missing, though {MANIFEST} lists it; re-run `lapvqa extract-features` into {output_dir}, which "
+            "extracts its images again."
+        )
+    data = path.read_bytes()
+    expected = shard.get("sha256")  # absent in stores of lapvqa-hf 0.2.0 and before: read unverified
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise FeatureError(
+            f"{path}: its sha256 differs from the one recorded in {MANIFEST} (truncated or changed); {fix}"
+        )
+    try:
+        tensors = load(data)
+    except SafetensorError as error:
+        raise FeatureError(f"{path}: not a readable safetensors file ({error}); {fix}") from None
+    if set(tensors) != set(shard["ids"]):
+        raise FeatureError(
+            f"{path}: holds the features of {len(tensors)} images, not those of the {len(shard['ids'])} that "
+            f"{MANIFEST} lists for it; {fix}"
+        )
+    for image_id, tensor in tensors.items():
+        if tensor.ndim != 2 or tensor.shape[-1] != vis_dim:
+            raise FeatureError(
+                f"{path}: the features of image {image_id!r} are {list(tensor.shape)}, expected "
+                f"[num_patches, {vis_dim}]; {fix}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise FeatureError(f"{path}: the features of image {image_id!r} are NaN or infinite; {fix}")
+    return tensors
+
+
+def read_failures(output_dir: str | Path) -> list[dict[str, str]]:
+    """The images the latest finished `extract_features` run into `output_dir` could not read (`image_id`, `path`,
+    `reason`), from its `failures.json`; none when the file is absent."""
+    path = Path(output_dir) / FAILURES
+    return json.loads(path.read_text())["failures"] if path.is_file() else []
+
+
+def _write_failures(output_dir: Path, failures: list[dict[str, str]]) -> None:
+    if failures:
+        _write_json_atomically(output_dir / FAILURES, {"failures": failures})
+    else:
+        (output_dir / FAILURES).unlink(missing_ok=True)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch device (default: cuda when available), refused when this machine has no such device."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatureError(f"device must be a torch device such as cpu, cuda or cuda:1, got {device!r}.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatureError(f"device {device!r} asked for, but CUDA is not available here; use cpu.")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise FeatureError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
+    return resolved
+
+
+def _storable(tokens: torch.Tensor, image_id: str, path: str | Path, recipe: EncoderRecipe) -> torch.Tensor:
+    """An image's tokens as the fp16 tensor stored, refused when not finite (before or after the cast)."""
+    if not torch.isfinite(tokens).all():
+        raise FeatureError(
+            f"the {recipe.name} encoder gave NaN or infinite features for image {image_id!r} ({path}); nothing of "
+            "its shard was stored: check the encoder checkpoint and its dtype."
+        )
+    half = tokens.to("cpu", torch.float16).contiguous()
+    if not torch.isfinite(half).all():
+        raise FeatureError(
+            f"the {recipe.name} encoder gave features beyond the fp16 range (|x| > 65504) for image {image_id!r} "
+            f"({path}); nothing of its shard was stored: they cannot be stored as fp16."
+        )
+    return half
 
 
 def extract_features(
@@ -54,20 +160,26 @@ def extract_features(
     image_processor=None,
     batch_size: int = 8,
     shard_size: int = 256,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
     """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`.
 
     `encoder` and `image_processor` default to the recipe's checkpoint and the encoder's own image processor saved
     with it (`lapvqa_hf.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
+    An image that cannot be read is skipped and listed in `output_dir/failures.json` (see `read_failures`); a
+    later run retries it. Stored shards are checked first; a listed shard whose file was deleted is extracted again.
     """
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(value, int) or value < 1:
+            raise FeatureError(f"{name} must be a positive number of images, got {value!r}.")
+    device = resolve_device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / MANIFEST
     manifest = {"recipe": asdict(recipe), "image_preparation": IMAGE_PREPARATION, "shards": []}
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(output_dir)
         if EncoderRecipe(**manifest["recipe"]) != recipe:
             raise FeatureError(
                 f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
@@ -78,11 +190,17 @@ def extract_features(
                 f"{output_dir} holds features of images prepared otherwise (by lapvqa-hf 0.1.x: stretched with the "
                 "recipe's normalisation); extract into a new folder, so that one store never mixes the two."
             )
+        present = [shard for shard in manifest["shards"] if (output_dir / shard["file"]).is_file()]
+        if len(present) != len(manifest["shards"]):  # a deleted shard (the fix for a damaged one) is forgotten,
+            manifest["shards"] = present  # so that its images are extracted again
+            _write_json_atomically(manifest_path, manifest)
+        for shard in present:  # a damaged shard is not trusted to hold its images
+            _read_shard(output_dir, shard, recipe.vis_dim)
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
     todo = [image_id for image_id in images if image_id not in done]
     if not todo:
+        _write_failures(output_dir, [])  # every image is stored: none failed
         return output_dir
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = (encoder or load_encoder(recipe)).to(device).eval()
     trained_size = getattr(getattr(encoder, "config", None), "image_size", None)
     if trained_size is not None and trained_size != recipe.image_size:
@@ -94,39 +212,66 @@ def extract_features(
     reader = LapvqaImageProcessor()  # X-ray files (16-bit, DICOM) become the 8-bit RGB the encoder's processor takes
     dtype = next(encoder.parameters()).dtype
     bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
+    failures: list[dict[str, str]] = []
     for start in range(0, len(todo), shard_size):
         shard_ids = todo[start : start + shard_size]
         tensors = {}
         for batch_start in range(0, len(shard_ids), batch_size):
             batch_ids = shard_ids[batch_start : batch_start + batch_size]
-            pixels = reader.encoder_pixel_values([images[i] for i in batch_ids], image_processor).to(device, dtype)
-            with torch.inference_mode():
-                tokens = patch_tokens(recipe, encoder, pixels)
-            tensors.update({i: t.to("cpu", torch.float16).contiguous() for i, t in zip(batch_ids, tokens, strict=True)})
+            rgb = _read_images(reader, {image_id: images[image_id] for image_id in batch_ids}, failures)
+            if rgb:
+                pixels = image_processor(images=list(rgb.values()), return_tensors="pt")["pixel_values"]
+                with torch.inference_mode():
+                    tokens = patch_tokens(recipe, encoder, pixels.to(device, dtype))
+                for image_id, image_tokens in zip(rgb, tokens, strict=True):
+                    tensors[image_id] = _storable(image_tokens, image_id, images[image_id], recipe)
             bar.update(len(batch_ids))
-        shard_name = f"features-{len(manifest['shards']):05d}.safetensors"
-        temporary = output_dir / f".{shard_name}.tmp"
-        save_file(tensors, temporary, metadata={"encoder": recipe.name, "recipe": json.dumps(asdict(recipe))})
-        os.replace(temporary, output_dir / shard_name)
-        manifest["shards"].append({"file": shard_name, "ids": shard_ids})
-        _write_json_atomically(manifest_path, manifest)
+        if tensors:
+            _write_shard(output_dir, manifest, tensors, recipe)
     bar.close()
+    _write_failures(output_dir, failures)
     return output_dir
 
 
+def _read_images(reader: LapvqaImageProcessor, images: dict[str, str | Path], failures: list[dict[str, str]]) -> dict:
+    """`{image_id: 8-bit RGB PIL image}` of the images that can be read; the others are added to `failures`."""
+    rgb = {}
+    for image_id, path in images.items():
+        try:
+            rgb[image_id] = reader.load_rgb(path)
+        except ValueError as error:  # the image processor's one-line refusal, naming the file
+            failures.append({"image_id": image_id, "path": str(path), "reason": str(error)})
+    return rgb
+
+
+def _write_shard(output_dir: Path, manifest: dict, tensors: dict[str, torch.Tensor], recipe: EncoderRecipe) -> None:
+    """Stores `tensors` as the next shard under a name no listed shard has, then records it in the manifest."""
+    listed = {shard["file"] for shard in manifest["shards"]}
+    names = (f"features-{index:05d}.safetensors" for index in itertools.count())
+    shard_name = next(name for name in names if name not in listed)
+    data = save(tensors, metadata={"encoder": recipe.name, "recipe": json.dumps(asdict(recipe))})
+    temporary = output_dir / f".{shard_name}.tmp"
+    temporary.write_bytes(data)
+    os.replace(temporary, output_dir / shard_name)
+    manifest["shards"].append({"file": shard_name, "ids": list(tensors), "sha256": hashlib.sha256(data).hexdigest()})
+    _write_json_atomically(output_dir / MANIFEST, manifest)
+
+
 class FeatureStore:
-    """Read access to extracted features: `store[image_id]` is `[num_patches, vis_dim]` fp16."""
+    """Read access to extracted features: `store[image_id]` is `[num_patches, vis_dim]` fp16.
+
+    Every shard is checked when the store opens (see `extract_features`); a damaged one is a `FeatureError` naming
+    the file and its fix."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)
-        manifest_path = self.output_dir / MANIFEST
-        if not manifest_path.is_file():
+        if not (self.output_dir / MANIFEST).is_file():
             raise FeatureError(f"{self.output_dir}: no {MANIFEST}; run `lapvqa extract-features` first.")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(self.output_dir)
         self.recipe = EncoderRecipe(**manifest["recipe"])
         self._tensors: dict[str, torch.Tensor] = {}
         for shard in manifest["shards"]:
-            self._tensors.update(load_file(self.output_dir / shard["file"]))
+            self._tensors.update(_read_shard(self.output_dir, shard, self.recipe.vis_dim))
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -165,5 +310,7 @@ __all__ = [
     "extract_features",
     "image_id",
     "images_of",
+    "read_failures",
     "recipe_for",
+    "resolve_device",
 ]

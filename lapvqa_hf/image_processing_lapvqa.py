@@ -1,11 +1,12 @@
 """Chest X-ray image processing for the LAPVQA encoders: files (8/16-bit PNG, JPEG, DICOM), PIL images, arrays."""
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -28,6 +29,12 @@ class LapvqaImageProcessor(BaseImageProcessor):
       then the VOI LUT or the first window (centre/width) are applied, the result is scaled min..max, and
       MONOCHROME1 images are inverted so that bone is bright;
     - float arrays must already lie in [0, 1].
+    An image of one constant value has no range to scale: integer data is then scaled by its bit depth (as with
+    `"full_range"`), a DICOM becomes mid-grey (0.5). PNG/JPEG files and PIL images are turned upright as their EXIF
+    Orientation tag says. Files of several frames (multi-page TIFF, animated GIF/PNG, multi-frame DICOM) are refused;
+    an MPO JPEG is read as its primary image and a PIL image at its current frame. Files of more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs) are refused. What cannot be read this way is a one-line
+    `ValueError` naming the file; the result is always finite.
     Grayscale is replicated to `num_channels` (colour is reduced to luminance for a 1-channel encoder). Then the
     image is resized to `image_size` with `resize_mode`: `"pad"` (default) keeps the aspect ratio and pads the
     short side with black, centred; `"stretch"` resizes both sides. Last, each channel is normalized with
@@ -79,9 +86,13 @@ class LapvqaImageProcessor(BaseImageProcessor):
         if isinstance(image, (str, os.PathLike)):
             return self._read_file(Path(image))
         if isinstance(image, Image.Image):
-            return self._from_pil(image, source="PIL image")
+            try:
+                upright = ImageOps.exif_transpose(image)  # decodes an image opened lazily by `Image.open`
+            except Exception as error:  # Pillow's decoders raise many types for broken files
+                raise ValueError(f"PIL image: cannot decode it: {_first_line(error)}") from None
+            return self._from_pil(upright, source="PIL image")
         if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
+            image = _tensor_to_numpy(image)
         if isinstance(image, np.ndarray):
             return self._from_array(image, source="array")
         raise ValueError(
@@ -107,14 +118,36 @@ class LapvqaImageProcessor(BaseImageProcessor):
     def _read_file(self, path: Path) -> np.ndarray:
         if not path.is_file():
             raise ValueError(f"{path}: no such image file.")
-        if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        try:
+            is_dicom = path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path)
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the file: {error.strerror or error}.") from None
+        if is_dicom:
             return read_dicom(path)
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                return self._from_pil(opened, source=str(path))
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"{path}: cannot read it as an image (PNG, JPEG or DICOM expected): {error}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+                with Image.open(path) as opened:
+                    # An MPO (phone JPEG) holds its primary image first, then previews of it.
+                    frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)
+                    if frames == 1:
+                        opened.load()
+                        upright = ImageOps.exif_transpose(opened)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(
+                f"{path}: the image has more pixels than the limit of {Image.MAX_IMAGE_PIXELS} "
+                "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it."
+            ) from None
+        except Exception as error:  # Pillow's decoders raise many types for broken files
+            raise ValueError(
+                f"{path}: cannot read it as an image (PNG, JPEG or DICOM expected): {_first_line(error)}"
+            ) from None
+        if frames != 1:
+            raise ValueError(
+                f"{path}: holds {frames} frames (a multi-page or animated image); expected a single image: save the "
+                "frame to use as a file of its own."
+            )
+        return self._from_pil(upright, source=str(path))
 
     def _from_pil(self, image: Image.Image, source: str) -> np.ndarray:
         if image.mode in ("1", "L", "P", "LA", "PA", "RGBA", "CMYK", "YCbCr", "RGB"):
@@ -125,6 +158,8 @@ class LapvqaImageProcessor(BaseImageProcessor):
         raise ValueError(f"{source}: unsupported image mode {image.mode!r} (expected grayscale or RGB).")
 
     def _from_array(self, array: np.ndarray, source: str, bits: int | None = None) -> np.ndarray:
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{source}: unsupported pixel type {array.dtype}; expected bool, integer or float pixels.")
         if array.size == 0:
             raise ValueError(f"{source}: the image is empty (shape {list(array.shape)}).")
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
@@ -143,19 +178,21 @@ class LapvqaImageProcessor(BaseImageProcessor):
             return array.astype(np.float32) / 255.0
         if np.issubdtype(array.dtype, np.integer):
             return self._scale_high_bit_depth(array.astype(np.float64), bits).astype(np.float32)
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        if not np.isfinite(array).all():
+            raise ValueError(f"{source}: the image holds NaN or infinite values; float images must lie in [0, 1].")
+        if array.min() < 0.0 or array.max() > 1.0:
             raise ValueError(
-                f"{source}: float images must lie in [0, 1], found values in [{np.nanmin(array):.3g}, "
-                f"{np.nanmax(array):.3g}]; pass integers (8/16-bit) or scale the image first."
+                f"{source}: float images must lie in [0, 1], found values in [{array.min():.3g}, {array.max():.3g}]; "
+                "pass integers (8/16-bit) or scale the image first."
             )
-        return array
+        return array.astype(np.float32)
 
     def _scale_high_bit_depth(self, array: np.ndarray, bits: int | None) -> np.ndarray:
+        maximum = float(2 ** (bits or 16) - 1)
         if self.high_bit_depth_scaling == "full_range":
-            maximum = float(2 ** (bits or 16) - 1)
             return np.clip(array / maximum, 0.0, 1.0)
-        return min_max_scale(array)
+        # An image of one value has no range of its own: it is scaled by its bit depth, as with "full_range".
+        return min_max_scale(array, constant=float(np.clip(array.flat[0] / maximum, 0.0, 1.0)))
 
     # --- geometry and normalization ---------------------------------------------------------------------------
 
@@ -277,11 +314,26 @@ class LapvqaImageProcessor(BaseImageProcessor):
         return torch.minimum((boxes * size - offset) * pixels_per_unit, limits).clamp(min=0)
 
 
-def min_max_scale(array: np.ndarray) -> np.ndarray:
+def min_max_scale(array: np.ndarray, constant: float) -> np.ndarray:
+    """`array` scaled to [0, 1] by its own min..max; an array of one value has no range and becomes `constant`."""
     low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros_like(array)
+    if high == low:
+        return np.full(array.shape, constant)
     return (array - low) / (high - low)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()  # numpy has no bfloat16; float32 holds every bfloat16 value
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError) as error:  # sparse, quantized, or a dtype numpy lacks
+        raise ValueError(f"tensor: cannot read it as an image ({tensor.dtype}): {_first_line(error)}") from None
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -290,8 +342,36 @@ def _has_dicom_preamble(path: Path) -> bool:
     return len(header) == 132 and header[128:] == b"DICM"
 
 
+def _dicom_number(dataset, keyword: str, path: str | os.PathLike) -> float | None:
+    """The first value of a numeric DICOM attribute, or None when absent; what is no finite number is refused."""
+    from pydicom.multival import MultiValue
+
+    value = dataset.get(keyword)
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number):
+        raise ValueError(f"{path}: {keyword} is {str(value)!r}; expected a finite number.")
+    return number
+
+
+def _require_finite(values: np.ndarray, path: str | os.PathLike, stage: str) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}: the pixel values are NaN or infinite {stage}; the file is not a valid X-ray.")
+
+
 def read_dicom(path: str | os.PathLike) -> np.ndarray:
-    """A single-frame grayscale DICOM as float32 `[H, W]` in [0, 1], as a radiologist's viewer would show it."""
+    """A single-frame grayscale DICOM as float32 `[H, W]` in [0, 1], as a radiologist's viewer would show it.
+
+    Refused with a one-line `ValueError` naming the file and the attribute: several frames (`NumberOfFrames`), more
+    pixels than `PIL.Image.MAX_IMAGE_PIXELS`, a `RescaleSlope` / `RescaleIntercept` / `WindowCenter` that is no
+    finite number, a zero slope, a `WindowWidth` that is no finite positive number, and pixels that are not finite
+    before or after the LUTs. An image of one value after the LUTs becomes mid-grey (0.5)."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -299,19 +379,51 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
         raise ImportError("Reading DICOM needs pydicom: pip install 'lapvqa-hf[dicom]'.") from None
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array
+        photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
     except Exception as error:  # pydicom raises many types for broken files
-        raise ValueError(f"{path}: cannot read it as a DICOM image: {error}") from None
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+        raise ValueError(f"{path}: cannot read it as a DICOM image: {_first_line(error)}") from None
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"{path}: expected a grayscale X-ray (MONOCHROME1/2), got {photometric}.")
+    if frames != 1:
+        raise ValueError(f"{path}: holds {frames} frames (NumberOfFrames); expected a single-frame image.")
+    if Image.MAX_IMAGE_PIXELS is not None and rows * columns > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{path}: {rows} x {columns} pixels exceed the limit of {Image.MAX_IMAGE_PIXELS} "
+            "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it."
+        )
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read it as a DICOM image: {_first_line(error)}") from None
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a single-frame image, got pixel data of shape {list(pixels.shape)}.")
-    values = apply_modality_lut(pixels, dataset)
-    if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values)):
+    _require_finite(pixels, path, "in the pixel data")
+    if _dicom_number(dataset, "RescaleSlope", path) == 0:
+        raise ValueError(f"{path}: RescaleSlope is 0, which maps every pixel to one value; expected a non-zero slope.")
+    _dicom_number(dataset, "RescaleIntercept", path)
+    if "VOILUTSequence" not in dataset:  # otherwise the VOI LUT applies and the window is not used
+        _dicom_number(dataset, "WindowCenter", path)
+        width = _dicom_number(dataset, "WindowWidth", path)
+        if width is not None and width <= 0:
+            raise ValueError(f"{path}: WindowWidth is {width:g}; expected a positive width.")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, naming the file
+            values = apply_modality_lut(pixels, dataset)
+    except Exception as error:  # pydicom's, for a modality LUT it cannot apply
+        raise ValueError(f"{path}: cannot apply its modality LUT: {_first_line(error)}") from None
+    _require_finite(values, path, "after the modality LUT (RescaleSlope, RescaleIntercept)")
+    integral = np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values))
+    if integral and np.abs(values).max() < 2**62:
         values = values.astype(np.int64)  # a VOI LUT indexes by integer value
-    values = apply_voi_lut(values, dataset, index=0)
-    image = min_max_scale(np.asarray(values, dtype=np.float64)).astype(np.float32)
+    try:
+        values = apply_voi_lut(values, dataset, index=0)
+    except Exception as error:  # pydicom's, for a VOI LUT or window it cannot apply
+        raise ValueError(f"{path}: cannot apply its VOI LUT or window: {_first_line(error)}") from None
+    values = np.asarray(values, dtype=np.float64)
+    _require_finite(values, path, "after the VOI LUT or window")
+    image = min_max_scale(values, constant=0.5).astype(np.float32)
     return 1.0 - image if photometric == "MONOCHROME1" else image
 
 
