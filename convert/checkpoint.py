@@ -257,6 +257,16 @@ def with_umask_permissions(path: str | os.PathLike) -> None:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
+def write_json_atomically(path: Path, payload: object, temporary_prefix: str | None = None) -> None:
+    """Writes JSON under a temporary name beside `path` (`temporary_prefix`, default `.NAME.`), then renames it over
+    `path`: readers see the old file or the new one, whole. It gets the user's umask permissions."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix or f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(payload, file, indent=1)
+    with_umask_permissions(temporary)
+    os.replace(temporary, path)
+
+
 def _remove_abandoned_staging(output: Path) -> None:
     """Staging and retired folders of `output` whose process is gone (a killed conversion) are removed."""
     for folder in output.parent.glob(f".{output.name}.*-pid*-*"):

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import with_umask_permissions
+from .convert.checkpoint import write_json_atomically
 from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
 
@@ -45,14 +44,6 @@ def recipe_for(name: str) -> EncoderRecipe:
     if name not in RECIPES:
         raise FeatureError(f"unknown encoder {name!r}; expected one of {sorted(RECIPES)}.")
     return RECIPES[name]
-
-
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=1)
-    with_umask_permissions(temporary)
-    os.replace(temporary, path)
 
 
 def _read_manifest(output_dir: Path) -> dict:
@@ -116,7 +107,7 @@ def read_failures(output_dir: str | Path) -> list[dict[str, str]]:
 
 def _write_failures(output_dir: Path, failures: list[dict[str, str]]) -> None:
     if failures:
-        _write_json_atomically(output_dir / FAILURES, {"failures": failures})
+        write_json_atomically(output_dir / FAILURES, {"failures": failures})
     else:
         (output_dir / FAILURES).unlink(missing_ok=True)
 
@@ -193,7 +184,7 @@ def extract_features(
         present = [shard for shard in manifest["shards"] if (output_dir / shard["file"]).is_file()]
         if len(present) != len(manifest["shards"]):  # a deleted shard (the fix for a damaged one) is forgotten,
             manifest["shards"] = present  # so that its images are extracted again
-            _write_json_atomically(manifest_path, manifest)
+            write_json_atomically(manifest_path, manifest)
         for shard in present:  # a damaged shard is not trusted to hold its images
             _read_shard(output_dir, shard, recipe.vis_dim)
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
@@ -254,7 +245,7 @@ def _write_shard(output_dir: Path, manifest: dict, tensors: dict[str, torch.Tens
     temporary.write_bytes(data)
     os.replace(temporary, output_dir / shard_name)
     manifest["shards"].append({"file": shard_name, "ids": list(tensors), "sha256": hashlib.sha256(data).hexdigest()})
-    _write_json_atomically(output_dir / MANIFEST, manifest)
+    write_json_atomically(output_dir / MANIFEST, manifest)
 
 
 class FeatureStore:

@@ -18,29 +18,52 @@ accelerate; `checkpoint_every` steps the whole training state is saved (`acceler
 resumes from the latest checkpoint to the same result as an uninterrupted run. Every `eval_every` steps the
 validation split is generated greedily and scored (BLEU/ROUGE/CIDEr); the best model (by `best_metric`) is saved
 with `save_pretrained`, with its tokenizer (DiffVQA) or processor (captioning), ready for `lapvqa push`.
+
+Faults: the config is checked whole before any work (one `error:` line per problem); checkpoints and the best model
+are written under partial names and renamed into place, so that a kill at any instant loses nothing complete; a
+resumed run applies config changes (and says so) or refuses them; a NaN or infinite loss or gradient norm stops
+training before the update, so that no saved weights have it; under a launcher, the trainer exits with it.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import json
+import math
+import os
+import re
 import shutil
+import sys
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, set_seed
 from datasets import DatasetDict
+from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
+from .convert.checkpoint import with_umask_permissions, write_json_atomically
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
-from .features import FeatureError, FeatureStore, image_id
+from .features import MANIFEST, FeatureError, FeatureStore, image_id
 from .metrics import score_answers
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
@@ -48,6 +71,18 @@ from .modeling_lapvqa_vision import LapvqaVisionModel
 from .pipeline_lapvqa import save_pretrained_with_pipeline
 from .processing_lapvqa import LapvqaProcessor
 from .tokenization import build_gpt2_tokenizer, encode_questions
+
+
+class TrainConfigError(ValueError):
+    """The training config is invalid: one line per problem, each naming its key and how to fix it."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class NonFiniteError(ValueError):
+    """A training loss or gradient norm is NaN or infinite; the message names the step."""
 
 
 @dataclass
@@ -77,20 +112,167 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
-        values = json.loads(Path(path).read_text())
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        """A JSON config with `--set key=value` overrides (values are JSON, else bare strings), checked whole:
+        every problem of the file, the overrides and the values is reported at once as a `TrainConfigError`."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except OSError as error:
+            raise TrainConfigError([f"{path}: cannot read the config ({error.strerror})."]) from None
+        except json.JSONDecodeError as error:
+            raise TrainConfigError(
+                [f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}."]
+            ) from None
+        if not isinstance(values, dict):
+            raise TrainConfigError([f"{path}: expected a JSON object of training fields, got {type(values).__name__}."])
+        fields = dataclasses.fields(cls)
+        known = [f.name for f in fields]
+        problems = [f"{path}: unknown field {key!r}{_did_you_mean(key, known)}" for key in values if key not in known]
         for override in overrides:
-            key, _, raw = override.partition("=")
-            if key not in known:
-                raise ValueError(f"--set {key}: unknown field; known: {sorted(known)}.")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw  # a bare string
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{path}: unknown fields {unknown}; known: {sorted(known)}.")
+            key, equals, raw = override.partition("=")
+            if not equals:
+                problems.append(f"--set {override}: expected key=value.")
+            elif key not in known:
+                problems.append(f"--set {key}: unknown field{_did_you_mean(key, known)}")
+            else:
+                try:
+                    values[key] = json.loads(raw)
+                except json.JSONDecodeError:
+                    values[key] = raw  # a bare string
+        required = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING]
+        problems += [f"{path}: missing field {key!r} (required)." for key in required if key not in values]
+        values = {key: value for key, value in values.items() if key in known}
+        problems += config_problems(values)
+        if problems:
+            raise TrainConfigError(problems)
         return cls(**values)
+
+
+TASKS = ("diffvqa", "captioning")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
+TRACKERS = tuple(LoggerType.list())  # accelerate's (`log_with`)
+
+
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    """The end of an error about `word`: the closest of `options`, if one is close."""
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_integer(low: int, high: int | None = None) -> Callable[[object], bool]:
+    return lambda value: type(value) is int and low <= value and (high is None or value <= high)
+
+
+def _is_number(low: float, strictly: bool) -> Callable[[object], bool]:
+    def check(value) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        return value > low if strictly else value >= low
+
+    return check
+
+
+# What each field accepts: a check of its value, and what the error says it expected.
+_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "mimic_root": (_is_text, "a folder path"),
+    "features_dir": (_is_text, "a folder path"),
+    "output_dir": (_is_text, "a folder path"),
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
+    "init_from": (lambda v: v is None or _is_text(v), "a model folder or Hub id, or null"),
+    "model": (lambda v: isinstance(v, dict), "an object of model config fields"),
+    "report_sections": (
+        lambda v: isinstance(v, list | tuple) and bool(v) and all(_is_text(s) for s in v),
+        "a non-empty list of report section names",
+    ),
+    "vision_encoder": (lambda v: v is None or _is_text(v), "a LapvqaVisionModel folder or Hub id, or null"),
+    "learning_rate": (_is_number(0, strictly=True), "a finite number > 0"),
+    "weight_decay": (_is_number(0, strictly=False), "a finite number >= 0"),
+    "warmup_steps": (_is_integer(0), "an integer >= 0"),
+    "max_steps": (_is_integer(1), "an integer >= 1"),
+    "batch_size": (_is_integer(1), "an integer >= 1"),
+    "gradient_accumulation_steps": (_is_integer(1), "an integer >= 1"),
+    "max_grad_norm": (_is_number(0, strictly=True), "a finite number > 0"),
+    "mixed_precision": (lambda v: v in MIXED_PRECISIONS, f"one of {', '.join(MIXED_PRECISIONS)}"),
+    "checkpoint_every": (_is_integer(1), "an integer >= 1"),
+    "eval_every": (_is_integer(1), "an integer >= 1"),
+    "eval_max_new_tokens": (_is_integer(1), "an integer >= 1"),
+    "best_metric": (lambda v: v in METRICS, f"one of {', '.join(METRICS)}"),
+    "log_with": (lambda v: v is None or v in TRACKERS, f"null or one of {', '.join(TRACKERS)}"),
+    "seed": (_is_integer(0, 2**32 - 1), "an integer from 0 to 2**32 - 1"),
+}
+_CHOICES = {"task": TASKS, "mixed_precision": MIXED_PRECISIONS, "best_metric": METRICS, "log_with": TRACKERS}
+
+
+def config_problems(values: dict) -> list[str]:
+    """Every problem of training config values (`TrainConfig` fields, possibly not all), one line each naming its
+    key: types and ranges, then the files they name and what the task's model config accepts."""
+    problems = []
+    for key, value in values.items():
+        accepts, expected = _RULES[key]
+        if not accepts(value):
+            ending = _did_you_mean(value, _CHOICES[key]) if key in _CHOICES and isinstance(value, str) else "."
+            problems.append(f"{key}={value!r}: expected {expected}{ending}")
+    valid = {key: value for key, value in values.items() if _RULES[key][0](value)}
+    if "mimic_root" in valid and not Path(valid["mimic_root"]).is_dir():
+        problems.append(f"mimic_root: no folder {valid['mimic_root']}; set it to the MIMIC release's folder.")
+    if "features_dir" in valid and not (Path(valid["features_dir"]) / MANIFEST).is_file():
+        problems.append(
+            f"features_dir: {valid['features_dir']} has no {MANIFEST}; run `lapvqa extract-features` first, or fix "
+            "the path."
+        )
+    if "output_dir" in valid and Path(valid["output_dir"]).is_file():
+        problems.append(f"output_dir: {valid['output_dir']} is a file; set it to a folder.")
+    if valid.get("log_with") not in (None, "all", *(tracker.value for tracker in get_available_trackers())):
+        problems.append(f"log_with: {valid['log_with']} is not installed; install it, or remove log_with.")
+    task = values.get("task", "diffvqa")
+    if task not in TASKS:
+        return problems
+    if task != "captioning":
+        if valid.get("vision_encoder") is not None:
+            problems.append("vision_encoder: only used with task captioning; remove it.")
+        if list(valid.get("report_sections", REPORT_SECTIONS)) != list(REPORT_SECTIONS):
+            problems.append("report_sections: only used with task captioning; remove it.")
+    task_class = TASK_CLASSES[task]
+    if valid.get("init_from"):
+        problems += _init_from_problems(valid["init_from"], task_class.model_class.config_class.model_type)
+        if valid.get("model"):
+            problems.append("model: not used with init_from (the model comes from there); remove one of them.")
+    elif "model" in valid:
+        problems += _model_problems(valid["model"], task_class.model_class.config_class, task_class.derived_fields)
+    return problems
+
+
+def _init_from_problems(init_from: str, model_type: str) -> list[str]:
+    try:
+        found, _ = PreTrainedConfig.get_config_dict(init_from)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return [f"init_from: cannot load {init_from} ({reason}); set it to a saved model folder or Hub id."]
+    if found.get("model_type") != model_type:
+        what = f"a {found['model_type']} model" if found.get("model_type") else "no model config.json"
+        return [f"init_from: {init_from} holds {what}, but this task trains {model_type} models."]
+    return []
+
+
+def _model_problems(overrides: dict, config_class: type[PreTrainedConfig], derived: tuple[str, ...]) -> list[str]:
+    known = [f.name for f in dataclasses.fields(config_class)]
+    problems = []
+    for key in overrides:
+        if key in derived:
+            problems.append(f"model.{key}: set by training from the features (or vision_encoder); remove it.")
+        elif key not in known:
+            problems.append(f"model.{key}: unknown field of {config_class.__name__}{_did_you_mean(key, known)}")
+    if not problems:
+        try:
+            config_class(**overrides)
+        except StrictDataclassError as error:
+            problems.append(f"model: {' '.join(line.strip() for line in str(error).splitlines())}")
+    return problems
 
 
 # --- what the tasks share ---------------------------------------------------------------------------------------
@@ -104,6 +286,16 @@ def _right_padded(sequences: list[list[int]], labels: list[list[int]], pad_token
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
     }
+
+
+def require_features(features: FeatureStore, ids: list[str]) -> None:
+    """Checks that every image of a split has stored features, before any training or generation starts."""
+    missing = sorted({i for i in ids if i not in features})
+    if missing:
+        raise FeatureError(
+            f"{features.output_dir} has no features for {len(missing)} image(s) of the data, e.g. {missing[0]!r}; "
+            "extract them with `lapvqa extract-features` (it adds the missing ones)."
+        )
 
 
 @torch.no_grad()
@@ -135,6 +327,7 @@ class DiffVQAExamples(torch.utils.data.Dataset):
         self.rows = list(rows)
         self.features = features
         self.ids = [(image_id(row["prior_image"], root), image_id(row["current_image"], root)) for row in self.rows]
+        require_features(features, [i for pair in self.ids for i in pair])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -189,6 +382,7 @@ class DiffVQATask:
 
     name = "diffvqa"
     model_class = LapvqaDiffVQAModel
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
     group_label = "question type"
 
     def load_splits(self, mimic_root: str | Path) -> DatasetDict:
@@ -239,6 +433,7 @@ class ReportExamples(torch.utils.data.Dataset):
         self.rows = list(rows)
         self.features = features
         self.ids = [image_id(row["image"], root) for row in self.rows]
+        require_features(features, self.ids)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -285,6 +480,7 @@ class CaptioningTask:
 
     name = "captioning"
     model_class = LapvqaCaptioningModel
+    derived_fields = ("vision_config", "feature_recipe")  # model config fields set from the features' encoder
     group_label = "reports"
 
     def __init__(
@@ -336,8 +532,6 @@ class CaptioningTask:
             model = LapvqaCaptioningModel.from_pretrained(config.init_from)
             check_feature_width(config.init_from, self.feature_width(model), features)
         else:
-            if "vision_config" in config.model:
-                raise ValueError("`model` must not set vision_config: it is the features' encoder (`vision_encoder`).")
             model = LapvqaCaptioningModel(LapvqaCaptioningConfig(vision_config=encoder_config, **config.model))
         if config.eval_max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(
@@ -376,7 +570,7 @@ class CaptioningTask:
         LapvqaProcessor(image_processor, tokenizer).save_pretrained(target)
 
 
-TASKS = ("diffvqa", "captioning")
+TASK_CLASSES = {"diffvqa": DiffVQATask, "captioning": CaptioningTask}
 
 
 def task_for(config: TrainConfig) -> DiffVQATask | CaptioningTask:
@@ -406,31 +600,185 @@ def check_feature_width(model_source: str, width: int, features: FeatureStore) -
         )
 
 
-# --- the loop ---------------------------------------------------------------------------------------------------
+# --- saving safely: checkpoints, the best model, resuming ------------------------------------------------------
+
+PARTIAL = ".partial-"  # prefix of a folder still being written: `checkpoints/.partial-step-N`, `.partial-best`
+PREVIOUS_BEST = ".previous-best"  # the replaced best model, between the two renames of a swap
+CHECKPOINT_CONFIG = "train_config.json"  # in each checkpoint: the config it was trained with
+# Fields a resumed run cannot change: the data, its order and the model would no longer be those of the checkpoint.
+FIXED_ON_RESUME = (
+    "task",
+    "init_from",
+    "model",
+    "mimic_root",
+    "features_dir",
+    "report_sections",
+    "vision_encoder",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "max_steps")  # a change rebuilds the learning-rate schedule
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """`write_json_atomically`, under a `.partial-` temporary name that `recover_interrupted_saves` cleans up."""
+    write_json_atomically(path, payload, temporary_prefix=f"{PARTIAL}{path.name}.")
 
 
 def latest_checkpoint(output_dir: Path) -> tuple[Path | None, int]:
-    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return (checkpoints[-1], int(checkpoints[-1].name.split("-")[1])) if checkpoints else (None, 0)
+    """The last complete checkpoint and its step: only `checkpoints/step-N` (partial ones have another name)."""
+    steps = [
+        int(match.group(1))
+        for folder in (output_dir / "checkpoints").glob("step-*")
+        if (match := re.fullmatch(r"step-(\d+)", folder.name))
+    ]
+    return (output_dir / "checkpoints" / f"step-{max(steps)}", max(steps)) if steps else (None, 0)
+
+
+def recorded_config(config: TrainConfig) -> dict:
+    """The config as recorded with checkpoints: JSON values, with local paths absolute (Hub ids stay as they are)."""
+    values = dataclasses.asdict(config)
+    for key in ("mimic_root", "features_dir", "init_from", "vision_encoder"):
+        if values[key] and Path(values[key]).exists():
+            values[key] = str(Path(values[key]).resolve())
+    return json.loads(json.dumps(values))
+
+
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, output_dir: Path, step: int) -> None:
+    """The whole training state at `step`, with the config it was trained with, as `checkpoints/step-N`: written
+    under a partial name and renamed once complete, so that a resumed run never reads a half-written one."""
+    partial = output_dir / "checkpoints" / f"{PARTIAL}step-{step}"
+    target = output_dir / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(partial))  # every process writes its random states there
+    if accelerator.is_main_process:
+        _write_json(partial / CHECKPOINT_CONFIG, recorded_config(config))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with_umask_permissions(partial)
+        os.replace(partial, target)
+    accelerator.wait_for_everyone()
+
+
+def save_best(output_dir: Path, write: Callable[[Path], None], record: dict) -> None:
+    """`write`s the new best model into a partial folder, then swaps it for `best/` (old one renamed away, new one
+    renamed in, old one deleted) and records it in `best.json`: a kill at any instant leaves a complete best model,
+    in `best/` or, between the two renames, in `.previous-best/` (put back by `recover_interrupted_saves`)."""
+    target, partial, previous = output_dir / "best", output_dir / f"{PARTIAL}best", output_dir / PREVIOUS_BEST
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    with_umask_permissions(partial)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(partial, target)
+    _write_json(output_dir / "best.json", record)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def recover_interrupted_saves(output_dir: Path) -> None:
+    """Cleans up after a run killed while saving: partial checkpoints and best models are deleted, and a best model
+    moved aside for a successor that never arrived is put back."""
+    leftovers = [*(output_dir / "checkpoints").glob(f"{PARTIAL}*"), *output_dir.glob(f"{PARTIAL}*")]
+    for leftover in leftovers:
+        print(f"removing {leftover}, left unfinished by an interrupted run")
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    previous = output_dir / PREVIOUS_BEST
+    if previous.is_dir() and (output_dir / "best").is_dir():
+        shutil.rmtree(previous)  # the swap was complete
+    elif previous.is_dir():
+        print(f"restoring {output_dir / 'best'}, moved aside by an interrupted run")
+        os.replace(previous, output_dir / "best")
+
+
+def resume_changes(config: TrainConfig, checkpoint: Path, step: int) -> dict[str, tuple]:
+    """What changed in `config` since `checkpoint` was saved, as `{key: (then, now)}`: the changes a resumed run
+    applies. Those it cannot apply raise a `TrainConfigError`, one line per key."""
+    record = checkpoint / CHECKPOINT_CONFIG
+    if not record.is_file():  # saved by lapvqa-hf before configs were recorded
+        return {}
+    then = json.loads(record.read_text())
+    changes, problems = {}, []
+    for key, now in recorded_config(config).items():
+        old = then.get(key, now)
+        if key == "output_dir" or old == now:
+            continue
+        if key in FIXED_ON_RESUME or (key == "mixed_precision" and "fp16" in (old, now)):
+            problems.append(
+                f"{key}: {old!r} in {checkpoint}, {now!r} now; a resumed run cannot change it: set it back, or "
+                "train into a new output_dir (with init_from to start from a saved model)."
+            )
+        elif key == "max_steps" and now < step:
+            problems.append(
+                f"max_steps: {now} is below the {step} steps of {checkpoint}; raise it, or train into a new output_dir."
+            )
+        else:
+            changes[key] = (old, now)
+    if problems:
+        raise TrainConfigError(problems)
+    return changes
+
+
+def apply_resume_changes(
+    changes: dict[str, tuple], config: TrainConfig, optimizer: AcceleratedOptimizer, scheduler: AcceleratedScheduler
+) -> None:
+    """Makes the optimizer and schedule restored by `load_state` follow the changed config."""
+    if "weight_decay" in changes:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = config.weight_decay
+    if changes.keys() & set(SCHEDULE_FIELDS):
+        schedule = scheduler.scheduler  # a LambdaLR, built for the current warmup_steps and max_steps
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.learning_rate
+        schedule.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
+        schedule.last_epoch -= 1
+        schedule.step()  # takes the current step again: sets the new schedule's learning rate for it
+
+
+def check_finite(step: int, losses: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """Stops training at a NaN or infinite loss (of any micro-batch on any process) or gradient norm, before the
+    weights are updated: nothing of this step is saved."""
+    advice = "lower learning_rate or max_grad_norm (a re-run resumes from the last checkpoint with the new values)"
+    bad = losses[~torch.isfinite(losses)]
+    if len(bad):
+        raise NonFiniteError(f"step {step}: the training loss is {bad[0].item()}; stopped before the update; {advice}.")
+    if grad_norm is not None and not torch.isfinite(grad_norm):
+        raise NonFiniteError(
+            f"step {step}: the gradient norm is {grad_norm.item()}; stopped before the update; {advice}."
+        )
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig) -> dict:
-    task = task_for(config)
+    problems = config_problems(dataclasses.asdict(config))
+    if problems:
+        raise TrainConfigError(problems)
     output_dir = Path(config.output_dir)
+    checkpoint, step = latest_checkpoint(output_dir)
+    changes = resume_changes(config, checkpoint, step) if checkpoint is not None else {}
+    task = task_for(config)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=config.log_with,
         project_dir=str(output_dir),
     )
+    if accelerator.is_main_process:
+        recover_interrupted_saves(output_dir)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     features = FeatureStore(config.features_dir)
+    model = task.build_model(config, features)  # checks first that the features fit the model
+    model.config.feature_recipe = dataclasses.asdict(features.recipe)  # how the training features were made
     root = Path(config.mimic_root).resolve()
     splits = task.load_splits(config.mimic_root)
     train_set = task.examples(splits["train"], features, root)
     eval_set = task.examples(splits["validation"], features, root) if "validation" in splits else None
-    model = task.build_model(config, features)
-    model.config.feature_recipe = dataclasses.asdict(features.recipe)  # how the training features were made
     max_positions = model.config.max_position_embeddings
     tokenizer = build_gpt2_tokenizer(max_positions)
     generator = torch.Generator().manual_seed(config.seed)
@@ -442,19 +790,26 @@ def train(config: TrainConfig) -> dict:
         collate_fn=task.collate(tokenizer, max_positions),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    # accelerate steps the schedule once per process at each optimizer step (which sees a batch per process).
+    processes = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, config.warmup_steps * processes, config.max_steps * processes
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if config.log_with:
         flat = {"model": json.dumps(config.model), "report_sections": ",".join(config.report_sections)}
         accelerator.init_trackers(f"lapvqa-{task.name}", config=dataclasses.asdict(config) | flat)
 
-    checkpoint, step = latest_checkpoint(output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        apply_resume_changes(changes, config, optimizer, scheduler)
         accelerator.print(f"resumed from {checkpoint}")
+        for key, (old, new) in changes.items():
+            effect = "the learning-rate schedule is rebuilt" if key in SCHEDULE_FIELDS else "applied from now on"
+            accelerator.print(f"{key} changed from {old!r} to {new!r} since {checkpoint.name}: {effect}")
     batches_per_epoch = len(loader)
     best = json.loads((output_dir / "best.json").read_text()) if (output_dir / "best.json").is_file() else None
-    history = []
+    history, micro_losses = [], []
     model.train()
     while step < config.max_steps:
         epoch, offset = divmod(step * config.gradient_accumulation_steps, batches_per_epoch)
@@ -464,9 +819,14 @@ def train(config: TrainConfig) -> dict:
         for batch in epoch_loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                micro_losses.append(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    # With fp16, an infinite gradient norm is the loss scaler's: it skips the step, lowers the scale.
+                    checked_norm = grad_norm if accelerator.scaler is None else None
+                    check_finite(step + 1, accelerator.gather(torch.stack(micro_losses)), checked_norm)
+                    micro_losses = []
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -476,13 +836,14 @@ def train(config: TrainConfig) -> dict:
             loss_value = accelerator.gather(loss.detach()).mean().item()
             history.append(loss_value)
             accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step}"))
+            # Validation first: a checkpoint at step N means that step N was validated (and its best model saved).
             if eval_set is not None and (step % config.eval_every == 0 or step == config.max_steps):
                 best = evaluate_and_keep_best(
                     config, task, accelerator, model, tokenizer, features, eval_set, step, best
                 )
                 model.train()
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                save_checkpoint(accelerator, config, output_dir, step)
             if step >= config.max_steps:
                 break
     accelerator.end_training()
@@ -513,30 +874,59 @@ def evaluate_and_keep_best(
         predictions = task.predict(unwrapped, tokenizer, eval_set, config.batch_size, config.eval_max_new_tokens)
         scores = task.score(predictions, eval_set)
         accelerator.log({f"eval/{k}": v for k, v in scores["overall"].items()}, step=step)
-        if best is None or scores["overall"][config.best_metric] > best["score"]:
-            best = {"step": step, "score": scores["overall"][config.best_metric], "scores": scores}
-            target = output_dir / "best"
-            shutil.rmtree(target, ignore_errors=True)
-            task.save(unwrapped, tokenizer, features, target)
-            (output_dir / "best.json").write_text(json.dumps(best, indent=1))
+        score = scores["overall"][config.best_metric]
+        # Compared by the current best_metric, also when a resumed run changed it.
+        if best is None or score > best["scores"]["overall"][config.best_metric]:
+            best = {"step": step, "metric": config.best_metric, "score": score, "scores": scores}
+            save_best(output_dir, lambda target: task.save(unwrapped, tokenizer, features, target), best)
     accelerator.wait_for_everyone()
     return json.loads((output_dir / "best.json").read_text()) if (output_dir / "best.json").is_file() else best
 
 
-def main(argv: list[str] | None = None) -> None:
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def exit_with_launcher(poll_seconds: float = 1.0) -> None:
+    """Under a launcher (`accelerate launch`, torchrun), exits this process when the launcher dies rather than
+    training on as an orphan; a re-run of the command resumes from the last checkpoint."""
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # both set by launchers
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        with contextlib.suppress(OSError):
+            print(f"error: the launcher (pid {launcher}) is gone; stopping. Re-run to resume.", file=sys.stderr)
+            sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="accelerate launch -m lapvqa_hf.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="JSON file of TrainConfig fields")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override a field: key=value")
     args = parser.parse_args(argv)
-    config = TrainConfig.from_file(args.config, args.overrides)
-    result = train(config)
+    exit_with_launcher()
+    try:
+        config = TrainConfig.from_file(args.config, args.overrides)
+        result = train(config)
+    except TrainConfigError as error:
+        if os.environ.get("RANK", "0") == "0":  # every process finds the same problems: one of them reports
+            for problem in error.problems:
+                print(f"error: {problem}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:  # incl. NonFiniteError, DataError, FeatureError
+        print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}", file=sys.stderr)
+        return 1
     if result["is_main_process"]:
         result_path = Path(config.output_dir) / "result.json"
-        result_path.write_text(
-            json.dumps({k: result[k] for k in ("steps", "losses", "best", "num_processes")}, indent=1)
-        )
+        _write_json(result_path, {k: result[k] for k in ("steps", "losses", "best", "num_processes")})
         print(f"done: {result['steps']} steps; results in {result_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -333,11 +333,11 @@ def test_the_store_gets_the_users_umask_permissions(tmp_path):
     import os
     import stat
 
-    from lapvqa_hf.features import _write_json_atomically
+    from lapvqa_hf.convert.checkpoint import write_json_atomically
 
     previous = os.umask(0o022)
     try:
-        _write_json_atomically(tmp_path / "features.json", {"shards": []})
+        write_json_atomically(tmp_path / "features.json", {"shards": []})
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "features.json").stat().st_mode) == 0o644

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import TINY_DECODER
 from safetensors.torch import load_file
 
+import lapvqa_hf.train as training
 from lapvqa_hf import LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
@@ -114,17 +114,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, mo
     uninterrupted = train(TrainConfig.from_file(write_config(prepared, tmp_path / "a", **settings)))
     AcceleratorState._reset_state(True)
 
-    original_save_state = Accelerator.save_state
+    original_save_checkpoint = training.save_checkpoint
 
-    def save_then_die(self, output_dir=None, **kwargs):
-        original_save_state(self, output_dir, **kwargs)
+    def save_then_die(*args):
+        original_save_checkpoint(*args)
         raise KeyboardInterrupt("killed after the step-6 checkpoint")
 
-    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     config_b = TrainConfig.from_file(write_config(prepared, tmp_path / "b", **settings))
     with pytest.raises(KeyboardInterrupt):
         train(config_b)
-    monkeypatch.setattr(Accelerator, "save_state", original_save_state)
+    monkeypatch.setattr(training, "save_checkpoint", original_save_checkpoint)
     AcceleratorState._reset_state(True)
     resumed = train(config_b)
 
