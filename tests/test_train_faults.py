@@ -20,6 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import TINY_DECODER
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
@@ -31,6 +33,7 @@ from lapvqa_hf.train import (
     NonFiniteError,
     TrainConfig,
     TrainConfigError,
+    config_problems,
     latest_checkpoint,
     main,
     recover_interrupted_saves,
@@ -488,3 +491,29 @@ def test_checkpoints_and_the_best_model_get_the_users_umask_permissions(prepared
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
         assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o644}, folder
     assert stat.S_IMODE((tmp_path / "run" / "best.json").stat().st_mode) == 0o644
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+FIELD_NAMES = st.sampled_from([f.name for f in dataclasses.fields(TrainConfig)]) | st.text(max_size=10)
+
+
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    document=st.dictionaries(FIELD_NAMES, JSON_VALUES, max_size=8) | JSON_VALUES,
+    overrides=st.lists(st.text(max_size=20), max_size=3),
+)
+def test_any_config_document_is_accepted_or_refused_one_line_per_problem(tmp_path_factory, document, overrides):
+    path = tmp_path_factory.mktemp("config") / "train.json"
+    path.write_text(json.dumps(document, allow_nan=True))
+    try:
+        config = TrainConfig.from_file(path, overrides)
+    except TrainConfigError as error:
+        assert error.problems and all(problem and "\n" not in problem for problem in error.problems)
+    else:
+        assert isinstance(config, TrainConfig) and not config_problems(dataclasses.asdict(config))
