@@ -498,7 +498,9 @@ def answer_dataset(
     if rank == 0:
         merge_parts(output, world, len(rows))
         failed = sum(1 for line in output.read_text().splitlines() if '"error": ' in line)
-        print(f"wrote {output}: {len(rows)} rows, {failed} skipped with an error")
+        print(
+            f"wrote {output}: {len(rows)} rows ({world} process{'es' if world > 1 else ''}), {failed} skipped with an error"
+        )
     return output
 
 
@@ -519,12 +521,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from .convert.common import run_reporting_errors
     from .encoders import EncoderError
+    from .processes import process_state
 
-    state = PartialState(cpu=args.device == "cpu")
+    state = process_state(args.device)
     generate_kwargs = {
         key: value
         for key, value in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams))

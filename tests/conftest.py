@@ -216,3 +216,21 @@ def upstream_detection_checkpoint(head: torch.nn.Module, encoder: str, **metadat
         "val_map50": 0.031,
         **metadata,
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_launch(module: str, args: list, processes: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch -m MODULE ARGS` with `processes` CPU processes joined over gloo (DDP), as on a machine
+    without GPUs. accelerate's `--cpu` would start a single process whatever `--num_processes` says."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if processes > 1 else "--cpu"]
+    command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", module, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)

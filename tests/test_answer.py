@@ -3,14 +3,12 @@ sharded over processes, with pictures of where the model looked."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launch
 from PIL import Image
 from test_image_processing import write_dicom
 from test_pipelines import QUESTIONS, TINY_HEAD, convert, tiny_clip_folder
@@ -96,7 +94,7 @@ def test_a_bad_row_is_reported_with_its_reason_and_the_run_goes_on(studies, diff
     assert found[3]["error"] == f"current_image: {folder / 'missing.png'}: no such image file."
     assert found[4]["error"].startswith(f"current_image: {folder / 'broken.png'}: cannot read it as an image")
     assert all("answer" in line for i, line in enumerate(found) if i not in (3, 4))
-    assert "7 rows, 2 skipped with an error" in capsys.readouterr().out
+    assert "7 rows (1 process), 2 skipped with an error" in capsys.readouterr().out
 
 
 def test_a_killed_run_resumes_and_loses_at_most_the_batch_in_flight(studies, diffvqa_folder, tmp_path):
@@ -147,14 +145,11 @@ def test_two_processes_with_accelerate_give_the_single_process_output(studies, d
     folder, _ = studies
     single = lines(answer_dataset(diffvqa_folder, folder / "diffvqa.csv", tmp_path / "one.jsonl", batch_size=2,
                                   generate_kwargs={"max_new_tokens": 4}, **QUIET))  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lapvqa_hf.answer", diffvqa_folder,
-        "--input", str(folder / "diffvqa.csv"), "--output", str(tmp_path / "two.jsonl"), "--batch-size", "2",
-        "--max-new-tokens", "4",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    arguments = [diffvqa_folder, "--input", folder / "diffvqa.csv", "--output", tmp_path / "two.jsonl", "--batch-size",
+                 "2", "--max-new-tokens", "4"]  # fmt: skip
+    result = accelerate_launch("lapvqa_hf.answer", arguments, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "7 rows (2 processes)" in result.stdout and result.stdout.count("wrote ") == 1, "merged once, by rank 0"
     assert lines(tmp_path / "two.jsonl") == single
 
 
