@@ -89,18 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
     extract.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default 8)")
     extract.add_argument("--shard-size", type=int, default=256, help="images per safetensors shard (default 256)")
-    extract.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    extract.add_argument(
+        "--device", help="cuda, cuda:N or cpu (default: cuda when available; under `accelerate launch`, the process's)"
+    )
     extract.set_defaults(handler=run_extract_features)
 
     evaluate = commands.add_parser(
-        "evaluate", help="answer (DiffVQA) or report on (captioning) a split greedily; BLEU/ROUGE/CIDEr"
+        "evaluate",
+        help="answer (DiffVQA) or report on (captioning) a split greedily; BLEU/ROUGE/CIDEr",
+        description="Answers (DiffVQA) or reports on (captioning) a split greedily and scores it. Under "
+        "`accelerate launch -m lapvqa_hf.cli evaluate ...` the processes share the split out.",
     )
     evaluate.add_argument("model", help="a DiffVQA or captioning model folder or Hub id")
     evaluate.add_argument("--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA / MIMIC-CXR release")
     evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
-    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument(
+        "--split", default="test", choices=["train", "validation", "test"], help="the split to score (default test)"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16, help="examples per generate call (default 16)")
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens generated per answer or report (default 64)"
+    )
     evaluate.add_argument("--output", type=Path, help="also write the scores and answers as JSON here")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -115,25 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from transformers import AutoConfig
 
+    from .convert.checkpoint import write_json_atomically
     from .data import DataError
     from .features import FeatureStore
+    from .processes import process_state
     from .tokenization import build_gpt2_tokenizer
-    from .train import check_feature_width, task_for_model
+    from .train import check_feature_width, predict_across_processes, task_for_model
 
     def evaluate() -> None:
+        state = process_state()  # under `accelerate launch`, each process generates its share of the split
         task = task_for_model(AutoConfig.from_pretrained(args.model))
         splits = task.load_splits(args.mimic_root)
         if args.split not in splits:
             raise DataError(f"{args.mimic_root} has no {args.split} split; it has {sorted(splits)}.")
         features = FeatureStore(args.features)
-        model = task.model_class.from_pretrained(args.model).eval()
+        model = task.model_class.from_pretrained(args.model).eval().to(state.device)
         check_feature_width(args.model, task.feature_width(model), features)
         examples = task.examples(splits[args.split], features, Path(args.mimic_root).resolve())
-        answers = task.predict(model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens)
+        answers = predict_across_processes(
+            task, model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens
+        )
+        if not state.is_main_process:
+            return
         references = task.references(examples)
         scores = task.score(answers, examples)
         metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")
@@ -143,7 +157,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"| {name} | {row['count']} | {' | '.join(f'{row[m]:.3f}' for m in metrics)} |")
         if args.output:
             payload = {"split": args.split, "scores": scores, "answers": answers, "references": references}
-            args.output.write_text(json.dumps(payload, indent=1))
+            write_json_atomically(args.output, payload)
 
     return run_reporting_errors(evaluate, errors=(ValueError, OSError))  # incl. DataError, FeatureError
 
@@ -154,12 +168,14 @@ def run_extract_features(args: argparse.Namespace) -> int:
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
     from .encoders import EncoderError, load_encoder, load_encoder_image_processor
     from .features import FAILURES, FeatureError, extract_features, images_of, read_failures, recipe_for, resolve_device
+    from .processes import process_state
 
     def extract() -> None:
+        state = process_state(args.device)  # under `accelerate launch`, each process encodes its share
         for option, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
             if value < 1:
                 raise FeatureError(f"{option} must be a positive number of images, got {value}.")
-        device = resolve_device(args.device)
+        device = resolve_device(args.device) if args.device or state.num_processes == 1 else state.device
         recipe = recipe_for(args.encoder)
         if args.checkpoint:  # recorded with the features: training completes a captioning model with this encoder
             recipe = dataclasses.replace(recipe, checkpoint=args.checkpoint)
@@ -182,7 +198,12 @@ def run_extract_features(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             shard_size=args.shard_size,
             device=device,
+            rank=state.process_index,
+            world=state.num_processes,
+            barrier=state.wait_for_everyone,
         )
+        if not state.is_main_process:
+            return
         failures = read_failures(args.output)
         summary = f"{args.output}: {len(images) - len(failures)} images encoded with {recipe.name}"
         if failures:

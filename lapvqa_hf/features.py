@@ -10,13 +10,19 @@ to a temporary name and renamed, then `features.json` is replaced atomically, so
 progress and a re-run resumes. Shards are checked whenever they are read (sha256, image ids, finite values); a
 damaged one is named with its fix: delete it and re-run, which extracts its images again. Images that cannot be
 read are skipped and listed in `failures.json` (a re-run retries them); non-finite features are never stored.
+
+Across processes (`accelerate launch -m lapvqa_hf.cli extract-features ...`), the images not yet stored, sorted by
+id, are dealt round-robin: process `r` writes its own shards (`features-rR-XXXXX.safetensors`) and lists them in its
+own part (`features-part-rR.json`, replaced atomically). Once every process is done, process 0 folds the parts into
+`features.json` and removes them; a killed run's parts are folded in first when it is resumed, so every shard
+written survives, and the store reads as a 1-process one.
 """
 
 import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_e
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
+PART = "features-part-r{rank}.json"  # one process's shards (and unreadable images) of a multi-process run
 FAILURES = "failures.json"  # the images the latest run could not read: image id, path and reason
 # How images reach the encoder, recorded in the manifest: stores written by lapvqa-hf 0.1.x (which stretched
 # images with the recipe's own normalisation instead) are not resumed with differently prepared images.
@@ -46,9 +53,10 @@ def recipe_for(name: str) -> EncoderRecipe:
     return RECIPES[name]
 
 
-def _read_manifest(output_dir: Path) -> dict:
-    """`features.json`: the recipe, how images were prepared, and the shards (file, image ids, sha256)."""
-    path = output_dir / MANIFEST
+def _read_manifest(output_dir: Path, name: str = MANIFEST) -> dict:
+    """`features.json` (or a process's part): the recipe, how images were prepared, and the shards (file, image ids,
+    sha256)."""
+    path = output_dir / name
     try:
         manifest = json.loads(path.read_text())
         EncoderRecipe(**manifest["recipe"])
@@ -60,6 +68,46 @@ def _read_manifest(output_dir: Path) -> dict:
             "extract again."
         ) from None
     return manifest
+
+
+def _check_recipe(output_dir: Path, manifest: dict, recipe: EncoderRecipe) -> None:
+    if EncoderRecipe(**manifest["recipe"]) != recipe:
+        raise FeatureError(
+            f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
+            f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
+        )
+    if manifest.get("image_preparation") != IMAGE_PREPARATION:
+        raise FeatureError(
+            f"{output_dir} holds features of images prepared otherwise (by lapvqa-hf 0.1.x: stretched with the "
+            "recipe's normalisation); extract into a new folder, so that one store never mixes the two."
+        )
+
+
+def _new_manifest(recipe: EncoderRecipe) -> dict:
+    return {"recipe": asdict(recipe), "image_preparation": IMAGE_PREPARATION, "shards": []}
+
+
+def _fold_parts(output_dir: Path, recipe: EncoderRecipe) -> tuple[dict, list[dict[str, str]]]:
+    """The manifest (new when absent) with the shards of every process's part folded in and the listed shards whose
+    file was deleted (the fix for a damaged one) forgotten, so that their images are extracted again; written when
+    it changed, then the parts are removed. Also returns the unreadable images the parts list."""
+    manifest = _read_manifest(output_dir) if (output_dir / MANIFEST).is_file() else _new_manifest(recipe)
+    _check_recipe(output_dir, manifest, recipe)
+    parts = sorted(output_dir.glob(PART.format(rank="*")))
+    shards, failures = {shard["file"]: shard for shard in manifest["shards"]}, []
+    for part_path in parts:
+        part = _read_manifest(output_dir, part_path.name)
+        _check_recipe(output_dir, part, recipe)
+        for shard in part["shards"]:  # listed once, though a run killed while merging left it in both
+            shards.setdefault(shard["file"], shard)
+        failures += part.get("failures", [])
+    present = [shard for shard in shards.values() if (output_dir / shard["file"]).is_file()]
+    if parts or len(present) != len(manifest["shards"]):
+        manifest["shards"] = present
+        write_json_atomically(output_dir / MANIFEST, manifest)
+        for part_path in parts:
+            part_path.unlink()
+    return manifest, failures
 
 
 def _read_shard(output_dir: Path, shard: dict, vis_dim: int) -> dict[str, torch.Tensor]:
@@ -153,6 +201,9 @@ def extract_features(
     shard_size: int = 256,
     device: str | torch.device | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
     """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`.
 
@@ -160,38 +211,70 @@ def extract_features(
     with it (`lapvqa_hf.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
     An image that cannot be read is skipped and listed in `output_dir/failures.json` (see `read_failures`); a
     later run retries it. Stored shards are checked first; a listed shard whose file was deleted is extracted again.
+
+    With `world` processes (each calling this with the same images and its `rank`, `barrier()` waiting for them all,
+    e.g. `accelerate.PartialState`'s), process `rank` encodes every `world`-th image not yet stored, sorted by id, into
+    shards of its own, and process 0 merges them into the one store once all are done (see the module docstring).
     """
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise FeatureError(f"{name} must be a positive number of images, got {value!r}.")
+    if not isinstance(world, int) or world < 1 or not isinstance(rank, int) or not 0 <= rank < world:
+        raise FeatureError(f"rank must be 0 to world - 1 (world at least 1), got rank {rank!r} of world {world!r}.")
     device = resolve_device(device)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = output_dir / MANIFEST
-    manifest = {"recipe": asdict(recipe), "image_preparation": IMAGE_PREPARATION, "shards": []}
-    if manifest_path.is_file():
-        manifest = _read_manifest(output_dir)
-        if EncoderRecipe(**manifest["recipe"]) != recipe:
-            raise FeatureError(
-                f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
-                f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
-            )
-        if manifest.get("image_preparation") != IMAGE_PREPARATION:
-            raise FeatureError(
-                f"{output_dir} holds features of images prepared otherwise (by lapvqa-hf 0.1.x: stretched with the "
-                "recipe's normalisation); extract into a new folder, so that one store never mixes the two."
-            )
-        present = [shard for shard in manifest["shards"] if (output_dir / shard["file"]).is_file()]
-        if len(present) != len(manifest["shards"]):  # a deleted shard (the fix for a damaged one) is forgotten,
-            manifest["shards"] = present  # so that its images are extracted again
-            write_json_atomically(manifest_path, manifest)
-        for shard in present:  # a damaged shard is not trusted to hold its images
-            _read_shard(output_dir, shard, recipe.vis_dim)
+    if rank == 0:  # a killed multi-process run's parts are folded in, so that its shards count as stored
+        manifest, _ = _fold_parts(output_dir, recipe)
+    barrier()
+    if rank != 0:  # the manifest process 0 checked (and wrote, when it changed)
+        manifest = _read_manifest(output_dir) if (output_dir / MANIFEST).is_file() else _new_manifest(recipe)
+    for shard in manifest["shards"][rank::world]:  # a damaged shard is not trusted to hold its images
+        _read_shard(output_dir, shard, recipe.vis_dim)
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
     todo = [image_id for image_id in images if image_id not in done]
     if not todo:
-        _write_failures(output_dir, [])  # every image is stored: none failed
+        if rank == 0:
+            _write_failures(output_dir, [])  # every image is stored: none failed
         return output_dir
+    share = todo if world == 1 else sorted(todo)[rank::world]
+    # 1 process records its shards in the manifest, as it goes; several, each in its own part, merged at the end
+    record, record_name = (manifest, MANIFEST) if world == 1 else (_new_manifest(recipe), PART.format(rank=rank))
+    prefix = "features-" if world == 1 else f"features-r{rank}-"
+    failures: list[dict[str, str]] = []
+    shards = _encoded_shards(images, share, recipe, encoder, image_processor, batch_size, shard_size, device,
+                             progress and rank == 0, failures)  # fmt: skip
+    for tensors in shards:
+        _write_shard(output_dir, record, record_name, tensors, recipe, prefix, manifest["shards"])
+    if world == 1:
+        _write_failures(output_dir, failures)
+        return output_dir
+    write_json_atomically(output_dir / record_name, {**record, "failures": failures})
+    barrier()
+    if rank == 0:
+        _, failures = _fold_parts(output_dir, recipe)
+        order = {image_id: index for index, image_id in enumerate(images)}
+        _write_failures(output_dir, sorted(failures, key=lambda failure: order[failure["image_id"]]))
+    barrier()  # no process returns before the store is whole
+    return output_dir
+
+
+def _encoded_shards(
+    images: dict[str, str | Path],
+    todo: list[str],
+    recipe: EncoderRecipe,
+    encoder: torch.nn.Module | None,
+    image_processor,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device,
+    progress: bool,
+    failures: list[dict[str, str]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The stored tensors of `todo`, a shard (`{image_id: fp16 tokens}`) at a time; the images that cannot be read
+    are added to `failures`. The encoder is loaded only when there is something to encode."""
+    if not todo:
+        return
     encoder = (encoder or load_encoder(recipe)).to(device).eval()
     trained_size = getattr(getattr(encoder, "config", None), "image_size", None)
     if trained_size is not None and trained_size != recipe.image_size:
@@ -203,7 +286,6 @@ def extract_features(
     reader = LapvqaImageProcessor()  # X-ray files (16-bit, DICOM) become the 8-bit RGB the encoder's processor takes
     dtype = next(encoder.parameters()).dtype
     bar = tqdm(total=len(todo), desc=f"extracting {recipe.name} features", unit="image", disable=not progress)
-    failures: list[dict[str, str]] = []
     for start in range(0, len(todo), shard_size):
         shard_ids = todo[start : start + shard_size]
         tensors = {}
@@ -218,10 +300,8 @@ def extract_features(
                     tensors[image_id] = _storable(image_tokens, image_id, images[image_id], recipe)
             bar.update(len(batch_ids))
         if tensors:
-            _write_shard(output_dir, manifest, tensors, recipe)
+            yield tensors
     bar.close()
-    _write_failures(output_dir, failures)
-    return output_dir
 
 
 def _read_images(reader: LapvqaImageProcessor, images: dict[str, str | Path], failures: list[dict[str, str]]) -> dict:
@@ -235,17 +315,26 @@ def _read_images(reader: LapvqaImageProcessor, images: dict[str, str | Path], fa
     return rgb
 
 
-def _write_shard(output_dir: Path, manifest: dict, tensors: dict[str, torch.Tensor], recipe: EncoderRecipe) -> None:
-    """Stores `tensors` as the next shard under a name no listed shard has, then records it in the manifest."""
-    listed = {shard["file"] for shard in manifest["shards"]}
-    names = (f"features-{index:05d}.safetensors" for index in itertools.count())
+def _write_shard(
+    output_dir: Path,
+    record: dict,
+    record_name: str,
+    tensors: dict[str, torch.Tensor],
+    recipe: EncoderRecipe,
+    prefix: str,
+    taken: list[dict],
+) -> None:
+    """Stores `tensors` as the next shard (`{prefix}XXXXX.safetensors`) under a name no shard of `record` or `taken`
+    has, then records it in `record`, written to `output_dir/record_name`."""
+    listed = {shard["file"] for shard in [*record["shards"], *taken]}
+    names = (f"{prefix}{index:05d}.safetensors" for index in itertools.count())
     shard_name = next(name for name in names if name not in listed)
     data = save(tensors, metadata={"encoder": recipe.name, "recipe": json.dumps(asdict(recipe))})
     temporary = output_dir / f".{shard_name}.tmp"
     temporary.write_bytes(data)
     os.replace(temporary, output_dir / shard_name)
-    manifest["shards"].append({"file": shard_name, "ids": list(tensors), "sha256": hashlib.sha256(data).hexdigest()})
-    write_json_atomically(output_dir / MANIFEST, manifest)
+    record["shards"].append({"file": shard_name, "ids": list(tensors), "sha256": hashlib.sha256(data).hexdigest()})
+    write_json_atomically(output_dir / record_name, record)
 
 
 class FeatureStore:

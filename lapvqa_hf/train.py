@@ -13,10 +13,12 @@ The config is a JSON object of `TrainConfig` fields; `--set` overrides any of th
   the features were extracted with) only to complete the saved model, so that it also reports from pixels.
 
 Both run the same loop; what differs (data, batches, model, validation generation, scoring, saving) is a `Task`.
-AdamW with linear warmup then cosine decay, gradient accumulation, clipping and mixed precision come from
-accelerate; `checkpoint_every` steps the whole training state is saved (`accelerator.save_state`) and a re-run
-resumes from the latest checkpoint to the same result as an uninterrupted run. Every `eval_every` steps the
-validation split is generated greedily and scored (BLEU/ROUGE/CIDEr); the best model (by `best_metric`) is saved
+AdamW (no weight decay on biases, LayerNorm weights and embeddings, as in transformers' Trainer) with linear warmup
+then cosine decay, gradient accumulation, clipping, mixed precision and trackers (`log_with`) come from accelerate;
+the main process shows a progress bar (loss, learning rate, tokens/s). `checkpoint_every` steps the whole training
+state is saved (`accelerator.save_state`; `save_total_limit` keeps the newest) and a re-run resumes from the latest
+checkpoint to the same result as an uninterrupted run. Every `eval_every` steps the validation split is generated
+greedily, shared among the processes, and scored (BLEU/ROUGE/CIDEr); the best model (by `best_metric`) is saved
 with `save_pretrained`, with its tokenizer (DiffVQA) or processor (captioning), ready for `lapvqa push`.
 
 Faults: the config is checked whole before any work (one `error:` line per problem); checkpoints and the best model
@@ -42,20 +44,23 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, set_seed
+from accelerate.utils import LoggerType, gather_object, set_seed
 from datasets import DatasetDict
 from huggingface_hub.errors import StrictDataclassError
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
 )
+from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+from transformers.trainer_pt_utils import get_parameter_names
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
@@ -104,6 +109,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     checkpoint_every: int = 500
+    save_total_limit: int | None = None  # checkpoints kept (the newest); None keeps them all
     eval_every: int = 500
     eval_max_new_tokens: int = 64
     best_metric: str = "bleu4"
@@ -130,10 +136,11 @@ class TrainConfig:
         problems = [f"{path}: unknown field {key!r}{_did_you_mean(key, known)}" for key in values if key not in known]
         for override in overrides:
             key, equals, raw = override.partition("=")
+            shown = override.encode("unicode_escape").decode()  # one line, whatever it holds
             if not equals:
-                problems.append(f"--set {override}: expected key=value.")
+                problems.append(f"--set {shown}: expected key=value.")
             elif key not in known:
-                problems.append(f"--set {key}: unknown field{_did_you_mean(key, known)}")
+                problems.append(f"--set {shown.partition('=')[0]}: unknown field{_did_you_mean(key, known)}")
             else:
                 try:
                     values[key] = json.loads(raw)
@@ -199,6 +206,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "max_grad_norm": (_is_number(0, strictly=True), "a finite number > 0"),
     "mixed_precision": (lambda v: v in MIXED_PRECISIONS, f"one of {', '.join(MIXED_PRECISIONS)}"),
     "checkpoint_every": (_is_integer(1), "an integer >= 1"),
+    "save_total_limit": (lambda v: v is None or _is_integer(1)(v), "an integer >= 1, or null to keep all"),
     "eval_every": (_is_integer(1), "an integer >= 1"),
     "eval_max_new_tokens": (_is_integer(1), "an integer >= 1"),
     "best_metric": (lambda v: v in METRICS, f"one of {', '.join(METRICS)}"),
@@ -315,6 +323,23 @@ def _generate_split(
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [t.strip() for t in texts]
+
+
+def predict_across_processes(
+    task: "DiffVQATask | CaptioningTask",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """`task.predict` for every example of `dataset`, shared among the processes (process R of W generates examples
+    R, R+W, ...) and gathered, in the dataset's order, on every process."""
+    state = PartialState()
+    indices = list(range(state.process_index, len(dataset), state.num_processes))
+    texts = task.predict(model, tokenizer, Subset(dataset, indices), batch_size, max_new_tokens)
+    gathered = gather_object(list(zip(indices, texts, strict=True)))
+    return [text for _, text in sorted(gathered)]
 
 
 # --- DiffVQA ----------------------------------------------------------------------------------------------------
@@ -660,6 +685,28 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, output_dir: P
     accelerator.wait_for_everyone()
 
 
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None = None) -> list[Path]:
+    """Deletes the oldest complete checkpoints beyond the newest `limit` (all kept when None), never `keep` (the one
+    the run resumed from); each is renamed to a partial name first, so that a kill mid-deletion leaves no half
+    checkpoint. Returns the deleted ones."""
+    if limit is None:
+        return []
+    folders = sorted(
+        (int(match.group(1)), folder)
+        for folder in (output_dir / "checkpoints").glob("step-*")
+        if (match := re.fullmatch(r"step-(\d+)", folder.name))
+    )
+    deleted = []
+    for _, folder in folders[:-limit]:
+        if keep is not None and folder.resolve() == keep.resolve():
+            continue
+        doomed = folder.with_name(f"{PARTIAL}deleted-{folder.name}")
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed)
+        deleted.append(folder)
+    return deleted
+
+
 def save_best(output_dir: Path, write: Callable[[Path], None], record: dict) -> None:
     """`write`s the new best model into a partial folder, then swaps it for `best/` (old one renamed away, new one
     renamed in, old one deleted) and records it in `best.json`: a kill at any instant leaves a complete best model,
@@ -727,8 +774,7 @@ def apply_resume_changes(
 ) -> None:
     """Makes the optimizer and schedule restored by `load_state` follow the changed config."""
     if "weight_decay" in changes:
-        for group in optimizer.param_groups:
-            group["weight_decay"] = config.weight_decay
+        optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # the decayed group (or the only one)
     if changes.keys() & set(SCHEDULE_FIELDS):
         schedule = scheduler.scheduler  # a LambdaLR, built for the current warmup_steps and max_steps
         for group in optimizer.param_groups:
@@ -736,6 +782,26 @@ def apply_resume_changes(
         schedule.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
         schedule.last_epoch -= 1
         schedule.step()  # takes the current step again: sets the new schedule's learning rate for it
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as transformers' Trainer makes them: weight decay on the weights of other layers, none on biases,
+    LayerNorm weights and embeddings (the first group decays, the second does not)."""
+    decayed = set(get_parameter_names(model, [*ALL_LAYERNORM_LAYERS, torch.nn.Embedding], [r"bias", r"layernorm"]))
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    return [
+        {"params": [p for name, p in named if name in decayed], "weight_decay": weight_decay},
+        {"params": [p for name, p in named if name not in decayed], "weight_decay": 0.0},
+    ]
+
+
+def single_group_checkpoint(checkpoint: Path | None) -> bool:
+    """Whether `checkpoint`'s optimizer has one group: saved before biases, LayerNorm weights and embeddings left
+    weight decay; its run resumes with weight decay on every parameter, as it started."""
+    optimizer_file = checkpoint / "optimizer.bin" if checkpoint is not None else None
+    if optimizer_file is None or not optimizer_file.is_file():
+        return False
+    return len(torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=True)["param_groups"]) == 1
 
 
 def check_finite(step: int, losses: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
@@ -789,16 +855,20 @@ def train(config: TrainConfig) -> dict:
         generator=generator,
         collate_fn=task.collate(tokenizer, max_positions),
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    if single_group_checkpoint(checkpoint):
+        groups = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+        accelerator.print(f"{checkpoint} decays every parameter: resuming so (a new output_dir decays weights only)")
+    else:
+        groups = parameter_groups(model, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     # accelerate steps the schedule once per process at each optimizer step (which sees a batch per process).
     processes = accelerator.num_processes
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, config.warmup_steps * processes, config.max_steps * processes
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if config.log_with:
-        flat = {"model": json.dumps(config.model), "report_sections": ",".join(config.report_sections)}
-        accelerator.init_trackers(f"lapvqa-{task.name}", config=dataclasses.asdict(config) | flat)
+    flat = {"model": json.dumps(config.model), "report_sections": ",".join(config.report_sections)}
+    accelerator.init_trackers(f"lapvqa-{task.name}", config=dataclasses.asdict(config) | flat)  # none: no-op
 
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -810,42 +880,62 @@ def train(config: TrainConfig) -> dict:
     batches_per_epoch = len(loader)
     best = json.loads((output_dir / "best.json").read_text()) if (output_dir / "best.json").is_file() else None
     history, micro_losses = [], []
-    model.train()
-    while step < config.max_steps:
-        epoch, offset = divmod(step * config.gradient_accumulation_steps, batches_per_epoch)
-        # The sampler's generator is re-seeded per epoch so that a resumed run sees the same order.
-        generator.manual_seed(config.seed + epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                micro_losses.append(loss.detach())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    # With fp16, an infinite gradient norm is the loss scaler's: it skips the step, lowers the scale.
-                    checked_norm = grad_norm if accelerator.scaler is None else None
-                    check_finite(step + 1, accelerator.gather(torch.stack(micro_losses)), checked_norm)
-                    micro_losses = []
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            history.append(loss_value)
-            accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            # Validation first: a checkpoint at step N means that step N was validated (and its best model saved).
-            if eval_set is not None and (step % config.eval_every == 0 or step == config.max_steps):
-                best = evaluate_and_keep_best(
-                    config, task, accelerator, model, tokenizer, features, eval_set, step, best
+    tokens, started = torch.zeros((), dtype=torch.long, device=accelerator.device), time.perf_counter()
+    with tqdm(
+        total=config.max_steps, initial=step, desc=f"training {task.name}", disable=not accelerator.is_main_process
+    ) as progress:  # closed (its line ended) also when training stops with an error
+        model.train()
+        while step < config.max_steps:
+            epoch, offset = divmod(step * config.gradient_accumulation_steps, batches_per_epoch)
+            # The sampler's generator is re-seeded per epoch so that a resumed run sees the same order.
+            generator.manual_seed(config.seed + epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    micro_losses.append(loss.detach())
+                    tokens += batch["attention_mask"].sum()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        # With fp16, an infinite gradient norm is the loss scaler's: it skips the step and
+                        # lowers the scale.
+                        checked_norm = grad_norm if accelerator.scaler is None else None
+                        check_finite(step + 1, accelerator.gather(torch.stack(micro_losses)), checked_norm)
+                        micro_losses = []
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                loss_value = accelerator.gather(loss.detach()).mean().item()
+                history.append(loss_value)
+                tokens_per_second = accelerator.reduce(tokens, "sum").item() / (time.perf_counter() - started)
+                learning_rate = scheduler.get_last_lr()[0]
+                logged = {
+                    "train/loss": loss_value,
+                    "train/lr": learning_rate,
+                    "train/tokens_per_second": tokens_per_second,
+                }
+                accelerator.log(logged, step=step)
+                progress.update()
+                progress.set_postfix(
+                    loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", tokens_s=f"{tokens_per_second:.0f}"
                 )
-                model.train()
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, config, output_dir, step)
-            if step >= config.max_steps:
-                break
+                # Validation first: a checkpoint at step N means that step N was validated (and its best model saved).
+                if eval_set is not None and (step % config.eval_every == 0 or step == config.max_steps):
+                    best = evaluate_and_keep_best(
+                        config, task, accelerator, model, tokenizer, features, eval_set, step, best
+                    )
+                    model.train()
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    save_checkpoint(accelerator, config, output_dir, step)
+                    if accelerator.is_main_process:
+                        rotate_checkpoints(output_dir, config.save_total_limit, keep=checkpoint)
+                if step >= config.max_steps:
+                    break
+                tokens, started = torch.zeros_like(tokens), time.perf_counter()  # the next step's, without validation
     accelerator.end_training()
     return {
         "steps": step,
@@ -867,11 +957,14 @@ def evaluate_and_keep_best(
     step: int,
     best: dict | None,
 ) -> dict | None:
-    """Scores the validation split; the main process saves the model when `best_metric` improves."""
+    """Generates the validation split across the processes and scores it; the main process saves the model when
+    `best_metric` improves."""
     output_dir = Path(config.output_dir)
+    unwrapped = accelerator.unwrap_model(model).eval()
+    predictions = predict_across_processes(
+        task, unwrapped, tokenizer, eval_set, config.batch_size, config.eval_max_new_tokens
+    )
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model).eval()
-        predictions = task.predict(unwrapped, tokenizer, eval_set, config.batch_size, config.eval_max_new_tokens)
         scores = task.score(predictions, eval_set)
         accelerator.log({f"eval/{k}": v for k, v in scores["overall"].items()}, step=step)
         score = scores["overall"][config.best_metric]
@@ -904,8 +997,25 @@ def exit_with_launcher(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
+def config_fields_help() -> str:
+    """The `TrainConfig` fields for `--help`: each with what it accepts and its default."""
+    lines = ["config fields (JSON keys, or --set key=value):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is MISSING and f.default_factory is MISSING:
+            default = "required"
+        else:
+            default = f"default {json.dumps(f.default if f.default is not MISSING else f.default_factory())}"
+        lines.append(f"  {f.name}: {_RULES[f.name][1]}; {default}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="accelerate launch -m lapvqa_hf.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch -m lapvqa_hf.train",
+        description=__doc__.split("\n")[0],
+        epilog=config_fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, type=Path, help="JSON file of TrainConfig fields")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override a field: key=value")
     args = parser.parse_args(argv)

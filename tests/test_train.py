@@ -3,15 +3,12 @@ a killed run resumes to exactly the result of an uninterrupted one."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, accelerate_launch
 from safetensors.torch import load_file
 
 import lapvqa_hf.train as training
@@ -73,25 +70,7 @@ def fresh_accelerator_state():
 
 def test_two_cpu_processes_overfit_the_synthetic_answers(prepared, tmp_path):
     config = write_config(prepared, tmp_path / "run")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # DDP over gloo on this GPU-less machine
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "-m",
-            "lapvqa_hf.train",
-            "--config",
-            str(config),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = accelerate_launch("lapvqa_hf.train", ["--config", config], processes=2)  # DDP over gloo
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "result.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 250

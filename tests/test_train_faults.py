@@ -456,8 +456,9 @@ def test_a_resumed_run_applies_a_new_schedule_and_weight_decay_and_says_so(prepa
         reference.step()
         schedule.step()
     checkpoint = tmp_path / "run" / "checkpoints" / "step-6"
-    (group,) = torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"]
-    assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (schedule.get_last_lr()[0], 0.02, 0.0)
+    decayed, undecayed = torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"]
+    assert (decayed["lr"], decayed["initial_lr"], decayed["weight_decay"]) == (schedule.get_last_lr()[0], 0.02, 0.0)
+    assert undecayed["weight_decay"] == 0.0
     assert json.loads((checkpoint / "train_config.json").read_text())["learning_rate"] == 0.02
 
 
