@@ -234,3 +234,65 @@ def accelerate_launch(module: str, args: list, processes: int = 2, timeout: floa
     command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
     command += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", module, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def prepare_training_release(base: Path) -> Path:
+    """A synthetic MIMIC-Diff-VQA release (`base/mimic`) and the features of its images from a tiny 32-wide
+    encoder (`base/features`): what the training tests train on."""
+    import dataclasses
+
+    from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
+    from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+    from lapvqa_hf.features import extract_features, images_of, recipe_for
+
+    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
+    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
+    torch.manual_seed(0)
+    encoder = LapvqaVisionModel(
+        LapvqaVisionConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
+        )
+    )
+    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
+    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")  # the tiny encoder's own
+    extract_features(
+        images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
+    )
+    return base
+
+
+def training_config_values(base: Path, output: Path, **changes) -> dict:
+    """A short DiffVQA training run of the tiny decoder on `prepare_training_release(base)`."""
+    values = dict(
+        mimic_root=str(base / "mimic"),
+        features_dir=str(base / "features"),
+        output_dir=str(output),
+        model=TINY_DECODER,
+        learning_rate=0.01,
+        warmup_steps=1,
+        max_steps=6,
+        batch_size=3,
+        checkpoint_every=2,
+        eval_every=1000,
+        eval_max_new_tokens=8,
+    )
+    return values | changes
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's state is a process-wide singleton: each training test starts and ends without one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and more spin against other processes on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,71 +1,36 @@
 """`accelerate launch -m lapvqa_hf.train`: a tiny head overfits the synthetic data on 2 CPU processes (gloo), and
 a killed run resumes to exactly the result of an uninterrupted one."""
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import TINY_DECODER, accelerate_launch
+from conftest import accelerate_launch, prepare_training_release, training_config_values
 from safetensors.torch import load_file
 
 import lapvqa_hf.train as training
-from lapvqa_hf import LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
-from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf import LapvqaDiffVQAModel
+from lapvqa_hf.data import load_mimic_diff_vqa
+from lapvqa_hf.features import FeatureStore
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 from lapvqa_hf.train import DiffVQAExamples, TrainConfig, answer_split, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
-    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
-    torch.manual_seed(0)
-    encoder = LapvqaVisionModel(
-        LapvqaVisionConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
-        )
-    )
-    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
-    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")  # the tiny encoder's own
-    extract_features(
-        images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
-    )
-    return base
+    return prepare_training_release(tmp_path_factory.mktemp("train"))
 
 
 def write_config(base: Path, output: Path, **changes) -> Path:
-    values = (
-        dict(
-            mimic_root=str(base / "mimic"),
-            features_dir=str(base / "features"),
-            output_dir=str(output),
-            model=TINY_DECODER,
-            learning_rate=0.01,
-            warmup_steps=20,
-            max_steps=250,
-            batch_size=3,
-            checkpoint_every=250,
-            eval_every=250,
-            eval_max_new_tokens=32,
-        )
-        | changes
-    )
+    defaults = dict(warmup_steps=20, max_steps=250, checkpoint_every=250, eval_every=250, eval_max_new_tokens=32)
+    values = training_config_values(base, output, **(defaults | changes))
     path = output.with_suffix(".json")
     path.write_text(json.dumps(values))
     return path
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def test_two_cpu_processes_overfit_the_synthetic_answers(prepared, tmp_path):

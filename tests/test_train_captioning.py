@@ -44,20 +44,7 @@ def prepared(tmp_path_factory):
     return base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and more spin against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator_state")
 
 
 def config_for(base: Path, output: Path, **changes) -> TrainConfig:

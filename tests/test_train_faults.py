@@ -19,16 +19,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, prepare_training_release, training_config_values
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
-from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
-from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.features import FeatureError, extract_features, image_id, images_of, recipe_for
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
+from lapvqa_hf.data import load_mimic_diff_vqa
+from lapvqa_hf.features import FeatureError, image_id
 from lapvqa_hf.train import (
     NonFiniteError,
     TrainConfig,
@@ -41,58 +40,13 @@ from lapvqa_hf.train import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator_state")
+config_values = training_config_values
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A synthetic release and the features of its images from a tiny 32-wide encoder."""
-    base = tmp_path_factory.mktemp("faults")
-    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
-    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
-    torch.manual_seed(0)
-    encoder = LapvqaVisionModel(
-        LapvqaVisionConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
-        )
-    )
-    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
-    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")
-    extract_features(
-        images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
-    )
-    return base
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and more spin against other processes on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def config_values(base: Path, output: Path, **changes) -> dict:
-    values = dict(
-        mimic_root=str(base / "mimic"),
-        features_dir=str(base / "features"),
-        output_dir=str(output),
-        model=TINY_DECODER,
-        learning_rate=0.01,
-        warmup_steps=1,
-        max_steps=6,
-        batch_size=3,
-        checkpoint_every=2,
-        eval_every=1000,
-        eval_max_new_tokens=8,
-    )
-    return values | changes
+    return prepare_training_release(tmp_path_factory.mktemp("faults"))
 
 
 def config_file(base: Path, output: Path, **changes) -> Path:

@@ -12,14 +12,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import TINY_DECODER, accelerate_launch
+from conftest import TINY_DECODER, accelerate_launch, prepare_training_release, training_config_values
 
 import lapvqa_hf.train as training
-from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel, LapvqaVisionConfig, LapvqaVisionModel
+from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.features import extract_features, images_of, recipe_for
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.train import (
     PARTIAL,
     TrainConfig,
@@ -33,48 +30,13 @@ from lapvqa_hf.train import (
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md"
 
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+config_values = training_config_values
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A synthetic release and the features of its images from a tiny 32-wide encoder."""
-    base = tmp_path_factory.mktemp("scaling")
-    root = write_synthetic_mimic_diff_vqa(base / "mimic", num_subjects=10)
-    rows = [row for split in load_mimic_diff_vqa(root).values() for row in split]
-    torch.manual_seed(0)
-    encoder = LapvqaVisionModel(
-        LapvqaVisionConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28
-        )
-    )
-    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
-    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")
-    extract_features(
-        images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
-    )
-    return base
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def config_values(base: Path, output: Path, **changes) -> dict:
-    values = dict(
-        mimic_root=str(base / "mimic"),
-        features_dir=str(base / "features"),
-        output_dir=str(output),
-        model=TINY_DECODER,
-        learning_rate=0.01,
-        warmup_steps=1,
-        max_steps=6,
-        batch_size=3,
-        checkpoint_every=2,
-        eval_every=1000,
-        eval_max_new_tokens=8,
-    )
-    return values | changes
+    return prepare_training_release(tmp_path_factory.mktemp("scaling"))
 
 
 def launch_two_cpu_processes(module: str, *args: str) -> subprocess.CompletedProcess:
