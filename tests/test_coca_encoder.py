@@ -94,10 +94,10 @@ from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
 assert "lapvqa_hf" not in sys.modules, "the folder's own code, not the package"
 with torch.no_grad():
-    torch.save(model(torch.load(sys.argv[2])).last_hidden_state, sys.argv[3])
+    torch.save(model(torch.load(sys.argv[2], weights_only=True)).last_hidden_state, sys.argv[3])
 """
     run_without_lapvqa_hf(code, [str(folder), str(tmp_path / "images.pt"), str(tmp_path / "tokens.pt")], tmp_path)
-    torch.testing.assert_close(torch.load(tmp_path / "tokens.pt"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "tokens.pt", weights_only=True), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
