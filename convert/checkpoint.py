@@ -39,7 +39,7 @@ def local_checkpoint(source: str | os.PathLike) -> Path:
     try:
         return Path(hf_hub_download(match["repo_id"], match["filename"]))
     except (HfHubHTTPError, OSError, ValueError) as error:  # offline, unreachable, no such repo or file
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise ConversionError(
             f"{source} is no local file, and {match['filename']} of the Hub repo {match['repo_id']} could not be "
             f"fetched ({reason}); it needs the Hub once (then the Hugging Face cache serves it offline), or pass a "
@@ -61,7 +61,7 @@ def load_untrusted(path: str | os.PathLike) -> object:
         damaged = zipfile.ZipFile(path).testzip() if zipfile.is_zipfile(path) else None
     except Exception as error:  # whatever a damaged archive makes zipfile raise, the file is corrupt
         raise ConversionError(
-            f"{path}: not a readable PyTorch checkpoint (corrupt archive: {_first_line(error)})."
+            f"{path}: not a readable PyTorch checkpoint (corrupt archive: {_first_sentence(error)})."
         ) from None
     if damaged is not None:
         raise ConversionError(
@@ -83,12 +83,17 @@ def load_untrusted(path: str | os.PathLike) -> object:
         ) from None
     except Exception as error:  # whatever a truncated or damaged file makes the unpickler raise, it is corrupt
         raise ConversionError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {_first_line(error)})."
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {_first_sentence(error)})."
         ) from None
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".") or type(error).__name__
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (its type's name when it has none), for one-line reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _first_sentence(error: BaseException) -> str:
+    return first_line(error).split(". ")[0].rstrip(".") or type(error).__name__
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -99,9 +104,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConversionError(
-            f"{path}: not a readable safetensors file (truncated or corrupt: {first_line})."
+            f"{path}: not a readable safetensors file (truncated or corrupt: {first_line(error)})."
         ) from None
 
 

@@ -21,6 +21,7 @@ from .checkpoint import (
     StateDictMapper,
     atomic_output_dir,
     conversion_record,
+    first_line,
     load_untrusted_state_dict,
     local_checkpoint,
 )
@@ -303,8 +304,7 @@ def run_reporting_errors(
     try:
         command()
     except errors as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f"error: {first_line}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import sha256_of
+from .convert.checkpoint import first_line, sha256_of
 
 COLUMNS = {
     "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
@@ -122,22 +122,25 @@ def part_path(output: Path, rank: int, world: int) -> Path:
     return output.with_name(f".{output.name}.part-{rank:03d}-of-{world:03d}.jsonl")
 
 
-def merge_parts(output: Path, world: int, total: int) -> None:
-    """Writes the output, in input order, from every process's part file (atomically), then removes the parts."""
+def merge_parts(output: Path, world: int, total: int) -> list[dict]:
+    """Writes the output, in input order, from every process's part file (atomically), then removes the parts;
+    returns the merged rows."""
     rows: dict[int, dict] = {}
     for rank in range(world):
         lines = part_path(output, rank, world).read_text().splitlines()[1:]
         rows.update((row["row"], row) for row in map(json.loads, lines))
     if sorted(rows) != list(range(total)):
         raise AnswerError(f"the part files hold {len(rows)} of {total} rows; re-run to finish them.")
+    merged = [rows[i] for i in range(total)]
     temporary = output.with_name(f".{output.name}.merging")
     with open(temporary, "w") as file:
-        file.write("".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in range(total)))
+        file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, output)
     for rank in range(world):
         part_path(output, rank, world).unlink()
+    return merged
 
 
 # --- pictures ---------------------------------------------------------------------------------------------------
@@ -255,6 +258,7 @@ class Answerer:
         if self.model_type not in COLUMNS:
             raise AnswerError(f"{model} is a {self.model_type} model; `lapvqa answer` takes {sorted(COLUMNS)}.")
         self.columns = COLUMNS[self.model_type]
+        self.image_columns = [column for column in self.columns if column in IMAGE_COLUMNS]
         self.generate_kwargs = {"do_sample": False, **(generate_kwargs or {})}
         self.threshold = threshold
         self.maps = Path(save_maps) if save_maps else None
@@ -271,7 +275,7 @@ class Answerer:
             try:
                 prepared[path] = self._pixels(path)
             except (ValueError, OSError) as error:
-                values[path] = str(error).splitlines()[0] or type(error).__name__
+                values[path] = first_line(error)
         if prepared:
             pixels = torch.cat([p for p, _ in prepared.values()])
             with torch.inference_mode(), self._pooled_tokens_to_patches() as to_patches:
@@ -309,8 +313,8 @@ class Answerer:
     def _pixels(self, path: str) -> tuple[torch.Tensor, tuple[int, int]]:
         pipe = self.pipe
         if self.model_type == "lapvqa_detection":  # the folder's own processor, whose resize the boxes undo
-            size = pipe.image_processor.load_image(path).shape[:2]
-            return pipe.image_processor(path)["pixel_values"], size
+            image = pipe.image_processor.load_image(path)  # read once: its size maps the boxes back
+            return pipe.image_processor(image)["pixel_values"], image.shape[:2]
         if self.model_type == "lapvqa_captioning":
             return pipe.image_processor(path)["pixel_values"], (0, 0)
         return pipe.pixel_values([path]), (0, 0)
@@ -323,11 +327,11 @@ class Answerer:
 
     def answer(self, rows: list[tuple[int, dict]]) -> list[dict]:
         """The output lines of `rows` (`(index, row)`), in their order."""
-        paths = [row[column] for _, row in rows for column in IMAGE_COLUMNS if column in self.columns]
+        paths = [row[column] for _, row in rows for column in self.image_columns]
         images = self.images.get(paths)
         results, ready = {}, []
         for index, row in rows:
-            errors = [f"{c}: {images[row[c]]}" for c in self.columns if c in IMAGE_COLUMNS and isinstance(images[row[c]], str)]  # fmt: skip
+            errors = [f"{c}: {images[row[c]]}" for c in self.image_columns if isinstance(images[row[c]], str)]
             if errors:
                 results[index] = {"row": index, **row, "error": "; ".join(errors)}
             else:
@@ -468,9 +472,8 @@ def answer_dataset(
     rows = read_rows(input_path, answerer.columns)
     root = Path(image_root) if image_root is not None else input_path.parent
     for row in rows:  # relative image paths are read from the image root
-        for column in IMAGE_COLUMNS:
-            if column in answerer.columns:
-                row[column] = str(root / row[column])
+        for column in answerer.image_columns:
+            row[column] = str(root / row[column])
     header = {
         "lapvqa_answer": {
             "input_sha256": sha256_of(input_path),
@@ -496,8 +499,7 @@ def answer_dataset(
     bar.close()
     barrier()
     if rank == 0:
-        merge_parts(output, world, len(rows))
-        failed = sum(1 for line in output.read_text().splitlines() if '"error": ' in line)
+        failed = sum("error" in row for row in merge_parts(output, world, len(rows)))
         print(
             f"wrote {output}: {len(rows)} rows ({world} process{'es' if world > 1 else ''}), {failed} skipped with an error"
         )

@@ -18,7 +18,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
-from .convert.checkpoint import ConversionError, sha256_of
+from .convert.checkpoint import ConversionError, first_line, sha256_of
 from .convert.coca_encoder import convert_coca_encoder
 from .convert.detection import convert_detection
 from .convert.diffvqa import convert_diffvqa
@@ -53,7 +53,7 @@ def reaching_the_hub(needed_for: str) -> Iterator[None]:
     except (*_transport_errors(), LocalEntryNotFoundError) as error:
         if isinstance(error, LocalEntryNotFoundError) and not str(error).startswith("Got: "):
             raise
-        reason = str(error).removeprefix("Got: ").strip().splitlines()[0]
+        reason = first_line(error).removeprefix("Got: ")
         raise HubUnreachableError(
             f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached ({reason}); {needed_for}."
         ) from None
@@ -208,7 +208,7 @@ def prepare_repo(
                 api.hf_hub_download(entry.source.repo_id, entry.source.filename, revision=entry.source.revision)
             )
         except HfHubHTTPError as error:  # this repo fails; the others are still planned
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             plan.error = f"upstream file {entry.source.repo_id}/{entry.source.filename} could not be fetched ({reason})"
             return plan
     folder = work_dir / entry.name

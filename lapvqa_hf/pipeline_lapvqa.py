@@ -143,9 +143,9 @@ class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
         return {}, {}, postprocess
 
     def preprocess(self, image) -> dict[str, torch.Tensor]:
-        height, width = self.image_processor.load_image(image).shape[:2]
+        image = self.image_processor.load_image(image)  # read once: its size maps the boxes back
         pixels = self.image_processor(image)["pixel_values"]
-        return {"image_pixel_values": pixels, "target_size": torch.tensor([[height, width]])}
+        return {"image_pixel_values": pixels, "target_size": torch.tensor([list(image.shape[:2])])}
 
     def _forward(self, model_inputs: dict) -> dict:
         outputs = self.model(image_features=self.encode(model_inputs["image_pixel_values"]))

@@ -65,7 +65,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
-from .convert.checkpoint import with_umask_permissions, write_json_atomically
+from .convert.checkpoint import first_line, with_umask_permissions, write_json_atomically
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
 from .features import MANIFEST, FeatureError, FeatureStore, image_id
@@ -259,7 +259,7 @@ def _init_from_problems(init_from: str, model_type: str) -> list[str]:
     try:
         found, _ = PreTrainedConfig.get_config_dict(init_from)
     except OSError as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         return [f"init_from: cannot load {init_from} ({reason}); set it to a saved model folder or Hub id."]
     if found.get("model_type") != model_type:
         what = f"a {found['model_type']} model" if found.get("model_type") else "no model config.json"
@@ -1029,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {problem}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as error:  # incl. NonFiniteError, DataError, FeatureError
-        print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
     if result["is_main_process"]:
         result_path = Path(config.output_dir) / "result.json"
