@@ -109,9 +109,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _check_state_dict(state_dict: object, where: str) -> dict[str, torch.Tensor]:
-    """A flat dict of real floating-point tensors, every value finite: the weights of these models are nothing
-    else, and a NaN in a rarely used row (a token embedding, a late position) would pass any verify step."""
+def _check_state_dict(
+    state_dict: object, where: str, converted: Callable[[str], bool] = lambda key: True
+) -> dict[str, torch.Tensor]:
+    """A flat dict of tensors whose `converted` ones are real floating-point and finite: the weights of these
+    models are nothing else, and a NaN in a rarely used row (a token embedding, a late position) would pass any
+    verify step. Tensors a converter leaves out (CoCa's text side) are not its concern."""
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{where}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
@@ -119,22 +122,25 @@ def _check_state_dict(state_dict: object, where: str) -> dict[str, torch.Tensor]
         raise ConversionError(
             f"{where}: expected only tensors in the state dict, found other values under {not_tensors}."
         )
-    not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    weights = {key: tensor for key, tensor in state_dict.items() if converted(key)}
+    not_float = [f"{k} ({v.dtype})" for k, v in weights.items() if not v.is_floating_point()]
     if not_float:
         raise ConversionError(f"{where}: expected floating-point weights, found {', '.join(sorted(not_float))}.")
-    not_finite = sorted(k for k, v in state_dict.items() if not torch.isfinite(v).all())
+    not_finite = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
     if not_finite:
         raise ConversionError(f"{where}: non-finite values (NaN or inf) in {not_finite}; the checkpoint is damaged.")
     return state_dict
 
 
-def load_untrusted_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_untrusted_state_dict(
+    path: str | os.PathLike, converted: Callable[[str], bool] = lambda key: True
+) -> dict[str, torch.Tensor]:
     """Loads a plain `{name: tensor}` state dict with `torch.load(weights_only=True)`.
 
-    Pickles that would run code, corrupt or truncated files and anything that is not a flat dict of tensors
-    are refused with a one-line `ConversionError`.
+    Pickles that would run code, corrupt or truncated files, anything that is not a flat dict of tensors, and
+    non-float or non-finite tensors among those to be `converted` are refused with a one-line `ConversionError`.
     """
-    return _check_state_dict(load_untrusted(path), str(path))
+    return _check_state_dict(load_untrusted(path), str(path), converted)
 
 
 def load_untrusted_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:

@@ -198,7 +198,10 @@ def convert_coca_encoder(
     log=print,
 ) -> Path:
     checkpoint = local_checkpoint(checkpoint)
-    state_dict = image_tower_state_dict(load_untrusted_state_dict(checkpoint), log=log)
+    # CoCa's text side is left out, so its values are none of the conversion's concern (open_clip leaves some of
+    # its parameters uninitialised).
+    loaded = load_untrusted_state_dict(checkpoint, converted=lambda key: not key.startswith(TEXT_SIDE))
+    state_dict = image_tower_state_dict(loaded, log=log)
     config = infer_coca_config(state_dict, num_attention_heads, pooler_num_attention_heads)
     config.conversion_info = conversion_record(
         checkpoint,

@@ -270,3 +270,24 @@ def test_the_saved_image_processor_prepares_images_as_open_clips_transform(tmp_p
         # Both resize with PIL's bicubic filter; transformers rounds the resized image to 8 bits on the way, so
         # a pixel may differ by one 8-bit level (measured: 0.0150 at most).
         assert (found - expected).abs().max().item() <= 1.001 / 255 / min(CLIP_STD), size
+
+
+def test_the_left_out_text_side_may_hold_anything_but_the_tower_must_be_finite(tmp_path, capsys):
+    checkpoint = open_clip_checkpoint(tiny_coca_tower())
+    checkpoint["text_decoder.ln_final.weight"] = torch.full((8,), float("nan"))  # open_clip leaves some uninitialised
+    torch.save(checkpoint, tmp_path / "text-nan.bin")
+    assert (
+        lapvqa(
+            ["convert", "coca-encoder", str(tmp_path / "text-nan.bin"), *TINY_HEADS, "--output", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    checkpoint["visual.proj"] = torch.full((768, 768), float("nan"))
+    torch.save(checkpoint, tmp_path / "tower-nan.bin")
+    assert (
+        lapvqa(
+            ["convert", "coca-encoder", str(tmp_path / "tower-nan.bin"), *TINY_HEADS, "--output", str(tmp_path / "b")]
+        )
+        == 1
+    )
+    assert "non-finite values (NaN or inf) in ['visual.proj']" in capsys.readouterr().err
