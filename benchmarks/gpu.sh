@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md's GPU numbers in one run: DiffVQA generation in bf16 + SDPA (the card's naive loop, the dynamic
-# cache, the static cache compiled with CUDA graphs) and the ViT-L/14 encoder and captioning model.
+# cache, the static cache compiled with CUDA graphs), the ViT-L/14 encoder and captioning model, and training
+# throughput of the DiffVQA, captioning and detection heads.
 #
 #     bash benchmarks/gpu.sh OUT_DIR      # Markdown tables and JSON under OUT_DIR
 set -uo pipefail  # not -e: a failing benchmark must not lose the others' numbers
@@ -20,6 +21,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 run generate-dynamic generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8,64,256 --modes dynamic --repeats 5 --json "$out/generate-dynamic.json"
 run generate-naive generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8 --modes naive --repeats 1
 run encode encode.py --device cuda --dtype bfloat16 --image-sizes 224,378 --batch-sizes 1,64,256 --caption-batch-sizes 1,64,256 --repeats 3
+for task in diffvqa captioning detection; do
+    run "train-$task" train.py --task "$task" --device cuda --dtype bfloat16 --batch-sizes 32,128 --steps 10
+done
 run answer answer.py --device cuda --dtype bfloat16 --rows 64 --batch-size 32
 run generate-static generate.py --device cuda --dtype bfloat16 --batch-sizes 1,256 --modes static-compiled --repeats 5 --json "$out/generate-static.json"
 run encode-compiled encode.py --device cuda --dtype bfloat16 --compile --image-sizes 224 --batch-sizes 64,256 --caption-batch-sizes 64 --repeats 5

@@ -21,6 +21,7 @@ import torch
 
 from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from lapvqa_hf.encoders import RECIPES
+from lapvqa_hf.features import detection_image_processor
 from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
 from lapvqa_hf.original import DetectionHead
@@ -247,10 +248,7 @@ def verify(
 def image_processor_for(encoder: str, resize_mode: str = "stretch") -> LapvqaImageProcessor:
     """The folder's image processor: the encoder recipe's input size and normalisation, and `resize_mode`, through
     which `post_process_object_detection` maps boxes back to the original image."""
-    recipe = RECIPES[encoder]
-    return LapvqaImageProcessor(
-        image_size=recipe.image_size, image_mean=recipe.image_mean, image_std=recipe.image_std, resize_mode=resize_mode
-    )
+    return detection_image_processor(RECIPES[encoder], resize_mode)
 
 
 def convert_detection(

@@ -46,7 +46,9 @@ for _config, _model, _generative in (
         _generative.register(_config, _model, exist_ok=True)
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModel")
-    AutoImageProcessor.register(_config, slow_image_processor_class=LapvqaImageProcessor, exist_ok=True)
+    # transformers' PIL backend (no torchvision needed); where torchvision is installed, AutoImageProcessor falls
+    # back to it.
+    AutoImageProcessor.register(_config, image_processor_classes={"pil": LapvqaImageProcessor}, exist_ok=True)
     if _config is not LapvqaDetectionConfig:  # detection has no text side, so no tokenizer / LapvqaProcessor
         AutoProcessor.register(_config, LapvqaProcessor, exist_ok=True)
 # CoCa's image tower keeps open_clip's preprocessing, saved with it as a CLIPImageProcessor.

@@ -63,11 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_parser = commands.add_parser("data", help="datasets for fine-tuning and evaluation")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synthesize = data_commands.add_parser(
-        "synthesize", help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports (same layout)"
+        "synthesize",
+        help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports, or a VinDr-CXR one "
+        "(same layouts)",
     )
     synthesize.add_argument("--output", type=Path, required=True, help="folder to write the release into")
     synthesize.add_argument(
-        "--subjects", type=int, default=12, help="patients (3 questions and 2 reports each; default 12)"
+        "--dataset",
+        default="mimic",
+        choices=["mimic", "vindr-cxr"],
+        help="mimic (DiffVQA and captioning; default) or vindr-cxr (detection boxes by 3 radiologists per image)",
+    )
+    synthesize.add_argument(
+        "--subjects",
+        type=int,
+        default=12,
+        help="patients (mimic: 3 questions and 2 reports each) or training images (vindr-cxr); default 12",
     )
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
@@ -75,15 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract-features", help="encode every image once with a frozen encoder (resumable)")
     extract.add_argument("--encoder", required=True, help="recipe name, e.g. siglip or lapvqa-vit-l14")
     source = extract.add_mutually_exclusive_group(required=True)
-    source.add_argument("--mimic-root", type=Path, help="a MIMIC-Diff-VQA release (or `lapvqa data synthesize` output)")
+    source.add_argument(
+        "--mimic-root",
+        type=Path,
+        help="a MIMIC-Diff-VQA release, or with --task detection a VinDr-CXR one (or `lapvqa data synthesize` output)",
+    )
     source.add_argument("--pairs", type=Path, help="a CSV/JSONL file of prior_image, current_image, question, answer")
     source.add_argument("--reports", type=Path, help="a CSV/JSONL file of image, report")
     extract.add_argument(
         "--task",
         default="diffvqa",
-        choices=["diffvqa", "captioning"],
-        help="with --mimic-root: the images of the DiffVQA question pairs, or the frontal image of every MIMIC-CXR "
-        "report (captioning)",
+        choices=["diffvqa", "captioning", "detection"],
+        help="with --mimic-root: the images of the DiffVQA question pairs, the frontal image of every MIMIC-CXR "
+        "report (captioning), or every VinDr-CXR image, prepared as a detection head's image processor does "
+        "(detection)",
     )
     extract.add_argument("--output", type=Path, required=True, help="feature folder (re-running resumes)")
     extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
@@ -96,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="answer (DiffVQA) or report on (captioning) a split greedily; BLEU/ROUGE/CIDEr",
-        description="Answers (DiffVQA) or reports on (captioning) a split greedily and scores it. Under "
-        "`accelerate launch -m lapvqa_hf.cli evaluate ...` the processes share the split out.",
+        help="answer (DiffVQA) or report on (captioning) a split greedily, BLEU/ROUGE/CIDEr; or detect (mAP)",
+        description="Answers (DiffVQA) or reports on (captioning) a split greedily, or detects its boxes "
+        "(detection), and scores it. Under `accelerate launch -m lapvqa_hf.cli evaluate ...` the processes share "
+        "the split out.",
     )
-    evaluate.add_argument("model", help="a DiffVQA or captioning model folder or Hub id")
-    evaluate.add_argument("--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA / MIMIC-CXR release")
+    evaluate.add_argument("model", help="a DiffVQA, captioning or detection model folder or Hub id")
+    evaluate.add_argument(
+        "--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR)"
+    )
     evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
     evaluate.add_argument(
         "--split", default="test", choices=["train", "validation", "test"], help="the split to score (default test)"
@@ -143,20 +162,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model = task.model_class.from_pretrained(args.model).eval().to(state.device)
         check_feature_width(args.model, task.feature_width(model), features)
         examples = task.examples(splits[args.split], features, Path(args.mimic_root).resolve())
-        answers = predict_across_processes(
-            task, model, build_gpt2_tokenizer(), examples, args.batch_size, args.max_new_tokens
-        )
+        tokenizer = build_gpt2_tokenizer() if task.generates_text else None
+        answers = predict_across_processes(task, model, tokenizer, examples, args.batch_size, args.max_new_tokens)
         if not state.is_main_process:
             return
         references = task.references(examples)
         scores = task.score(answers, examples)
-        metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")
+        metrics = task.metrics
         print(f"| {task.group_label} | n | {' | '.join(metrics)} |")
         print(f"|---|---|{'---|' * len(metrics)}")
         for name, row in scores.items():
             print(f"| {name} | {row['count']} | {' | '.join(f'{row[m]:.3f}' for m in metrics)} |")
         if args.output:
-            payload = {"split": args.split, "scores": scores, "answers": answers, "references": references}
+            predictions = "answers" if task.generates_text else "detections"
+            payload = {"split": args.split, "scores": scores, predictions: answers, "references": references}
             write_json_atomically(args.output, payload)
 
     return run_reporting_errors(evaluate, errors=(ValueError, OSError))  # incl. DataError, FeatureError
@@ -166,8 +185,20 @@ def run_extract_features(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
+    from .detection_data import load_vindr_cxr
     from .encoders import EncoderError, load_encoder, load_encoder_image_processor
-    from .features import FAILURES, FeatureError, extract_features, images_of, read_failures, recipe_for, resolve_device
+    from .features import (
+        DETECTION_IMAGE_PREPARATION,
+        FAILURES,
+        IMAGE_PREPARATION,
+        FeatureError,
+        detection_image_processor,
+        extract_features,
+        images_of,
+        read_failures,
+        recipe_for,
+        resolve_device,
+    )
     from .processes import process_state
 
     def extract() -> None:
@@ -179,8 +210,9 @@ def run_extract_features(args: argparse.Namespace) -> int:
         recipe = recipe_for(args.encoder)
         if args.checkpoint:  # recorded with the features: training completes a captioning model with this encoder
             recipe = dataclasses.replace(recipe, checkpoint=args.checkpoint)
+        loaders = {"diffvqa": load_mimic_diff_vqa, "captioning": load_mimic_cxr_reports, "detection": load_vindr_cxr}
         if args.mimic_root is not None:
-            splits = (load_mimic_cxr_reports if args.task == "captioning" else load_mimic_diff_vqa)(args.mimic_root)
+            splits = loaders[args.task](args.mimic_root)
             rows, root = [row for split in splits.values() for row in split], args.mimic_root
         elif args.reports is not None:
             rows, root = list(load_reports(args.reports)), None
@@ -188,7 +220,10 @@ def run_extract_features(args: argparse.Namespace) -> int:
             rows, root = list(load_pairs(args.pairs)), None
         images = images_of(rows, root=Path(root).resolve() if root else None)
         encoder = load_encoder(recipe, args.checkpoint)
-        image_processor = load_encoder_image_processor(recipe, args.checkpoint)
+        if args.task == "detection":  # as the detection heads' own image processor prepares images
+            image_processor, preparation = detection_image_processor(recipe), DETECTION_IMAGE_PREPARATION
+        else:
+            image_processor, preparation = load_encoder_image_processor(recipe, args.checkpoint), IMAGE_PREPARATION
         extract_features(
             images,
             recipe,
@@ -201,6 +236,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
             rank=state.process_index,
             world=state.num_processes,
             barrier=state.wait_for_everyone,
+            image_preparation=preparation,
         )
         if not state.is_main_process:
             return
@@ -220,8 +256,14 @@ def run_extract_features(args: argparse.Namespace) -> int:
 
 def run_synthesize(args: argparse.Namespace) -> int:
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+    from .detection_data import load_vindr_cxr, write_synthetic_vindr_cxr
 
     def synthesize() -> None:
+        if args.dataset == "vindr-cxr":
+            root = write_synthetic_vindr_cxr(args.output, num_images=args.subjects, seed=args.seed)
+            images = {split: len(rows) for split, rows in load_vindr_cxr(root).items()}
+            print(f"wrote {root}: images {images}")
+            return
         root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)
         questions = {split: len(rows) for split, rows in load_mimic_diff_vqa(root).items()}
         reports = {split: len(rows) for split, rows in load_mimic_cxr_reports(root).items()}

@@ -1,5 +1,7 @@
 """LAPVQA abnormality-detection head configuration."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -24,6 +26,14 @@ VINDR_CXR_CLASSES: tuple[str, ...] = (
 )
 
 POSITION_EMBEDDING_TYPES = ("none",)
+LOSS_WEIGHTS = (
+    "class_cost",
+    "bbox_cost",
+    "giou_cost",
+    "bbox_loss_coefficient",
+    "giou_loss_coefficient",
+    "eos_coefficient",
+)
 
 _REMOTE_AUTO_MAP = {
     "AutoConfig": "configuration_lapvqa_detection.LapvqaDetectionConfig",
@@ -76,6 +86,17 @@ class LapvqaDetectionConfig(PreTrainedConfig):
         id2label / label2id: the 14 VinDr-CXR classes in VinDr's `class_id` order (default).
         is_encoder_decoder (`bool`, defaults to `True`): as DETR's config; outputs carry `encoder_*` and `decoder_*`
             hidden states and attentions (the head does not generate).
+        class_cost / bbox_cost / giou_cost (`float`, defaults to 1 / 5 / 2): weights of the class probability, the L1
+            box distance and the generalized IoU in the Hungarian matching cost of training (`labels`).
+        bbox_loss_coefficient / giou_loss_coefficient (`float`, defaults to 5 / 2): weights of the L1 and GIoU box
+            losses in the training loss (the class cross-entropy weighs 1).
+        eos_coefficient (`float`, defaults to 0.1): cross-entropy weight of the no-object class.
+        auxiliary_loss (`bool`, defaults to `False`): also apply the loss to every decoder layer's output (through the
+            final decoder LayerNorm and the same heads), as DETR's `auxiliary_loss`.
+
+    The training loss is transformers' DETR loss (`ForObjectDetectionLoss`). The upstream card gives neither its
+    matching costs nor its loss weights: the defaults above are transformers' `DetrConfig` defaults (those of the
+    DETR paper), pinned assumptions recorded in `config.json`.
     """
 
     model_type = "lapvqa_detection"
@@ -105,6 +126,14 @@ class LapvqaDetectionConfig(PreTrainedConfig):
     conversion_info: dict | None = None
     training_results: dict | None = None
     is_encoder_decoder: bool = True  # as DETR: outputs carry `encoder_*` and `decoder_*` hidden states / attentions
+    # Training (`labels`): transformers' DetrConfig defaults, since the upstream values are unpublished.
+    class_cost: float | int = 1
+    bbox_cost: float | int = 5
+    giou_cost: float | int = 2
+    bbox_loss_coefficient: float | int = 5
+    giou_loss_coefficient: float | int = 2
+    eos_coefficient: float | int = 0.1
+    auxiliary_loss: bool = False
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and "num_labels" not in kwargs:
@@ -126,6 +155,12 @@ class LapvqaDetectionConfig(PreTrainedConfig):
                 f"expected one of {POSITION_EMBEDDING_TYPES}."
             )
         require_encoder_width(self.encoder_name, self.vis_dim)
+        weights = {name: getattr(self, name) for name in LOSS_WEIGHTS}
+        bad = {name: value for name, value in weights.items() if not (math.isfinite(value) and value >= 0)}
+        if bad:
+            raise ValueError(f"The matching costs and loss weights must be finite and >= 0, got {bad}.")
+        if self.class_cost == self.bbox_cost == self.giou_cost == 0:
+            raise ValueError("At least one matching cost (class_cost, bbox_cost, giou_cost) must be > 0, got all 0.")
 
 
 __all__ = ["VINDR_CXR_CLASSES", "LapvqaDetectionConfig"]

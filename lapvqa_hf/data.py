@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -297,13 +298,19 @@ def write_synthetic_mimic_diff_vqa(root: str | Path, num_subjects: int = 12, see
     `root` must be new or empty: an existing release is never written into. The release is written into a
     temporary folder beside it and renamed into place when complete, so a killed run leaves no half release.
     """
+    return write_release(root, lambda staging: _write_synthetic_release(staging, num_subjects, seed))
+
+
+def write_release(root: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(folder)`s a new release into a temporary folder beside `root`, renamed to `root` once complete (so a
+    killed run leaves no half release); `root` must be new or empty. Returns `root`, absolute."""
     target = Path(root).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DataError(f"{target} exists and is not empty; synthesize writes a new release: choose a new --output.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_synthetic_release(staging, num_subjects, seed)
+        write(staging)
         with_umask_permissions(staging)
         if target.exists():
             target.rmdir()  # empty, checked above

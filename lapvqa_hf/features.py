@@ -41,6 +41,9 @@ FAILURES = "failures.json"  # the images the latest run could not read: image id
 # How images reach the encoder, recorded in the manifest: stores written by lapvqa-hf 0.1.x (which stretched
 # images with the recipe's own normalisation instead) are not resumed with differently prepared images.
 IMAGE_PREPARATION = "xray-as-8-bit-rgb, then the encoder's own image processor"
+# How the detection heads' images are prepared: their folders' `LapvqaImageProcessor` (the recipe's size, mean and
+# std; stretched, so that boxes normalised to the original image are those of the encoder's input).
+DETECTION_IMAGE_PREPARATION = "xray-as-8-bit-rgb, then LapvqaImageProcessor(resize_mode=stretch) of the recipe"
 
 
 class FeatureError(EncoderError):
@@ -70,34 +73,36 @@ def _read_manifest(output_dir: Path, name: str = MANIFEST) -> dict:
     return manifest
 
 
-def _check_recipe(output_dir: Path, manifest: dict, recipe: EncoderRecipe) -> None:
+def _check_recipe(output_dir: Path, manifest: dict, recipe: EncoderRecipe, preparation: str) -> None:
     if EncoderRecipe(**manifest["recipe"]) != recipe:
         raise FeatureError(
             f"{output_dir} holds features of another recipe ({manifest['recipe']['name']}, checkpoint "
             f"{manifest['recipe']['checkpoint']}); use another folder, or the same encoder and --checkpoint."
         )
-    if manifest.get("image_preparation") != IMAGE_PREPARATION:
+    found = manifest.get("image_preparation")
+    if found != preparation:
+        how = found or "by lapvqa-hf 0.1.x: stretched with the recipe's normalisation"
         raise FeatureError(
-            f"{output_dir} holds features of images prepared otherwise (by lapvqa-hf 0.1.x: stretched with the "
-            "recipe's normalisation); extract into a new folder, so that one store never mixes the two."
+            f"{output_dir} holds features of images prepared otherwise ({how}); extract into a new folder, so that "
+            "one store never mixes the two."
         )
 
 
-def _new_manifest(recipe: EncoderRecipe) -> dict:
-    return {"recipe": asdict(recipe), "image_preparation": IMAGE_PREPARATION, "shards": []}
+def _new_manifest(recipe: EncoderRecipe, preparation: str) -> dict:
+    return {"recipe": asdict(recipe), "image_preparation": preparation, "shards": []}
 
 
-def _fold_parts(output_dir: Path, recipe: EncoderRecipe) -> tuple[dict, list[dict[str, str]]]:
+def _fold_parts(output_dir: Path, recipe: EncoderRecipe, preparation: str) -> tuple[dict, list[dict[str, str]]]:
     """The manifest (new when absent) with the shards of every process's part folded in and the listed shards whose
     file was deleted (the fix for a damaged one) forgotten, so that their images are extracted again; written when
     it changed, then the parts are removed. Also returns the unreadable images the parts list."""
-    manifest = _read_manifest(output_dir) if (output_dir / MANIFEST).is_file() else _new_manifest(recipe)
-    _check_recipe(output_dir, manifest, recipe)
+    manifest = _read_manifest(output_dir) if (output_dir / MANIFEST).is_file() else _new_manifest(recipe, preparation)
+    _check_recipe(output_dir, manifest, recipe, preparation)
     parts = sorted(output_dir.glob(PART.format(rank="*")))
     shards, failures = {shard["file"]: shard for shard in manifest["shards"]}, []
     for part_path in parts:
         part = _read_manifest(output_dir, part_path.name)
-        _check_recipe(output_dir, part, recipe)
+        _check_recipe(output_dir, part, recipe, preparation)
         for shard in part["shards"]:  # listed once, though a run killed while merging left it in both
             shards.setdefault(shard["file"], shard)
         failures += part.get("failures", [])
@@ -204,11 +209,15 @@ def extract_features(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    image_preparation: str = IMAGE_PREPARATION,
 ) -> Path:
     """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`.
 
     `encoder` and `image_processor` default to the recipe's checkpoint and the encoder's own image processor saved
     with it (`lapvqa_hf.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
+    `image_preparation` names how `image_processor` prepares images (`IMAGE_PREPARATION`, or
+    `DETECTION_IMAGE_PREPARATION` with `detection_image_processor(recipe)`); it is recorded in the manifest, and a
+    store prepared otherwise is not resumed.
     An image that cannot be read is skipped and listed in `output_dir/failures.json` (see `read_failures`); a
     later run retries it. Stored shards are checked first; a listed shard whose file was deleted is extracted again.
 
@@ -225,10 +234,11 @@ def extract_features(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # a killed multi-process run's parts are folded in, so that its shards count as stored
-        manifest, _ = _fold_parts(output_dir, recipe)
+        manifest, _ = _fold_parts(output_dir, recipe, image_preparation)
     barrier()
     if rank != 0:  # the manifest process 0 checked (and wrote, when it changed)
-        manifest = _read_manifest(output_dir) if (output_dir / MANIFEST).is_file() else _new_manifest(recipe)
+        exists = (output_dir / MANIFEST).is_file()
+        manifest = _read_manifest(output_dir) if exists else _new_manifest(recipe, image_preparation)
     for shard in manifest["shards"][rank::world]:  # a damaged shard is not trusted to hold its images
         _read_shard(output_dir, shard, recipe.vis_dim)
     done = {image_id for shard in manifest["shards"] for image_id in shard["ids"]}
@@ -239,7 +249,8 @@ def extract_features(
         return output_dir
     share = todo if world == 1 else sorted(todo)[rank::world]
     # 1 process records its shards in the manifest, as it goes; several, each in its own part, merged at the end
-    record, record_name = (manifest, MANIFEST) if world == 1 else (_new_manifest(recipe), PART.format(rank=rank))
+    part = (_new_manifest(recipe, image_preparation), PART.format(rank=rank))
+    record, record_name = (manifest, MANIFEST) if world == 1 else part
     prefix = "features-" if world == 1 else f"features-r{rank}-"
     failures: list[dict[str, str]] = []
     shards = _encoded_shards(images, share, recipe, encoder, image_processor, batch_size, shard_size, device,
@@ -252,7 +263,7 @@ def extract_features(
     write_json_atomically(output_dir / record_name, {**record, "failures": failures})
     barrier()
     if rank == 0:
-        _, failures = _fold_parts(output_dir, recipe)
+        _, failures = _fold_parts(output_dir, recipe, image_preparation)
         order = {image_id: index for index, image_id in enumerate(images)}
         _write_failures(output_dir, sorted(failures, key=lambda failure: order[failure["image_id"]]))
     barrier()  # no process returns before the store is whole
@@ -349,6 +360,7 @@ class FeatureStore:
             raise FeatureError(f"{self.output_dir}: no {MANIFEST}; run `lapvqa extract-features` first.")
         manifest = _read_manifest(self.output_dir)
         self.recipe = EncoderRecipe(**manifest["recipe"])
+        self.image_preparation: str | None = manifest.get("image_preparation")  # None: lapvqa-hf 0.1.x
         self._tensors: dict[str, torch.Tensor] = {}
         for shard in manifest["shards"]:
             self._tensors.update(_read_shard(self.output_dir, shard, self.recipe.vis_dim))
@@ -363,6 +375,17 @@ class FeatureStore:
         if image_id not in self._tensors:
             raise KeyError(f"no features for image {image_id!r} in {self.output_dir}")
         return self._tensors[image_id]
+
+
+def detection_image_processor(recipe: EncoderRecipe, resize_mode: str = "stretch") -> LapvqaImageProcessor:
+    """The image processor of a detection head on `recipe`'s encoder: the recipe's input size and normalisation, and
+    `resize_mode`, which `post_process_object_detection` undoes to map boxes back to the original image."""
+    return LapvqaImageProcessor(
+        size={"height": recipe.image_size, "width": recipe.image_size},
+        image_mean=list(recipe.image_mean),
+        image_std=list(recipe.image_std),
+        resize_mode=resize_mode,
+    )
 
 
 IMAGE_COLUMNS = ("prior_image", "current_image", "image")  # DiffVQA pairs; captioning (and VQA) rows
@@ -385,8 +408,11 @@ def images_of(rows: Iterable[dict], root: str | Path | None = None) -> dict[str,
 
 
 __all__ = [
+    "DETECTION_IMAGE_PREPARATION",
+    "IMAGE_PREPARATION",
     "FeatureError",
     "FeatureStore",
+    "detection_image_processor",
     "extract_features",
     "image_id",
     "images_of",

@@ -2,24 +2,60 @@
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, Unpack
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 RESIZE_MODES = ("pad", "stretch")
 HIGH_BIT_DEPTH_SCALINGS = ("minmax", "full_range")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# Grey PIL modes resized as decoded, before they are scaled to [0, 1] and turned into arrays, with their bit depth.
+GREY_MODES = {"L": 8, "I;16": 16}
+# Standard options that mean nothing here, refused rather than ignored: intensities are scaled as the image is stored
+# (bit depth, DICOM LUTs), grey is replicated to `num_channels`, `resize_mode` places the image on the `size` canvas,
+# and channels come first.
+UNSUPPORTED_OPTIONS = (
+    "do_rescale",
+    "rescale_factor",
+    "do_center_crop",
+    "crop_size",
+    "do_pad",
+    "pad_size",
+    "do_convert_rgb",
+    "data_format",
+    "input_data_format",
+)
 
 
-class LapvqaImageProcessor(BaseImageProcessor):
+class LapvqaImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
-    Turns chest X-rays into the encoder's `pixel_values` `[batch, num_channels, image_size, image_size]`.
+    resize_mode (`str`, *optional*, defaults to `"pad"`):
+        `"pad"` keeps the aspect ratio and pads with black, centred; `"stretch"` resizes both sides to `size`.
+    high_bit_depth_scaling (`str`, *optional*, defaults to `"minmax"`):
+        How 16-bit PNGs and integer arrays wider than 8 bits reach [0, 1]: `"minmax"` (the image's own range) or
+        `"full_range"` (divided by 65535).
+    num_channels (`int`, *optional*, defaults to 3):
+        The encoder's input channels: grey is replicated to 3, colour reduced to luminance for 1.
+    """
+
+    resize_mode: str
+    high_bit_depth_scaling: str
+    num_channels: int
+
+
+class LapvqaImageProcessor(PilBackend):
+    r"""
+    Turns chest X-rays into the encoder's `pixel_values` `[batch, num_channels, size["height"], size["width"]]`.
 
     Every input first becomes a float image in [0, 1]:
     - 8-bit data is divided by 255; 16-bit PNGs and integer arrays wider than 8 bits are scaled by
@@ -35,29 +71,84 @@ class LapvqaImageProcessor(BaseImageProcessor):
     an MPO JPEG is read as its primary image and a PIL image at its current frame. Files of more pixels than
     `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs) are refused. What cannot be read this way is a one-line
     `ValueError` naming the file; the result is always finite.
-    Grayscale is replicated to `num_channels` (colour is reduced to luminance for a 1-channel encoder). Then the
-    image is resized to `image_size` with `resize_mode`: `"pad"` (default) keeps the aspect ratio and pads the
-    short side with black, centred; `"stretch"` resizes both sides. Last, each channel is normalized with
-    `image_mean` / `image_std`.
+    Colour is reduced to luminance for a 1-channel encoder. With `do_resize`, the image is resized to `size` with
+    `resize_mode` and `resample` (then clipped to [0, 1]: bicubic overshoots a little); grey is replicated to
+    `num_channels`; with `do_normalize`, each channel is normalized with `image_mean` / `image_std`.
 
-    The upstream cards do not say how images were prepared: the resize mode, bicubic resampling and the ImageNet
-    mean/std are pinned assumptions, recorded in `preprocessor_config.json` and all configurable.
+    This is transformers' PIL backend (numpy images, no torchvision needed): PIL resizes, on float images, and a
+    grey 8/16-bit file or PIL image is resized before it is scaled to [0, 1] (see `process_image`). The upstream
+    cards do not say how images were prepared: the resize mode, bicubic resampling and the ImageNet mean/std are
+    pinned assumptions, recorded in `preprocessor_config.json` and all configurable. `image_size` (configs written
+    by lapvqa-hf 0.3 and older) is read as a square `size`.
     """
 
+    valid_kwargs = LapvqaImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    do_resize = True
+    size = {"height": 224, "width": 224}
+    resample = PILImageResampling.BICUBIC
+    do_normalize = True
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    rescale_factor = None
+    resize_mode = "pad"
+    high_bit_depth_scaling = "minmax"
+    num_channels = 3
 
-    def __init__(
-        self,
-        image_size: int = 224,
-        num_channels: int = 3,
-        resize_mode: str = "pad",
-        resample: int = Image.Resampling.BICUBIC,
-        image_mean: list[float] | None = None,
-        image_std: list[float] | None = None,
-        high_bit_depth_scaling: str = "minmax",
-        **kwargs,
-    ):
+    def __init__(self, **kwargs: Unpack[LapvqaImageProcessorKwargs]):
+        if "image_size" in kwargs:
+            image_size = kwargs.pop("image_size")
+            warnings.warn(
+                f"LapvqaImageProcessor: image_size={image_size} is deprecated, read as size={{'height': {image_size}, "
+                f"'width': {image_size}}}; save the processor again to write size instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            size = {"height": image_size, "width": image_size}
+            if kwargs.get("size") not in (None, size):
+                raise ValueError(f"image_size={image_size} and size={kwargs['size']} disagree; pass size alone.")
+            kwargs["size"] = size
         super().__init__(**kwargs)
+        self._validate_preprocess_kwargs(**{name: getattr(self, name) for name in self._valid_kwargs_names})
+
+    @classmethod
+    def for_encoder(cls, vision_config, **kwargs) -> "LapvqaImageProcessor":
+        """The processor sized for a `LapvqaVisionConfig` (its image size and channels)."""
+        side = vision_config.image_size
+        return cls(size={"height": side, "width": side}, num_channels=vision_config.num_channels, **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        """Deprecated: the side of the square `size`."""
+        warnings.warn("LapvqaImageProcessor.image_size is deprecated; read size instead.", FutureWarning, stacklevel=2)
+        if self.size.height != self.size.width:
+            raise ValueError(f"image_size is the side of a square size, but size is {dict(self.size)}; read size.")
+        return self.size.height
+
+    # --- options ----------------------------------------------------------------------------------------------
+
+    def _standardize_kwargs(self, **kwargs) -> dict:
+        kwargs = super()._standardize_kwargs(**kwargs)
+        channels = kwargs.get("num_channels")
+        for key in ("image_mean", "image_std"):  # ImageNet's three values serve a 1-channel encoder as their first
+            if channels is not None and isinstance(kwargs[key], tuple):
+                kwargs[key] = kwargs[key][:channels]
+        return kwargs
+
+    def _validate_preprocess_kwargs(
+        self,
+        size: SizeDict | None = None,
+        resize_mode: str | None = None,
+        high_bit_depth_scaling: str | None = None,
+        num_channels: int | None = None,
+        **kwargs,
+    ) -> None:
+        for option in UNSUPPORTED_OPTIONS:
+            if kwargs.get(option) is not None:
+                raise ValueError(
+                    f"LapvqaImageProcessor takes no {option}: it scales intensities as the image is stored "
+                    "(high_bit_depth_scaling), places it with resize_mode and gives num_channels channels first."
+                )
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
         if high_bit_depth_scaling not in HIGH_BIT_DEPTH_SCALINGS:
@@ -66,35 +157,27 @@ class LapvqaImageProcessor(BaseImageProcessor):
             )
         if num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
-        self.image_size = image_size
-        self.num_channels = num_channels
-        self.resize_mode = resize_mode
-        self.resample = int(resample)
-        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)[:num_channels]
-        self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)[:num_channels]
-        self.high_bit_depth_scaling = high_bit_depth_scaling
-
-    @classmethod
-    def for_encoder(cls, vision_config, **kwargs) -> "LapvqaImageProcessor":
-        """The processor sized for a `LapvqaVisionConfig` (its image size and channels)."""
-        return cls(image_size=vision_config.image_size, num_channels=vision_config.num_channels, **kwargs)
+        if size is None or not (size.height and size.width) or set(dict(size)) != {"height", "width"}:
+            raise ValueError(f"size must be {{'height': int, 'width': int}}, got {dict(size or {})}.")
+        super()._validate_preprocess_kwargs(size=size, **kwargs)
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def load_image(self, image: ImageSource) -> np.ndarray:
+    def load_image(self, image: ImageSource, high_bit_depth_scaling: str | None = None) -> np.ndarray:
         """Any supported input as float32 `[H, W]` (grayscale) or `[H, W, 3]` (colour) in [0, 1]."""
+        scaling = high_bit_depth_scaling or self.high_bit_depth_scaling
         if isinstance(image, (str, os.PathLike)):
-            return self._read_file(Path(image))
+            path = Path(image)
+            if _is_dicom(path):
+                return read_dicom(path)
+            with _open_image_file(path) as opened:
+                return _from_pil(opened, str(path), scaling)
         if isinstance(image, Image.Image):
-            try:
-                upright = ImageOps.exif_transpose(image)  # decodes an image opened lazily by `Image.open`
-            except Exception as error:  # Pillow's decoders raise many types for broken files
-                raise ValueError(f"PIL image: cannot decode it: {_first_line(error)}") from None
-            return self._from_pil(upright, source="PIL image")
+            return _from_pil(_upright(image), "PIL image", scaling)
         if isinstance(image, torch.Tensor):
             image = _tensor_to_numpy(image)
         if isinstance(image, np.ndarray):
-            return self._from_array(image, source="array")
+            return _from_array(image, "array", scaling)
         raise ValueError(
             f"Unsupported image type {type(image).__name__}: pass a file path, a PIL image, a numpy array or a tensor."
         )
@@ -109,140 +192,110 @@ class LapvqaImageProcessor(BaseImageProcessor):
     def encoder_pixel_values(self, images: ImageSource | list[ImageSource], encoder_image_processor) -> torch.Tensor:
         """X-rays as a frozen encoder's own image processor (CLIP's, SigLIP's, ...) prepares them: read here (see
         `load_rgb`), then `encoder_image_processor(images=..., return_tensors="pt")["pixel_values"]`."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not images:
-            raise ValueError("No images given: pass one image or a non-empty list of images.")
-        rgb = [self.load_rgb(image) for image in images]
+        rgb = [self.load_rgb(image) for image in _image_list(images)]
         return encoder_image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
-    def _read_file(self, path: Path) -> np.ndarray:
-        if not path.is_file():
-            raise ValueError(f"{path}: no such image file.")
-        try:
-            is_dicom = path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path)
-        except OSError as error:
-            raise ValueError(f"{path}: cannot read the file: {error.strerror or error}.") from None
-        if is_dicom:
-            return read_dicom(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
-                with Image.open(path) as opened:
-                    # An MPO (phone JPEG) holds its primary image first, then previews of it.
-                    frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)
-                    if frames == 1:
-                        opened.load()
-                        upright = ImageOps.exif_transpose(opened)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(
-                f"{path}: the image has more pixels than the limit of {Image.MAX_IMAGE_PIXELS} "
-                "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it."
-            ) from None
-        except Exception as error:  # Pillow's decoders raise many types for broken files
-            raise ValueError(
-                f"{path}: cannot read it as an image (PNG, JPEG or DICOM expected): {_first_line(error)}"
-            ) from None
-        if frames != 1:
-            raise ValueError(
-                f"{path}: holds {frames} frames (a multi-page or animated image); expected a single image: save the "
-                "frame to use as a file of its own."
-            )
-        return self._from_pil(upright, source=str(path))
-
-    def _from_pil(self, image: Image.Image, source: str) -> np.ndarray:
-        if image.mode in ("1", "L", "P", "LA", "PA", "RGBA", "CMYK", "YCbCr", "RGB"):
-            converted = image.convert("RGB" if image.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "RGB") else "L")
-            return self._from_array(np.asarray(converted), source)
-        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-            return self._from_array(np.asarray(image), source, bits=16 if image.mode.startswith("I;16") else None)
-        raise ValueError(f"{source}: unsupported image mode {image.mode!r} (expected grayscale or RGB).")
-
-    def _from_array(self, array: np.ndarray, source: str, bits: int | None = None) -> np.ndarray:
-        if array.dtype.kind not in "biuf":
-            raise ValueError(f"{source}: unsupported pixel type {array.dtype}; expected bool, integer or float pixels.")
-        if array.size == 0:
-            raise ValueError(f"{source}: the image is empty (shape {list(array.shape)}).")
-        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)  # channels-first input
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim == 3 and array.shape[-1] == 4:
-            array = array[..., :3]  # drop alpha
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-            raise ValueError(
-                f"{source}: expected a grayscale [H, W] or colour [H, W, 3] image, got shape {list(array.shape)}."
-            )
-        if array.dtype == np.bool_:
-            return array.astype(np.float32)
-        if array.dtype == np.uint8:
-            return array.astype(np.float32) / 255.0
-        if np.issubdtype(array.dtype, np.integer):
-            return self._scale_high_bit_depth(array.astype(np.float64), bits).astype(np.float32)
-        if not np.isfinite(array).all():
-            raise ValueError(f"{source}: the image holds NaN or infinite values; float images must lie in [0, 1].")
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise ValueError(
-                f"{source}: float images must lie in [0, 1], found values in [{array.min():.3g}, {array.max():.3g}]; "
-                "pass integers (8/16-bit) or scale the image first."
-            )
-        return array.astype(np.float32)
-
-    def _scale_high_bit_depth(self, array: np.ndarray, bits: int | None) -> np.ndarray:
-        maximum = float(2 ** (bits or 16) - 1)
-        if self.high_bit_depth_scaling == "full_range":
-            return np.clip(array / maximum, 0.0, 1.0)
-        # An image of one value has no range of its own: it is scaled by its bit depth, as with "full_range".
-        return min_max_scale(array, constant=float(np.clip(array.flat[0] / maximum, 0.0, 1.0)))
-
-    # --- geometry and normalization ---------------------------------------------------------------------------
-
-    def to_channels(self, image: np.ndarray) -> np.ndarray:
-        """`[H, W]` or `[H, W, 3]` -> `[num_channels, H, W]`."""
-        if image.ndim == 3 and self.num_channels == 1:
-            image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        if image.ndim == 2:
-            return np.repeat(image[None], self.num_channels, axis=0)
-        return np.moveaxis(image, -1, 0)
-
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """`[C, H, W]` in [0, 1] -> `[C, image_size, image_size]` by `resize_mode`."""
-        _, height, width = image.shape
-        size = self.image_size
-        if self.resize_mode == "stretch":
-            new_height, new_width = size, size
-        else:
-            scale = size / max(height, width)
-            new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-        channels = [
-            np.asarray(Image.fromarray(channel, mode="F").resize((new_width, new_height), resample=self.resample))
-            for channel in image.astype(np.float32)
-        ]
-        resized = np.clip(np.stack(channels), 0.0, 1.0)  # bicubic overshoots a little
-        if (new_height, new_width) == (size, size):
-            return resized
-        canvas = np.zeros((image.shape[0], size, size), dtype=np.float32)
-        top, left = (size - new_height) // 2, (size - new_width) // 2
-        canvas[:, top : top + new_height, left : left + new_width] = resized
-        return canvas
-
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-        return (image - mean) / std
+    # --- the backend's steps ----------------------------------------------------------------------------------
 
     def preprocess(
-        self, images: ImageSource | list[ImageSource], return_tensors: str | None = "pt", **kwargs
+        self, images: ImageSource | list[ImageSource], **kwargs: Unpack[LapvqaImageProcessorKwargs]
     ) -> BatchFeature:
-        """One image or a list of them -> `BatchFeature(pixel_values=[B, C, image_size, image_size])`."""
-        if kwargs:
-            raise ValueError(f"Unexpected arguments {sorted(kwargs)}; set options on the image processor instead.")
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError("No images given: pass one image or a non-empty list of images.")
-        else:
-            images = [images]
-        pixel_values = [self.normalize(self.resize(self.to_channels(self.load_image(image)))) for image in images]
-        return BatchFeature(data={"pixel_values": np.stack(pixel_values)}, tensor_type=return_tensors)
+        """One image or a list of them -> `BatchFeature(pixel_values=[B, C, height, width])`; any option of the
+        processor can be overridden for this call. `return_tensors` defaults to `"pt"` (`None`: a list of arrays)."""
+        unexpected = sorted(set(kwargs) - set(self._valid_kwargs_names))
+        if unexpected:
+            options = sorted(set(self._valid_kwargs_names) - set(UNSUPPORTED_OPTIONS))
+            raise ValueError(f"Unexpected arguments {unexpected}; expected options among {options}.")
+        kwargs.setdefault("return_tensors", "pt")
+        return super().preprocess(images, **kwargs)
+
+    def _prepare_image_like_inputs(self, images: ImageSource | list[ImageSource], **kwargs) -> list[np.ndarray]:
+        return [self.process_image(image, **kwargs) for image in _image_list(images)]  # a flat list: one per image
+
+    def process_image(
+        self,
+        image: ImageSource,
+        do_resize: bool | None = None,
+        size: SizeDict | None = None,
+        resample: PILImageResampling | int | None = None,
+        resize_mode: str | None = None,
+        high_bit_depth_scaling: str | None = None,
+        num_channels: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """One input -> float32 `[1, H, W]` (grey) or `[3, H, W]` in [0, 1], with `do_resize` on the `size` canvas;
+        colour becomes luminance for a 1-channel encoder, grey is replicated to `num_channels` later, once small.
+        Reading and resizing go together: a grey 8/16-bit file or PIL image is resized as PIL decoded it, before it
+        is scaled to [0, 1] and made an array, which on a large X-ray skips most of the work for the same values."""
+        scaling = high_bit_depth_scaling or self.high_bit_depth_scaling
+        steps = dict(
+            do_resize=self.do_resize if do_resize is None else do_resize,
+            size=size or self.size,
+            resample=self.resample if resample is None else resample,
+            resize_mode=resize_mode or self.resize_mode,
+            num_channels=num_channels or self.num_channels,
+        )
+        if isinstance(image, (str, os.PathLike)) and not _is_dicom(Path(image)):
+            with _open_image_file(Path(image)) as opened:
+                return self._process_pil(opened, str(image), scaling, **steps)
+        if isinstance(image, Image.Image):
+            return self._process_pil(_upright(image), "PIL image", scaling, **steps)
+        return self._process_array(self.load_image(image, scaling), **steps)  # DICOM, arrays, tensors
+
+    def _process_pil(self, image: Image.Image, source: str, scaling: str, **steps) -> np.ndarray:
+        if steps["do_resize"] and image.mode in GREY_MODES:
+            return _resize_grey(image, scaling, steps["size"], steps["resample"], steps["resize_mode"])
+        return self._process_array(_from_pil(image, source, scaling), **steps)
+
+    def _process_array(
+        self,
+        image: np.ndarray,
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | int,
+        resize_mode: str,
+        num_channels: int,
+    ) -> np.ndarray:
+        if image.ndim == 3 and num_channels == 1:
+            image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        return self.resize(image, size, resample, resize_mode) if do_resize else image
+
+    def resize(
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample: PILImageResampling | int | None = None,
+        resize_mode: str | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """`[C, H, W]` in [0, 1] -> `[C, size.height, size.width]` by `resize_mode`, each channel resized by PIL."""
+        channels = [Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)) for channel in image]
+        resample = self.resample if resample is None else resample
+        return _resize_to_canvas(channels, size, resample, resize_mode or self.resize_mode)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        num_channels: int,
+        do_normalize: bool,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        return_tensors: str | None,
+        **kwargs,
+    ) -> BatchFeature:
+        pixel_values = []
+        for image in images:
+            image = np.repeat(image, num_channels // len(image), axis=0)  # grey -> num_channels
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            pixel_values.append(image)
+        if return_tensors is not None and len({image.shape for image in pixel_values}) > 1:
+            raise ValueError(
+                f"Images of sizes {sorted({image.shape[1:] for image in pixel_values})} cannot be stacked into one "
+                "tensor; pass do_resize=True or return_tensors=None."
+            )
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
     # --- detection outputs ------------------------------------------------------------------------------------
 
@@ -299,19 +352,162 @@ class LapvqaImageProcessor(BaseImageProcessor):
         return results
 
     def boxes_to_original(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(x0, y0, x1, y1) normalised to the resized `image_size` square -> pixels of the `height` x `width`
-        original, undoing `resize` exactly (including its rounding and centred padding) and clipped to the image."""
-        size = self.image_size
-        if self.resize_mode == "stretch":
-            new_height, new_width, top, left = size, size, 0, 0
-        else:
-            scale = size / max(height, width)
-            new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-            top, left = (size - new_height) // 2, (size - new_width) // 2
+        """(x0, y0, x1, y1) normalised to the resized `size` canvas -> pixels of the `height` x `width` original,
+        undoing `resize` exactly (including its rounding and centred padding) and clipped to the image."""
+        new_height, new_width, top, left = placement(height, width, self.size, self.resize_mode)
+        canvas = boxes.new_tensor([self.size.width, self.size.height] * 2)
         offset = boxes.new_tensor([left, top, left, top])
         pixels_per_unit = boxes.new_tensor([width / new_width, height / new_height] * 2)
         limits = boxes.new_tensor([width, height, width, height])
-        return torch.minimum((boxes * size - offset) * pixels_per_unit, limits).clamp(min=0)
+        return torch.minimum((boxes * canvas - offset) * pixels_per_unit, limits).clamp(min=0)
+
+
+def placement(height: int, width: int, size: SizeDict, resize_mode: str) -> tuple[int, int, int, int]:
+    """Where `resize` puts a `height` x `width` image on the `size` canvas: (new_height, new_width, top, left)."""
+    if resize_mode == "stretch":
+        return size.height, size.width, 0, 0
+    scale = min(size.height / height, size.width / width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    return new_height, new_width, (size.height - new_height) // 2, (size.width - new_width) // 2
+
+
+def _resize_to_canvas(
+    channels: list[Image.Image],
+    size: SizeDict,
+    resample: int,
+    resize_mode: str,
+    offset: float = 0.0,
+    divisor: float = 1.0,
+) -> np.ndarray:
+    """An image's channels (mode "F") -> float32 `[C, size.height, size.width]`: resized by PIL where `resize_mode`
+    places them, taken to [0, 1] as `(value - offset) / divisor`, clipped (bicubic overshoots a little), padded black."""
+    width, height = channels[0].size
+    new_height, new_width, top, left = placement(height, width, size, resize_mode)
+    resample = PILImageResampling(resample)
+    resized = np.stack([np.asarray(channel.resize((new_width, new_height), resample)) for channel in channels])
+    canvas = np.zeros((len(channels), size.height, size.width), dtype=np.float32)
+    canvas[:, top : top + new_height, left : left + new_width] = _to_unit(resized, offset, divisor)
+    return canvas
+
+
+def _resize_grey(image: Image.Image, scaling: str, size: SizeDict, resample: int, resize_mode: str) -> np.ndarray:
+    """A grey 8/16-bit PIL image -> `[1, size.height, size.width]`: its stored values resized, then scaled to [0, 1]
+    as `load_image` scales them (the same values within float rounding, without the full-size float image)."""
+    low, high = image.getextrema()
+    offset, divisor = _unit_range(low, high, GREY_MODES[image.mode], scaling)
+    return _resize_to_canvas([image.convert("F")], size, resample, resize_mode, offset, divisor)
+
+
+def _image_list(images: ImageSource | list[ImageSource]) -> list[ImageSource]:
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    if not images:
+        raise ValueError("No images given: pass one image or a non-empty list of images.")
+    return list(images)
+
+
+def _is_dicom(path: Path) -> bool:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such image file.")
+    try:
+        return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path)
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the file: {error.strerror or error}.") from None
+
+
+@contextmanager
+def _open_image_file(path: Path) -> Iterator[Image.Image]:
+    """A PNG/JPEG/... file as its upright, decoded, single-frame PIL image while the file is open; what Pillow cannot
+    read, a decompression bomb or a file of several frames is refused with a one-line ValueError naming the file."""
+    with ExitStack() as files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+                opened = files.enter_context(Image.open(path))
+                # An MPO (phone JPEG) holds its primary image first, then previews of it.
+                frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)
+                if frames == 1:
+                    opened.load()
+                    ImageOps.exif_transpose(opened, in_place=True)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(
+                f"{path}: the image has more pixels than the limit of {Image.MAX_IMAGE_PIXELS} "
+                "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); raise that limit to read it."
+            ) from None
+        except Exception as error:  # Pillow's decoders raise many types for broken files
+            raise ValueError(
+                f"{path}: cannot read it as an image (PNG, JPEG or DICOM expected): {_first_line(error)}"
+            ) from None
+        if frames != 1:
+            raise ValueError(
+                f"{path}: holds {frames} frames (a multi-page or animated image); expected a single image: save the "
+                "frame to use as a file of its own."
+            )
+        yield opened
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)  # decodes an image opened lazily by `Image.open`
+    except Exception as error:  # Pillow's decoders raise many types for broken files
+        raise ValueError(f"PIL image: cannot decode it: {_first_line(error)}") from None
+
+
+def _from_pil(image: Image.Image, source: str, scaling: str) -> np.ndarray:
+    if image.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "RGB"):
+        return _from_array(np.asarray(image.convert("RGB")), source, scaling)
+    if image.mode in ("1", "L", "LA"):
+        return _from_array(np.asarray(image.convert("L")), source, scaling)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return _from_array(np.asarray(image), source, scaling, bits=16 if image.mode.startswith("I;16") else None)
+    raise ValueError(f"{source}: unsupported image mode {image.mode!r} (expected grayscale or RGB).")
+
+
+def _from_array(array: np.ndarray, source: str, scaling: str, bits: int | None = None) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{source}: unsupported pixel type {array.dtype}; expected bool, integer or float pixels.")
+    if array.size == 0:
+        raise ValueError(f"{source}: the image is empty (shape {list(array.shape)}).")
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels-first input
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # drop alpha
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ValueError(
+            f"{source}: expected a grayscale [H, W] or colour [H, W, 3] image, got shape {list(array.shape)}."
+        )
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        bits = 8 if array.dtype == np.uint8 else bits or 16
+        offset, divisor = _unit_range(float(array.min()), float(array.max()), bits, scaling)
+        # float32 holds every 16-bit value exactly; wider integers are scaled in float64.
+        return _to_unit(array, offset, divisor, np.float32 if array.itemsize <= 2 else np.float64).astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{source}: the image holds NaN or infinite values; float images must lie in [0, 1].")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise ValueError(
+            f"{source}: float images must lie in [0, 1], found values in [{array.min():.3g}, {array.max():.3g}]; "
+            "pass integers (8/16-bit) or scale the image first."
+        )
+    return array.astype(np.float32)
+
+
+def _unit_range(low: float, high: float, bits: int, scaling: str) -> tuple[float, float]:
+    """(offset, divisor) taking integer pixels in `low..high` to [0, 1] as `(value - offset) / divisor`: 8-bit data by
+    255; wider data by `scaling`, its own range ("minmax") or 65535 ("full_range"). An image of one value has no
+    range of its own: it is scaled by its bit depth, as with "full_range"."""
+    if bits == 8 or scaling == "full_range" or high == low:
+        return 0.0, float(2**bits - 1)
+    return low, high - low
+
+
+def _to_unit(values: np.ndarray, offset: float, divisor: float, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    unit = np.subtract(values, offset, dtype=dtype)
+    unit /= divisor
+    return np.clip(unit, 0.0, 1.0, out=unit)
 
 
 def min_max_scale(array: np.ndarray, constant: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """LAPVQA abnormality detection: a DETR-style set predictor over a frozen encoder's chest X-ray patch tokens."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,11 @@ class LapvqaDetectionOutput(ModelOutput):
     Output of [`LapvqaDetectionModel`], laid out like transformers' `DetrObjectDetectionOutput`.
 
     Args:
-        loss (`torch.Tensor`, *optional*): always `None`; training the head is not supported yet.
+        loss (`torch.Tensor`, *optional*): the DETR set loss, when `labels` are given: cross-entropy of the classes
+            + `bbox_loss_coefficient` x L1 + `giou_loss_coefficient` x GIoU of the boxes of the Hungarian-matched
+            queries (and the same for every decoder layer with `config.auxiliary_loss`).
+        loss_dict (`dict[str, torch.Tensor]`, *optional*): its unweighted parts (`loss_ce`, `loss_bbox`, `loss_giou`,
+            and `cardinality_error`, not trained), as DETR's.
         logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels + 1)`): class logits per query,
             the last column being no-object.
         pred_boxes (`torch.Tensor` of shape `(batch_size, num_queries, 4)`): boxes as (cx, cy, w, h) in [0, 1],
@@ -35,9 +39,12 @@ class LapvqaDetectionOutput(ModelOutput):
         encoder_last_hidden_state (`torch.Tensor` of shape `(batch_size, num_patches, d_model)`): encoder output.
         encoder_hidden_states / encoder_attentions (`tuple[torch.Tensor]`, *optional*): per-layer encoder outputs
             and attention weights, when requested.
+        auxiliary_outputs (`list[dict]`, *optional*): with `config.auxiliary_loss` and `labels`, the `logits` and
+            `pred_boxes` of every decoder layer but the last.
     """
 
     loss: torch.Tensor | None = None
+    loss_dict: dict | None = None
     logits: torch.Tensor | None = None
     pred_boxes: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
@@ -47,6 +54,7 @@ class LapvqaDetectionOutput(ModelOutput):
     encoder_last_hidden_state: torch.Tensor | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    auxiliary_outputs: list[dict] | None = None
 
 
 def eager_attention_forward(
@@ -270,6 +278,10 @@ class LapvqaDetectionMLPPredictionHead(nn.Module):
         return self.layers[1](nn.functional.relu(self.layers[0](hidden_states)))
 
 
+def _is_integer(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
 class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
     """The upstream `DetectionHead`: VinDr-CXR abnormality boxes from a frozen encoder's patch tokens.
 
@@ -286,6 +298,7 @@ class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
         self.decoder = LapvqaDetectionDecoder(config)
         self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + 1)
         self.bbox_predictor = LapvqaDetectionMLPPredictionHead(config)
+        self.loss_type = "ForObjectDetection"  # transformers' DETR loss (`self.loss_function`)
         self.post_init()
 
     def _check_image_features(self, image_features: torch.Tensor | None) -> None:
@@ -300,6 +313,43 @@ class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
                 f"encoder), got {shape}."
             )
 
+    def _check_labels(self, labels, batch_size: int) -> None:
+        """`labels` as transformers' DETR takes them, or a one-line `ValueError` saying what was expected."""
+        expected = (
+            f"a list of {batch_size} dicts (one per image) of `class_labels` (LongTensor [n]) and `boxes` (FloatTensor "
+            "[n, 4], normalised (cx, cy, w, h))"
+        )
+        if not isinstance(labels, list | tuple) or len(labels) != batch_size:
+            found = f"{len(labels)} items" if isinstance(labels, list | tuple) else type(labels).__name__
+            raise ValueError(f"`labels` must be {expected}, got {found}.")
+        num_labels = self.config.num_labels
+        for index, target in enumerate(labels):
+            name = f"labels[{index}]"
+            if not isinstance(target, Mapping) or not {"class_labels", "boxes"} <= target.keys():
+                found = sorted(target.keys()) if isinstance(target, Mapping) else type(target).__name__
+                raise ValueError(f"{name} must be a dict of `class_labels` and `boxes`, got {found}.")
+            classes, boxes = target["class_labels"], target["boxes"]
+            if not torch.is_tensor(classes) or classes.ndim != 1 or not _is_integer(classes):
+                found = list(classes.shape) if torch.is_tensor(classes) else type(classes).__name__
+                raise ValueError(f"{name}['class_labels'] must be a 1-D integer tensor of class ids, got {found}.")
+            if len(classes) and not 0 <= classes.min() <= classes.max() < num_labels:
+                raise ValueError(
+                    f"{name}['class_labels'] must be class ids in [0, {num_labels}) (the no-object class "
+                    f"{num_labels} is no target), got {classes.tolist()}."
+                )
+            shape = [len(classes), 4]
+            if not torch.is_tensor(boxes) or not boxes.is_floating_point() or list(boxes.shape) != shape:
+                found = f"{boxes.dtype} {list(boxes.shape)}" if torch.is_tensor(boxes) else type(boxes).__name__
+                raise ValueError(
+                    f"{name}['boxes'] must be a float tensor {shape} (one (cx, cy, w, h) box per class label), got "
+                    f"{found}."
+                )
+            if len(boxes) and not (torch.isfinite(boxes).all() and boxes.min() >= 0 and boxes.max() <= 1):
+                raise ValueError(
+                    f"{name}['boxes'] must be (cx, cy, w, h) normalised to [0, 1] by the image size, got values from "
+                    f"{boxes.min().item()} to {boxes.max().item()}."
+                )
+
     @can_return_tuple
     def forward(
         self, image_features: torch.Tensor | None = None, labels: list[dict] | None = None, **kwargs
@@ -308,14 +358,15 @@ class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
         Args:
             image_features (`torch.Tensor` of shape `[batch, num_patches, vis_dim]`): the frozen encoder's patch
                 tokens (the encoder named by `config.encoder_name`).
-            labels (`list[dict]`, *optional*): not supported yet; passing them raises a `ValueError`.
+            labels (`list[dict]`, *optional*): as transformers' DETR: one dict per image with `class_labels`
+                (`torch.LongTensor` `[n]`, ids of `config.id2label`) and `boxes` (`torch.FloatTensor` `[n, 4]`,
+                (cx, cy, w, h) normalised to [0, 1] by the image size; `n` may be 0). Gives `loss` and `loss_dict`.
         """
-        if labels is not None:
-            raise ValueError(
-                "Training the LAPVQA detection head is not supported yet: the upstream matching costs and loss "
-                "weights are unpublished. Call the model without `labels` for inference."
-            )
         self._check_image_features(image_features)
+        if labels is not None:
+            self._check_labels(labels, image_features.shape[0])
+            if self.config.auxiliary_loss:  # every decoder layer's output is needed
+                kwargs["output_hidden_states"] = True
         hidden_states = self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
         encoder_outputs: BaseModelOutput = self.encoder(inputs_embeds=hidden_states, **kwargs)
         queries = self.object_queries.expand(image_features.shape[0], -1, -1)
@@ -323,9 +374,35 @@ class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
             inputs_embeds=queries, encoder_hidden_states=encoder_outputs.last_hidden_state, **kwargs
         )
         sequence_output = decoder_outputs.last_hidden_state
+        logits = self.class_labels_classifier(sequence_output)
+        pred_boxes = self.bbox_predictor(sequence_output).sigmoid()
+
+        loss, loss_dict, auxiliary_outputs = None, None, None
+        if labels is not None:
+            outputs_class, outputs_coord = None, None
+            if self.config.auxiliary_loss:
+                # As DETR: each layer's output through the final decoder norm (the last one has had it) and the heads.
+                norm = self.decoder.layer_norm or nn.Identity()
+                intermediate = [norm(state) for state in decoder_outputs.hidden_states[1:-1]] + [sequence_output]
+                intermediate = torch.stack(intermediate)
+                outputs_class = self.class_labels_classifier(intermediate).float()
+                outputs_coord = self.bbox_predictor(intermediate).sigmoid().float()
+            targets = [
+                {
+                    "class_labels": t["class_labels"].to(self.device, torch.long),
+                    "boxes": t["boxes"].to(self.device, torch.float32),
+                }
+                for t in labels
+            ]
+            # In float32 whatever the model's dtype, as the matcher's costs and the GIoU need.
+            loss, loss_dict, auxiliary_outputs = self.loss_function(
+                logits.float(), targets, self.device, pred_boxes.float(), self.config, outputs_class, outputs_coord
+            )
         return LapvqaDetectionOutput(
-            logits=self.class_labels_classifier(sequence_output),
-            pred_boxes=self.bbox_predictor(sequence_output).sigmoid(),
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
             last_hidden_state=sequence_output,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
@@ -333,6 +410,7 @@ class LapvqaDetectionModel(LapvqaDetectionPreTrainedModel):
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
+            auxiliary_outputs=auxiliary_outputs,
         )
 
 

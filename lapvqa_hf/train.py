@@ -1,4 +1,4 @@
-"""Fine-tune a LAPVQA decoder on frozen features with accelerate: a DiffVQA head or the captioning decoder.
+"""Fine-tune a LAPVQA head on frozen features with accelerate: a DiffVQA head, the captioning decoder or a detector.
 
     accelerate launch -m lapvqa_hf.train --config train.json [--set key=value ...]
     accelerate launch --multi_gpu --num_processes 2 -m lapvqa_hf.train --config train.json
@@ -11,15 +11,18 @@ The config is a JSON object of `TrainConfig` fields; `--set` overrides any of th
   `[bos] + report + [eos]`, the loss covers the report and its eos. The frozen ViT-L/14 is not trained and not
   run: the features are its stored patch tokens. It is loaded (from `vision_encoder`, by default the checkpoint
   the features were extracted with) only to complete the saved model, so that it also reports from pixels.
+- `detection`: a DETR-style detection head on VinDr-CXR boxes (`lapvqa_hf.detection_data`), the radiologists' boxes
+  combined by `radiologists`; transformers' DETR set loss; validated by mAP at IoU 0.4 and 0.5 (`map40`, `map50`).
 
-Both run the same loop; what differs (data, batches, model, validation generation, scoring, saving) is a `Task`.
+All run the same loop; what differs (data, batches, model, validation predictions, scoring, saving) is a `Task`.
 AdamW (no weight decay on biases, LayerNorm weights and embeddings, as in transformers' Trainer) with linear warmup
 then cosine decay, gradient accumulation, clipping, mixed precision and trackers (`log_with`) come from accelerate;
 the main process shows a progress bar (loss, learning rate, tokens/s). `checkpoint_every` steps the whole training
 state is saved (`accelerator.save_state`; `save_total_limit` keeps the newest) and a re-run resumes from the latest
-checkpoint to the same result as an uninterrupted run. Every `eval_every` steps the validation split is generated
-greedily, shared among the processes, and scored (BLEU/ROUGE/CIDEr); the best model (by `best_metric`) is saved
-with `save_pretrained`, with its tokenizer (DiffVQA) or processor (captioning), ready for `lapvqa push`.
+checkpoint to the same result as an uninterrupted run. Every `eval_every` steps the validation split is predicted
+(generated greedily, or detected), shared among the processes, and scored (BLEU/ROUGE/CIDEr, or mAP); the best model
+(by `best_metric`) is saved with `save_pretrained`, with its tokenizer (DiffVQA), processor (captioning) or image
+processor (detection), ready for `lapvqa push`.
 
 Faults: the config is checked whole before any work (one `error:` line per problem); checkpoints and the best model
 are written under partial names and renamed into place, so that a kill at any instant loses nothing complete; a
@@ -63,14 +66,27 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .convert.checkpoint import first_line, with_umask_permissions, write_json_atomically
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
+from .detection_data import RADIOLOGISTS, load_vindr_cxr
 from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
-from .features import MANIFEST, FeatureError, FeatureStore, image_id
+from .features import (
+    DETECTION_IMAGE_PREPARATION,
+    IMAGE_PREPARATION,
+    MANIFEST,
+    FeatureError,
+    FeatureStore,
+    detection_image_processor,
+    image_id,
+)
+from .image_processing_lapvqa import LapvqaImageProcessor
 from .metrics import score_answers
+from .metrics.detection import IOU_THRESHOLDS, metric_name, score_detections
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
 from .pipeline_lapvqa import save_pretrained_with_pipeline
@@ -95,11 +111,12 @@ class TrainConfig:
     mimic_root: str
     features_dir: str
     output_dir: str
-    task: str = "diffvqa"  # "diffvqa" or "captioning"
+    task: str = "diffvqa"  # "diffvqa", "captioning" or "detection"
     init_from: str | None = None  # a model folder of the task's class; None trains from scratch
     model: dict = field(default_factory=dict)  # config overrides (decoder sizes...) when training from scratch
     report_sections: list[str] = field(default_factory=lambda: list(REPORT_SECTIONS))  # captioning: report text
     vision_encoder: str | None = None  # captioning: the features' LapvqaVisionModel (default: the recipe's checkpoint)
+    radiologists: str = "fused"  # detection: how VinDr-CXR's radiologists' boxes combine, "fused" or "all"
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -155,9 +172,11 @@ class TrainConfig:
         return cls(**values)
 
 
-TASKS = ("diffvqa", "captioning")
+TASKS = ("diffvqa", "captioning", "detection")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
+TEXT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
+DETECTION_METRICS = tuple(metric_name(threshold) for threshold in IOU_THRESHOLDS)  # what `score_detections` reports
+METRICS = TEXT_METRICS + DETECTION_METRICS
 TRACKERS = tuple(LoggerType.list())  # accelerate's (`log_with`)
 
 
@@ -197,6 +216,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
         "a non-empty list of report section names",
     ),
     "vision_encoder": (lambda v: v is None or _is_text(v), "a LapvqaVisionModel folder or Hub id, or null"),
+    "radiologists": (lambda v: v in RADIOLOGISTS, f"one of {', '.join(RADIOLOGISTS)}"),
     "learning_rate": (_is_number(0, strictly=True), "a finite number > 0"),
     "weight_decay": (_is_number(0, strictly=False), "a finite number >= 0"),
     "warmup_steps": (_is_integer(0), "an integer >= 0"),
@@ -213,7 +233,13 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "log_with": (lambda v: v is None or v in TRACKERS, f"null or one of {', '.join(TRACKERS)}"),
     "seed": (_is_integer(0, 2**32 - 1), "an integer from 0 to 2**32 - 1"),
 }
-_CHOICES = {"task": TASKS, "mixed_precision": MIXED_PRECISIONS, "best_metric": METRICS, "log_with": TRACKERS}
+_CHOICES = {
+    "task": TASKS,
+    "radiologists": RADIOLOGISTS,
+    "mixed_precision": MIXED_PRECISIONS,
+    "best_metric": METRICS,
+    "log_with": TRACKERS,
+}
 
 
 def config_problems(values: dict) -> list[str]:
@@ -245,7 +271,14 @@ def config_problems(values: dict) -> list[str]:
             problems.append("vision_encoder: only used with task captioning; remove it.")
         if list(valid.get("report_sections", REPORT_SECTIONS)) != list(REPORT_SECTIONS):
             problems.append("report_sections: only used with task captioning; remove it.")
+    if task != "detection" and valid.get("radiologists", "fused") != "fused":
+        problems.append("radiologists: only used with task detection; remove it.")
     task_class = TASK_CLASSES[task]
+    if valid.get("best_metric", "bleu4") not in task_class.metrics:
+        problems.append(
+            f"best_metric={valid.get('best_metric', 'bleu4')!r}: task {task} is scored by "
+            f"{', '.join(task_class.metrics)}; set best_metric to one of them."
+        )
     if valid.get("init_from"):
         problems += _init_from_problems(valid["init_from"], task_class.model_class.config_class.model_type)
         if valid.get("model"):
@@ -326,20 +359,27 @@ def _generate_split(
 
 
 def predict_across_processes(
-    task: "DiffVQATask | CaptioningTask",
+    task: "DiffVQATask | CaptioningTask | DetectionTask",
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | None,
     dataset: torch.utils.data.Dataset,
     batch_size: int,
     max_new_tokens: int,
-) -> list[str]:
-    """`task.predict` for every example of `dataset`, shared among the processes (process R of W generates examples
+) -> list:
+    """`task.predict` for every example of `dataset`, shared among the processes (process R of W predicts examples
     R, R+W, ...) and gathered, in the dataset's order, on every process."""
     state = PartialState()
     indices = list(range(state.process_index, len(dataset), state.num_processes))
-    texts = task.predict(model, tokenizer, Subset(dataset, indices), batch_size, max_new_tokens)
-    gathered = gather_object(list(zip(indices, texts, strict=True)))
-    return [text for _, text in sorted(gathered)]
+    predictions = task.predict(model, tokenizer, Subset(dataset, indices), batch_size, max_new_tokens)
+    gathered = gather_object(list(zip(indices, predictions, strict=True)))
+    return [prediction for _, prediction in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def batch_tokens(batch: dict) -> torch.Tensor:
+    """The tokens a training batch feeds the model (for tokens/s): its text tokens, or its visual tokens (detection)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["image_features"].shape[:2].numel(), device=batch["image_features"].device)
 
 
 # --- DiffVQA ----------------------------------------------------------------------------------------------------
@@ -409,11 +449,14 @@ class DiffVQATask:
     model_class = LapvqaDiffVQAModel
     derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
     group_label = "question type"
+    metrics = TEXT_METRICS
+    generates_text = True
 
     def load_splits(self, mimic_root: str | Path) -> DatasetDict:
         return load_mimic_diff_vqa(mimic_root)
 
     def examples(self, rows, features: FeatureStore, root: Path) -> DiffVQAExamples:
+        require_image_preparation(features, IMAGE_PREPARATION)
         return DiffVQAExamples(rows, features, root)
 
     def feature_width(self, model: LapvqaDiffVQAModel) -> int:
@@ -507,6 +550,8 @@ class CaptioningTask:
     model_class = LapvqaCaptioningModel
     derived_fields = ("vision_config", "feature_recipe")  # model config fields set from the features' encoder
     group_label = "reports"
+    metrics = TEXT_METRICS
+    generates_text = True
 
     def __init__(
         self, report_sections: list[str] | tuple[str, ...] = REPORT_SECTIONS, vision_encoder: str | None = None
@@ -521,6 +566,7 @@ class CaptioningTask:
         return load_mimic_cxr_reports(mimic_root, sections=self.report_sections)
 
     def examples(self, rows, features: FeatureStore, root: Path) -> ReportExamples:
+        require_image_preparation(features, IMAGE_PREPARATION)
         return ReportExamples(rows, features, root)
 
     def feature_width(self, model: LapvqaCaptioningModel) -> int:
@@ -595,25 +641,153 @@ class CaptioningTask:
         LapvqaProcessor(image_processor, tokenizer).save_pretrained(target)
 
 
-TASK_CLASSES = {"diffvqa": DiffVQATask, "captioning": CaptioningTask}
+# --- detection --------------------------------------------------------------------------------------------------
 
 
-def task_for(config: TrainConfig) -> DiffVQATask | CaptioningTask:
+class DetectionExamples(torch.utils.data.Dataset):
+    """Images of a split with their stored features and boxes: (image_features, class_labels, boxes)."""
+
+    def __init__(self, rows, features: FeatureStore, root: Path):
+        require_image_preparation(features, DETECTION_IMAGE_PREPARATION)
+        self.rows = list(rows)
+        self.features = features
+        self.ids = [image_id(row["image"], root) for row in self.rows]
+        require_features(features, self.ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "image_features": self.features[self.ids[index]].float(),
+            "class_labels": torch.tensor(row["class_labels"], dtype=torch.long),
+            "boxes": torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4),
+        }
+
+
+def detection_collate(examples: list[dict]) -> dict:
+    """Stacked features and transformers' DETR `labels`: a dict of `class_labels` and `boxes` per image."""
+    return {
+        "image_features": torch.stack([e["image_features"] for e in examples]),
+        "labels": [{"class_labels": e["class_labels"], "boxes": e["boxes"]} for e in examples],
+    }
+
+
+@torch.no_grad()
+def detect_split(model: LapvqaDetectionModel, dataset: DetectionExamples, batch_size: int) -> list[dict]:
+    """Every query's detection for every image of `dataset`, as DETR is evaluated: its most likely class (not
+    no-object) and that class's probability, and its box (x0, y0, x1, y1) normalised to the image."""
+    post_processor = LapvqaImageProcessor()  # without target sizes, its post-processing keeps boxes normalised
+    detections = []
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        outputs = model(image_features=torch.stack([e["image_features"] for e in examples]).to(model.device))
+        for found in post_processor.post_process_object_detection(outputs, threshold=0.0):
+            detections.append({key: found[key].tolist() for key in ("boxes", "scores", "labels")})
+    return detections
+
+
+def corners(boxes: list[list[float]]) -> list[list[float]]:
+    """(cx, cy, w, h) boxes -> (x0, y0, x1, y1)."""
+    return [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for cx, cy, w, h in boxes]
+
+
+class DetectionTask:
+    """A DETR-style detection head (`LapvqaDetectionModel`) on VinDr-CXR boxes, scored by mAP at IoU 0.4 and 0.5
+    overall and per class. The radiologists' boxes are combined by `radiologists` (`lapvqa_hf.detection_data`), for
+    the training targets and the validation ground truth alike."""
+
+    name = "detection"
+    model_class = LapvqaDetectionModel
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
+    group_label = "class"
+    metrics = DETECTION_METRICS
+    generates_text = False
+
+    def __init__(self, radiologists: str = "fused", classes: list[str] | tuple[str, ...] = VINDR_CXR_CLASSES):
+        self.radiologists = radiologists
+        self.classes = list(classes)  # the model's, once it is built
+
+    def load_splits(self, root: str | Path) -> DatasetDict:
+        return load_vindr_cxr(root, radiologists=self.radiologists, classes=self.classes)
+
+    def examples(self, rows, features: FeatureStore, root: Path) -> DetectionExamples:
+        return DetectionExamples(rows, features, root)
+
+    def feature_width(self, model: LapvqaDetectionModel) -> int:
+        return model.config.vis_dim
+
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDetectionModel:
+        recipe = features.recipe
+        if config.init_from:
+            model = LapvqaDetectionModel.from_pretrained(config.init_from)
+            check_feature_width(config.init_from, self.feature_width(model), features)
+        else:
+            encoder_name = recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
+            model = LapvqaDetectionModel(
+                LapvqaDetectionConfig(vis_dim=recipe.vis_dim, encoder_name=encoder_name, **config.model)
+            )
+        self.classes = [model.config.id2label[index] for index in range(model.config.num_labels)]
+        model.config.radiologists = self.radiologists  # what `lapvqa evaluate` scores against
+        return model
+
+    def collate(self, tokenizer, max_positions: int | None) -> Callable[[list[dict]], dict]:
+        return detection_collate
+
+    def predict(self, model, tokenizer, dataset: DetectionExamples, batch_size: int, max_new_tokens: int) -> list[dict]:
+        return detect_split(model, dataset, batch_size)
+
+    def references(self, dataset: DetectionExamples) -> list[dict]:
+        return [{"boxes": corners(row["boxes"]), "labels": row["class_labels"]} for row in dataset.rows]
+
+    def score(self, predictions: list[dict], dataset: DetectionExamples) -> dict[str, dict[str, float]]:
+        return score_detections(predictions, self.references(dataset), dict(enumerate(self.classes)))
+
+    def save(self, model: LapvqaDetectionModel, tokenizer, features: FeatureStore, target: Path) -> None:
+        """The model with the image processor its features were prepared by, so that it detects from pixels."""
+        save_pretrained_with_pipeline(model, target)
+        detection_image_processor(features.recipe).save_pretrained(target)
+
+
+TASK_CLASSES = {"diffvqa": DiffVQATask, "captioning": CaptioningTask, "detection": DetectionTask}
+
+
+def task_for(config: TrainConfig) -> DiffVQATask | CaptioningTask | DetectionTask:
     if config.task == "diffvqa":
         return DiffVQATask()
     if config.task == "captioning":
         return CaptioningTask(config.report_sections, config.vision_encoder)
+    if config.task == "detection":
+        return DetectionTask(config.radiologists)
     raise ValueError(f"task={config.task!r}: expected one of {TASKS}.")
 
 
-def task_for_model(model_config) -> DiffVQATask | CaptioningTask:
+def task_for_model(model_config) -> DiffVQATask | CaptioningTask | DetectionTask:
     """The task of a saved model (for `lapvqa evaluate`), from its config."""
     if model_config.model_type == "lapvqa_diffvqa":
         return DiffVQATask()
     if model_config.model_type == "lapvqa_captioning":
         return CaptioningTask(getattr(model_config, "report_sections", None) or REPORT_SECTIONS)
+    if model_config.model_type == "lapvqa_detection":
+        classes = [model_config.id2label[index] for index in range(model_config.num_labels)]
+        return DetectionTask(getattr(model_config, "radiologists", None) or "fused", classes)
     raise ValueError(
-        f"model_type {model_config.model_type!r} has no training task; expected lapvqa_diffvqa or lapvqa_captioning."
+        f"model_type {model_config.model_type!r} has no training task; expected lapvqa_diffvqa, lapvqa_captioning or "
+        "lapvqa_detection."
+    )
+
+
+def require_image_preparation(features: FeatureStore, expected: str) -> None:
+    """Refuse features whose images were prepared otherwise than the task's model takes them: a detection head needs
+    its own stretched images (so that the boxes fit), the text heads the encoder's own processor."""
+    found = features.image_preparation
+    if found == expected or (found is None and expected == IMAGE_PREPARATION):  # lapvqa-hf 0.1.x: text tasks only
+        return
+    task, option = ("detection", " --task detection") if expected == DETECTION_IMAGE_PREPARATION else ("text", "")
+    raise FeatureError(
+        f"{features.output_dir} holds features of images prepared otherwise ({found or 'by lapvqa-hf 0.1.x'}); a "
+        f"{task} head needs {expected!r}: extract with `lapvqa extract-features{option}` into another folder."
     )
 
 
@@ -639,6 +813,7 @@ FIXED_ON_RESUME = (
     "features_dir",
     "report_sections",
     "vision_encoder",
+    "radiologists",
     "batch_size",
     "gradient_accumulation_steps",
     "seed",
@@ -845,8 +1020,8 @@ def train(config: TrainConfig) -> dict:
     splits = task.load_splits(config.mimic_root)
     train_set = task.examples(splits["train"], features, root)
     eval_set = task.examples(splits["validation"], features, root) if "validation" in splits else None
-    max_positions = model.config.max_position_embeddings
-    tokenizer = build_gpt2_tokenizer(max_positions)
+    max_positions = getattr(model.config, "max_position_embeddings", None)  # none: detection
+    tokenizer = build_gpt2_tokenizer(max_positions) if task.generates_text else None
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
         train_set,
@@ -894,7 +1069,7 @@ def train(config: TrainConfig) -> dict:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     micro_losses.append(loss.detach())
-                    tokens += batch["attention_mask"].sum()
+                    tokens += batch_tokens(batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -948,7 +1123,7 @@ def train(config: TrainConfig) -> dict:
 
 def evaluate_and_keep_best(
     config: TrainConfig,
-    task: DiffVQATask | CaptioningTask,
+    task: DiffVQATask | CaptioningTask | DetectionTask,
     accelerator: Accelerator,
     model,
     tokenizer,
@@ -957,7 +1132,7 @@ def evaluate_and_keep_best(
     step: int,
     best: dict | None,
 ) -> dict | None:
-    """Generates the validation split across the processes and scores it; the main process saves the model when
+    """Predicts the validation split across the processes and scores it; the main process saves the model when
     `best_metric` improves."""
     output_dir = Path(config.output_dir)
     unwrapped = accelerator.unwrap_model(model).eval()

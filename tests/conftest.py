@@ -254,7 +254,7 @@ def prepare_training_release(base: Path) -> Path:
         )
     )
     recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
-    processor = LapvqaImageProcessor(image_size=28, resize_mode="stretch")  # the tiny encoder's own
+    processor = LapvqaImageProcessor(size={"height": 28, "width": 28}, resize_mode="stretch")  # the tiny encoder's own
     extract_features(
         images_of(rows, root=root.resolve()), recipe, base / "features", encoder, processor, progress=False
     )

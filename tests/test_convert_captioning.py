@@ -49,7 +49,7 @@ def test_captioning_converts_to_a_folder_with_model_tokenizer_and_processor(upst
     assert config["model_type"] == "lapvqa_captioning" and config["vision_config"]["image_size"] == 56
     assert config["conversion_info"]["assumed_vision_num_attention_heads"] == 4
     processor = AutoProcessor.from_pretrained(out)
-    assert type(processor) is LapvqaProcessor and processor.image_processor.image_size == 56
+    assert type(processor) is LapvqaProcessor and processor.image_processor.size == {"height": 56, "width": 56}
     model = AutoModel.from_pretrained(out)
     assert type(model) is LapvqaCaptioningModel
     Image.fromarray((np.random.default_rng(0).random((70, 64)) * 255).astype(np.uint8)).save(upstream / "cxr.png")
@@ -71,7 +71,7 @@ def test_vision_encoder_converts_with_its_image_processor(upstream, capsys):
     assert "verify passed: max |Δfeature|" in printed
     assert type(AutoModel.from_pretrained(out)) is LapvqaVisionModel
     image_processor = AutoImageProcessor.from_pretrained(out)
-    assert type(image_processor) is LapvqaImageProcessor and image_processor.image_size == 56
+    assert type(image_processor) is LapvqaImageProcessor and image_processor.size == {"height": 56, "width": 56}
 
 
 def test_module_entry_points(upstream):

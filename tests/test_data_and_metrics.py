@@ -65,7 +65,7 @@ def test_loading_joins_frontal_images_per_split(release):
     assert row["ref_study_id"] != row["study_id"]
     for key in ("prior_image", "current_image"):
         assert row[key].endswith("f.jpg"), "the frontal image, never the lateral one"
-    pixels = LapvqaImageProcessor(image_size=28)(row["current_image"])["pixel_values"]
+    pixels = LapvqaImageProcessor(size={"height": 28, "width": 28})(row["current_image"])["pixel_values"]
     assert pixels.shape == (1, 3, 28, 28)
     assert set(data["train"]["question_type"]) == {"difference", "presence", "location"}
 

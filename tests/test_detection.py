@@ -1,4 +1,5 @@
-"""The abnormality-detection head (`dmusingu/lapvqa-ad`): parity, conversion, loading, post-processing."""
+"""The abnormality-detection head (`dmusingu/lapvqa-ad`): parity, conversion, loading, training loss,
+post-processing."""
 
 import json
 import os
@@ -11,10 +12,12 @@ import torch
 from conftest import enable_activation_checkpointing, run_with_remote_code
 from conftest import upstream_detection_checkpoint as upstream_checkpoint
 from lapvqa_hf.convert import detection
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection, DetrConfig
+from transformers.loss.loss_utils import LOSS_MAPPING
 
 from lapvqa_hf import LapvqaDetectionConfig, LapvqaDetectionModel, LapvqaImageProcessor
 from lapvqa_hf.cli import main as lapvqa
+from lapvqa_hf.configuration_lapvqa_detection import LOSS_WEIGHTS
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionOutput
 from lapvqa_hf.original import DetectionHead, randomize_
 
@@ -151,7 +154,10 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
     assert info["source_file"] == "coca.pt" and len(info["source_sha256"]) == 64
     assert info["assumed_num_attention_heads"] == 4 and info["assumed_resize_mode"] == "stretch"
     processor = json.loads((out / "preprocessor_config.json").read_text())
-    assert (processor["image_size"], processor["resize_mode"]) == (224, "stretch")  # CoCa's feature recipe
+    assert (processor["size"], processor["resize_mode"]) == (
+        {"height": 224, "width": 224},
+        "stretch",
+    )  # CoCa's feature recipe
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
     model = AutoModelForObjectDetection.from_pretrained(out).eval()
@@ -169,7 +175,7 @@ def test_the_mae_vit_l16_head_converts(tmp_path):
     out = detection.convert_detection(source, tmp_path / "out", num_attention_heads=4, log=lambda _: None)
     config = AutoConfig.from_pretrained(out)
     assert (config.encoder_name, config.vis_dim) == ("mae-vit-l16", 1024)
-    assert AutoImageProcessor.from_pretrained(out).image_size == 224
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 224, "width": 224}
 
 
 def test_a_plain_state_dict_converts_with_encoder(tmp_path, capsys):
@@ -383,10 +389,149 @@ def test_bad_image_features_name_the_expected_shape(bad, message):
     assert "[batch, num_patches, 768]" in str(error.value) and "coca" in str(error.value)
 
 
-def test_labels_are_refused_because_training_is_not_supported():
-    model = convert_in_memory(make_head(768), "coca")
-    with pytest.raises(ValueError, match="Training the LAPVQA detection head is not supported yet"):
-        model(image_features=features(1, 3, 768), labels=[{"class_labels": torch.tensor([1])}])
+# --- training: transformers' DETR loss ------------------------------------------------------------------------
+
+
+def trainable_model(**overrides) -> LapvqaDetectionModel:
+    config = LapvqaDetectionConfig(
+        vis_dim=768, d_model=32, num_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_queries=5,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LapvqaDetectionModel(config).train()
+
+
+def detr_labels() -> list[dict]:
+    """Three images: two findings, none ("No finding"), one."""
+    return [
+        {"class_labels": torch.tensor([3, 10]), "boxes": torch.tensor([[0.5, 0.6, 0.5, 0.3], [0.25, 0.85, 0.3, 0.2]])},
+        {"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+        {"class_labels": torch.tensor([8]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1]])},
+    ]
+
+
+def detr_config(**overrides) -> DetrConfig:
+    """transformers' own DETR config, with its own matching costs and loss weights."""
+    return DetrConfig(use_timm_backbone=False, backbone_config=None, num_labels=14, decoder_layers=3, **overrides)
+
+
+def test_the_matching_costs_and_loss_weights_default_to_transformers_detr():
+    ours, detr = LapvqaDetectionConfig(), detr_config()
+    for name in LOSS_WEIGHTS + ("auxiliary_loss",):
+        assert getattr(ours, name) == getattr(detr, name), name
+    assert (ours.class_cost, ours.bbox_cost, ours.giou_cost) == (1, 5, 2)
+    assert (ours.bbox_loss_coefficient, ours.giou_loss_coefficient, ours.eos_coefficient) == (5, 2, 0.1)
+
+
+@pytest.mark.parametrize("auxiliary_loss", [False, True], ids=["last-layer", "auxiliary-loss"])
+def test_the_loss_is_transformers_detr_loss(auxiliary_loss):
+    costs = dict(class_cost=2, bbox_cost=3, giou_cost=1, bbox_loss_coefficient=4, eos_coefficient=0.2)
+    model = trainable_model(auxiliary_loss=auxiliary_loss, **costs)
+    labels = detr_labels()
+    outputs = model(image_features=features(3, 7, 768), labels=labels, output_hidden_states=True)
+    outputs_class = outputs_coord = None
+    if auxiliary_loss:  # DETR's intermediate outputs: every decoder layer through the final decoder norm and heads
+        layers = [model.decoder.layer_norm(state) for state in outputs.decoder_hidden_states[1:-1]]
+        intermediate = torch.stack([*layers, outputs.last_hidden_state])
+        outputs_class = model.class_labels_classifier(intermediate)
+        outputs_coord = model.bbox_predictor(intermediate).sigmoid()
+    detr_loss = LOSS_MAPPING["ForObjectDetection"]  # what DetrForObjectDetection.loss_function is
+    loss, loss_dict, auxiliary_outputs = detr_loss(
+        outputs.logits, labels, "cpu", outputs.pred_boxes, detr_config(auxiliary_loss=auxiliary_loss, **costs),
+        outputs_class, outputs_coord,
+    )  # fmt: skip
+    assert torch.equal(outputs.loss, loss) and outputs.loss_dict.keys() == loss_dict.keys()
+    assert all(torch.equal(outputs.loss_dict[key], loss_dict[key]) for key in loss_dict)
+    if auxiliary_loss:  # the same parts again for each decoder layer but the last
+        assert "loss_giou_1" in loss_dict and len(outputs.auxiliary_outputs) == 2
+        assert torch.equal(outputs.auxiliary_outputs[0]["logits"], auxiliary_outputs[0]["logits"])
+    else:  # class cross-entropy + 4 x L1 + 2 x GIoU (giou_loss_coefficient's default)
+        assert outputs.auxiliary_outputs is None
+        weighted = loss_dict["loss_ce"] + 4 * loss_dict["loss_bbox"] + 2 * loss_dict["loss_giou"]
+        assert torch.allclose(outputs.loss, weighted)
+
+
+def test_the_loss_trains_every_parameter_and_images_without_boxes_only_the_no_object_class():
+    model = trainable_model()
+    outputs = model(image_features=features(3, 7, 768), labels=detr_labels())
+    outputs.loss.backward()
+    gradients = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in gradients.values())
+    for name in ("object_queries", "visual_projection.weight", "class_labels_classifier.weight"):
+        assert gradients[name].abs().sum() > 0, name
+    assert gradients["bbox_predictor.layers.1.weight"].abs().sum() > 0
+
+    nothing = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    outputs = model(image_features=features(2, 7, 768), labels=nothing)
+    assert outputs.loss_dict["loss_bbox"] == outputs.loss_dict["loss_giou"] == 0
+    assert torch.equal(outputs.loss, outputs.loss_dict["loss_ce"]) and torch.isfinite(outputs.loss)
+
+
+def test_the_loss_is_float32_for_a_bfloat16_model():
+    model = trainable_model().to(torch.bfloat16)
+    outputs = model(image_features=features(3, 7, 768), labels=detr_labels())
+    assert outputs.loss.dtype == torch.float32 and torch.isfinite(outputs.loss)
+    assert outputs.logits.dtype == torch.bfloat16
+
+
+def boxes_of(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"class_labels": torch.tensor([1])}, "`labels` must be a list of 2 dicts (one per image) of `class_labels`"),
+        ([{"class_labels": torch.tensor([1]), "boxes": boxes_of([0.5] * 4)}], "a list of 2 dicts (one per image)"),
+        ([{"boxes": boxes_of()}] * 2, "labels[0] must be a dict of `class_labels` and `boxes`, got ['boxes']."),
+        (
+            [{"class_labels": torch.tensor([1.0]), "boxes": boxes_of([0.5] * 4)}] * 2,
+            "labels[0]['class_labels'] must be a 1-D integer tensor of class ids, got [1].",
+        ),
+        (
+            [{"class_labels": torch.tensor([14]), "boxes": boxes_of([0.5] * 4)}] * 2,
+            "labels[0]['class_labels'] must be class ids in [0, 14) (the no-object class 14 is no target), got [14].",
+        ),
+        (
+            [{"class_labels": torch.tensor([1, 2]), "boxes": boxes_of([0.5] * 4)}] * 2,
+            "labels[0]['boxes'] must be a float tensor [2, 4] (one (cx, cy, w, h) box per class label), got "
+            "torch.float32 [1, 4].",
+        ),
+        (
+            [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[200, 100, 50, 40]])}] * 2,
+            "labels[0]['boxes'] must be a float tensor [1, 4]",
+        ),
+        (
+            [{"class_labels": torch.tensor([1]), "boxes": boxes_of([0.5, 0.5, 0.2, 0.2])}]
+            + [{"class_labels": torch.tensor([1]), "boxes": boxes_of([200.0, 100.0, 50.0, 40.0])}],
+            "labels[1]['boxes'] must be (cx, cy, w, h) normalised to [0, 1] by the image size, got values from 40.0 to "
+            "200.0.",
+        ),
+        (
+            [{"class_labels": torch.tensor([1]), "boxes": boxes_of([0.5, float("nan"), 0.2, 0.2])}] * 2,
+            "labels[0]['boxes'] must be (cx, cy, w, h) normalised to [0, 1]",
+        ),
+    ],
+    ids=["not-a-list", "one-per-image", "no-boxes-key", "float-classes", "no-object-class", "one-box-short",
+         "integer-boxes", "pixel-boxes", "nan-box"],
+)  # fmt: skip
+def test_bad_labels_name_what_was_expected(labels, message):
+    model = trainable_model()
+    with pytest.raises(ValueError) as error:
+        model(image_features=features(2, 3, 768), labels=labels)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_loss_settings_are_saved_and_checked(tmp_path):
+    config = LapvqaDetectionConfig(bbox_cost=3.5, eos_coefficient=0.05, auxiliary_loss=True)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["bbox_cost"], saved["eos_coefficient"], saved["auxiliary_loss"]) == (3.5, 0.05, True)
+    assert (saved["giou_cost"], saved["bbox_loss_coefficient"]) == (2, 5)
+    with pytest.raises(Exception, match=r"must be finite and >= 0, got \{'giou_loss_coefficient': -1\}"):
+        LapvqaDetectionConfig(giou_loss_coefficient=-1)
+    with pytest.raises(Exception, match="At least one matching cost .* must be > 0, got all 0"):
+        LapvqaDetectionConfig(class_cost=0, bbox_cost=0, giou_cost=0)
 
 
 def test_attentions_and_hidden_states_are_returned_on_request():
@@ -476,7 +621,7 @@ def hand_made_outputs(box_2=(0.25, 0.5, 0.1, 0.2)) -> LapvqaDetectionOutput:
     ids=["pad-portrait", "pad-landscape", "pad-rounded", "stretch"],
 )
 def test_boxes_are_mapped_back_to_the_original_image(resize_mode, height, width, expected_boxes):
-    processor = LapvqaImageProcessor(image_size=100, resize_mode=resize_mode)
+    processor = LapvqaImageProcessor(size={"height": 100, "width": 100}, resize_mode=resize_mode)
     (result,) = processor.post_process_object_detection(hand_made_outputs(), target_sizes=[(height, width)])
     assert result["labels"].tolist() == [10, 3]  # best first
     assert torch.allclose(result["scores"], torch.tensor([0.86, 0.72]))
@@ -484,7 +629,7 @@ def test_boxes_are_mapped_back_to_the_original_image(resize_mode, height, width,
 
 
 def test_stretched_boxes_are_clipped_to_the_image():
-    processor = LapvqaImageProcessor(image_size=100, resize_mode="stretch")
+    processor = LapvqaImageProcessor(size={"height": 100, "width": 100}, resize_mode="stretch")
     # (0.95, 0.05, 0.2, 0.2): x 0.85..1.05, y -0.05..0.15 -> x 170..210, y -20..60 on a 400 x 200 image
     outputs = hand_made_outputs(box_2=(0.95, 0.05, 0.2, 0.2))
     (result,) = processor.post_process_object_detection(outputs, target_sizes=torch.tensor([[400, 200]]))
@@ -492,7 +637,7 @@ def test_stretched_boxes_are_clipped_to_the_image():
 
 
 def test_threshold_top_k_label_names_and_normalised_boxes():
-    processor = LapvqaImageProcessor(image_size=100)
+    processor = LapvqaImageProcessor(size={"height": 100, "width": 100})
     names = dict(enumerate(LapvqaDetectionConfig().id2label.values()))
     (low,) = processor.post_process_object_detection(hand_made_outputs(), threshold=0.05, id2label=names)
     assert torch.allclose(low["scores"], torch.tensor([0.86, 0.72, 50 / 163, 1 / 15]))
@@ -507,6 +652,6 @@ def test_threshold_top_k_label_names_and_normalised_boxes():
 
 
 def test_target_sizes_must_match_the_batch():
-    processor = LapvqaImageProcessor(image_size=100)
+    processor = LapvqaImageProcessor(size={"height": 100, "width": 100})
     with pytest.raises(ValueError, match="target_sizes holds 2 sizes but the outputs hold 1 images"):
         processor.post_process_object_detection(hand_made_outputs(), target_sizes=[(10, 10), (20, 20)])

@@ -40,7 +40,7 @@ def release(tmp_path_factory):
 
 def stretch(size: int = 28) -> LapvqaImageProcessor:
     """The image processor a tiny LapvqaVisionModel's folder would carry (the converter saves one)."""
-    return LapvqaImageProcessor(image_size=size, resize_mode="stretch")
+    return LapvqaImageProcessor(size={"height": size, "width": size}, resize_mode="stretch")
 
 
 def tiny(recipe_name: str, **changes):

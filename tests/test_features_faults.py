@@ -21,7 +21,7 @@ FIX = "delete it and re-run `lapvqa extract-features` into"
 
 
 def stretch(size: int = 28) -> LapvqaImageProcessor:
-    return LapvqaImageProcessor(image_size=size, resize_mode="stretch")
+    return LapvqaImageProcessor(size={"height": size, "width": size}, resize_mode="stretch")
 
 
 @pytest.fixture

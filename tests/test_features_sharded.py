@@ -29,7 +29,7 @@ def release(tmp_path_factory):
     )
     torch.manual_seed(0)
     LapvqaVisionModel(config).save_pretrained(folder / "encoder")
-    LapvqaImageProcessor(image_size=224, resize_mode="stretch").save_pretrained(folder / "encoder")
+    LapvqaImageProcessor(size={"height": 224, "width": 224}, resize_mode="stretch").save_pretrained(folder / "encoder")
     return root, folder / "encoder"
 
 
@@ -106,7 +106,7 @@ def test_a_resumed_two_process_run_extracts_only_what_a_killed_process_left(rele
 
 
 def stretch() -> LapvqaImageProcessor:
-    return LapvqaImageProcessor(image_size=28, resize_mode="stretch")
+    return LapvqaImageProcessor(size={"height": 28, "width": 28}, resize_mode="stretch")
 
 
 @pytest.fixture

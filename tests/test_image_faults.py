@@ -23,7 +23,7 @@ FUZZ = settings(max_examples=80, deadline=None, database=None, derandomize=True)
 @pytest.fixture(scope="module")
 def processor():
     # No normalization, so the tests read intensities in [0, 1] directly.
-    return LapvqaImageProcessor(image_size=28, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    return LapvqaImageProcessor(size=28, do_normalize=False)
 
 
 def refusal(load, source) -> str:
@@ -59,6 +59,8 @@ def test_exif_orientation_turns_jpeg_png_and_pil_images_upright(processor, tmp_p
     assert jpeg.shape == (20, 40) and np.abs(jpeg - upright).max() < 0.05
     png = processor.load_image(with_orientation(tmp_path / "export.png", "PNG"))
     assert np.allclose(png, upright)
+    resized = processor(tmp_path / "export.png")["pixel_values"]  # read and resized in one go
+    assert torch.allclose(resized, processor(upright.astype(np.float32))["pixel_values"], atol=1e-6)
     with Image.open(tmp_path / "export.png") as opened:
         assert np.allclose(processor.load_image(opened), upright), "a PIL image opened from a file is turned too"
     assert processor.load_rgb(tmp_path / "export.png").size == (40, 20)
@@ -80,6 +82,7 @@ def test_multi_page_and_animated_files_are_refused_with_their_frame_count(proces
     frames[0].save(tmp_path / name, format=fmt, save_all=True, append_images=frames[1:])
     message = refusal(processor.load_image, tmp_path / name)
     assert message.startswith(f"{tmp_path / name}: holds 3 frames (a multi-page or animated image)"), message
+    assert refusal(processor, tmp_path / name) == message
     with Image.open(tmp_path / name) as opened:
         opened.seek(1)
         frame = processor.load_image(opened)  # a PIL image is read at its current frame (GIF frames come as RGB)
@@ -106,6 +109,8 @@ def test_a_constant_16_bit_image_is_scaled_by_its_bit_depth(processor, tmp_path,
     for scaling in ("minmax", "full_range"):
         image = LapvqaImageProcessor(high_bit_depth_scaling=scaling).load_image(tmp_path / "flat.png")
         assert np.allclose(image, value / 65535.0), "one value has no range of its own: 16-bit scaling applies"
+        pixels = processor(tmp_path / "flat.png", high_bit_depth_scaling=scaling)["pixel_values"]
+        assert torch.allclose(pixels, torch.full_like(pixels, value / 65535.0)), "the same when read and resized"
     assert np.allclose(processor.load_image(np.full((8, 8), value, dtype=np.int32)), value / 65535.0)
     assert np.allclose(processor.load_image(np.full((8, 8), -5, dtype=np.int16)), 0.0), "below zero clips to black"
 
@@ -243,8 +248,11 @@ def check_file(processor, path) -> None:
     except ValueError as error:
         message = str(error)
         assert "\n" not in message and str(path) in message, message
+        assert refusal(processor, path) == message, "read and resized in one go, the same refusal"
         return
     check_loaded(image)
+    pixels = processor(path)["pixel_values"]
+    assert pixels.shape == (1, 3, 28, 28) and torch.isfinite(pixels).all()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's and pydicom's on broken files

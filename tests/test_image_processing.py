@@ -1,20 +1,38 @@
-"""LapvqaImageProcessor on the formats chest X-rays come in, and LapvqaProcessor's prompt layouts."""
+"""LapvqaImageProcessor on the formats chest X-rays come in, on transformers' image-processor backends, and
+LapvqaProcessor's prompt layouts."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_lapvqa_hf
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoImageProcessor, AutoProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.models.auto import image_processing_auto
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaProcessor
 
 GRADIENT_16BIT = (np.arange(40 * 30).reshape(40, 30) * 3 + 1000).astype(np.uint16)  # uses ~12 bits
+# preprocessor_config.json as lapvqa-hf 0.3 and older wrote it (the converted repos on the Hub hold such files).
+OLD_PREPROCESSOR_CONFIG = {
+    "auto_map": {"AutoImageProcessor": "image_processing_lapvqa.LapvqaImageProcessor"},
+    "high_bit_depth_scaling": "minmax",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "LapvqaImageProcessor",
+    "image_size": 28,
+    "image_std": [0.229, 0.224, 0.225],
+    "num_channels": 3,
+    "resample": 3,
+    "resize_mode": "stretch",
+}
 
 
 @pytest.fixture
 def processor():
     # No normalization, so the tests read intensities in [0, 1] directly.
-    return LapvqaImageProcessor(image_size=28, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    return LapvqaImageProcessor(size=28, do_normalize=False)
 
 
 def write_dicom(path, stored, photometric, *, slope=1.0, intercept=0.0, voi_lut=None, window=None):
@@ -75,21 +93,33 @@ def test_numpy_pil_and_tensor_inputs_agree(processor):
     from_numpy = processor(gray)["pixel_values"]
     from_pil = processor(Image.fromarray(gray))["pixel_values"]
     from_tensor = processor(torch.from_numpy(gray))["pixel_values"]
-    assert torch.equal(from_numpy, from_pil) and torch.equal(from_numpy, from_tensor)
+    assert torch.equal(from_numpy, from_tensor)
+    # A grey PIL image is resized before it is scaled to [0, 1], an array after: the same values up to float rounding.
+    assert torch.allclose(from_numpy, from_pil, atol=1e-6)
     rgb = np.stack([gray] * 3, axis=-1)
     assert torch.allclose(processor(rgb)["pixel_values"], from_numpy, atol=1e-6)
 
 
-def test_pad_keeps_the_aspect_ratio_and_stretch_does_not():
+def test_pad_keeps_the_aspect_ratio_and_stretch_does_not(processor):
     wide = np.ones((20, 40), dtype=np.float32)
-    padded = LapvqaImageProcessor(image_size=28, image_mean=[0] * 3, image_std=[1] * 3)(wide)["pixel_values"][0, 0]
-    assert torch.all(padded[7:21] == 1) and torch.all(padded[:7] == 0) and torch.all(padded[21:] == 0)
-    stretched = LapvqaImageProcessor(image_size=28, resize_mode="stretch", image_mean=[0] * 3, image_std=[1] * 3)
-    assert torch.all(stretched(wide)["pixel_values"] == 1)
+    padded = processor(wide)["pixel_values"][0, 0]
+    assert (
+        torch.allclose(padded[7:21], torch.ones(14, 28)) and torch.all(padded[:7] == 0) and torch.all(padded[21:] == 0)
+    )
+    assert torch.allclose(processor(wide, resize_mode="stretch")["pixel_values"], torch.ones(1, 3, 28, 28))
+
+
+def test_pad_centres_the_image_on_a_canvas_of_any_shape(processor):
+    wide = np.ones((20, 40), dtype=np.float32)
+    # 40 x 20 into 30 (high) x 80 (wide): the height limits, scale 1.5 -> 60 x 30, at left (80 - 60) // 2 = 10.
+    padded = processor(wide, size={"height": 30, "width": 80})["pixel_values"][0, 0]
+    assert padded.shape == (30, 80)
+    assert torch.allclose(padded[:, 10:70], torch.ones(30, 60)) and torch.all(padded[:, :10] == 0)
+    assert torch.all(padded[:, 70:] == 0)
 
 
 def test_normalization_uses_the_configured_mean_and_std():
-    processor = LapvqaImageProcessor(image_size=14, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    processor = LapvqaImageProcessor(size=14, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
     pixels = processor(np.full((14, 14), 255, dtype=np.uint8))["pixel_values"]
     assert torch.allclose(pixels, torch.full_like(pixels, 2.0))
 
@@ -142,20 +172,161 @@ def test_unreadable_and_wrong_inputs_are_refused(processor, tmp_path):
         LapvqaImageProcessor(resize_mode="crop")
 
 
-def test_image_processor_round_trips_through_preprocessor_config(tmp_path):
-    from transformers import AutoImageProcessor
+# --- pixel values as lapvqa-hf 0.3 computed them -----------------------------------------------------------------
 
-    processor = LapvqaImageProcessor(image_size=42, resize_mode="stretch", high_bit_depth_scaling="full_range")
+
+def reference_pixel_values(image: np.ndarray, side: int, resize_mode: str, resample: int) -> np.ndarray:
+    """lapvqa-hf 0.3's processor on an integer image, kept as the yardstick: scaled to [0, 1] in float64 (8 bits by
+    255, wider by its own min..max), replicated to 3 channels, each channel resized by PIL in float ("F") mode,
+    clipped to [0, 1], padded centred, normalized with ImageNet's mean and std."""
+    values = image / 255.0 if image.dtype == np.uint8 else (image - image.min()) / float(image.max() - image.min())
+    channels = np.repeat(values[None], 3, axis=0) if values.ndim == 2 else np.moveaxis(values, -1, 0)
+    height, width = values.shape[:2]
+    if resize_mode == "stretch":
+        new_height, new_width = side, side
+    else:
+        scale = side / max(height, width)
+        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = [
+        Image.fromarray(c.astype(np.float32), mode="F").resize((new_width, new_height), resample) for c in channels
+    ]
+    canvas = np.zeros((3, side, side), dtype=np.float32)
+    top, left = (side - new_height) // 2, (side - new_width) // 2
+    canvas[:, top : top + new_height, left : left + new_width] = np.clip(np.stack(resized), 0.0, 1.0)
+    mean, std = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return (canvas - mean) / std
+
+
+NOISE = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    ("image", "side", "resize_mode", "resample"),
+    [
+        (NOISE.integers(800, 3900, (1500, 1250), dtype=np.uint16), 224, "pad", PILImageResampling.BICUBIC),
+        (NOISE.integers(800, 3900, (50, 44), dtype=np.uint16), 224, "pad", PILImageResampling.BICUBIC),
+        (NOISE.integers(0, 256, (300, 200), dtype=np.uint8), 224, "stretch", PILImageResampling.BICUBIC),
+        (NOISE.integers(0, 256, (61, 47, 3), dtype=np.uint8), 224, "pad", PILImageResampling.BICUBIC),
+        (NOISE.integers(0, 65536, (900, 700), dtype=np.uint16), 100, "pad", PILImageResampling.BILINEAR),
+        (NOISE.integers(800, 3900, (120, 90), dtype=np.uint16), 64, "stretch", PILImageResampling.LANCZOS),
+    ],
+    ids=["16-bit-1500x1250", "16-bit-upscaled", "8-bit-stretched", "8-bit-rgb", "16-bit-bilinear", "16-bit-lanczos"],
+)
+def test_pixel_values_are_within_1e_3_of_lapvqa_hf_0_3(tmp_path, image, side, resize_mode, resample):
+    """Faster since: grey resized once and replicated after, a grey file resized before it is scaled to [0, 1],
+    intensities scaled in float32: the values move by float rounding (about 1e-6)."""
+    Image.fromarray(image).save(tmp_path / "x.png")
+    processor = LapvqaImageProcessor(size=side, resize_mode=resize_mode, resample=resample)
+    expected = reference_pixel_values(image, side, resize_mode, resample)
+    for source in (tmp_path / "x.png", image):  # a grey file is resized before it is scaled, an array after
+        assert np.abs(processor(source)["pixel_values"][0].numpy() - expected).max() <= 1e-3
+
+
+# --- transformers' image-processor design -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xray16(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("xray") / "xray16.png"
+    Image.fromarray(np.random.default_rng(1).integers(800, 3900, (90, 70), dtype=np.uint16)).save(path)
+    return str(path)
+
+
+def test_the_options_round_trip_through_preprocessor_config(tmp_path, xray16):
+    processor = LapvqaImageProcessor(
+        size={"height": 42, "width": 30},
+        resize_mode="stretch",
+        resample=PILImageResampling.BILINEAR,
+        high_bit_depth_scaling="full_range",
+        num_channels=1,
+        do_normalize=False,
+    )
     processor.save_pretrained(tmp_path)
-    assert (tmp_path / "preprocessor_config.json").is_file()
-    loaded = AutoImageProcessor.from_pretrained(tmp_path)
-    assert type(loaded) is LapvqaImageProcessor
-    assert (loaded.image_size, loaded.resize_mode, loaded.high_bit_depth_scaling) == (42, "stretch", "full_range")
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 42, "width": 30} and "image_size" not in saved
+    assert saved["image_mean"] == [0.485], "ImageNet's mean and std cut to the one channel"
+    pixels = processor(xray16)["pixel_values"]
+    assert pixels.shape == (1, 1, 42, 30)
+    for loaded in (LapvqaImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is LapvqaImageProcessor and loaded.to_dict() == processor.to_dict()
+        assert torch.equal(loaded(xray16)["pixel_values"], pixels)
+
+
+def test_a_config_with_image_size_loads_as_a_square_size_and_is_saved_with_size(tmp_path, xray16):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(OLD_PREPROCESSOR_CONFIG))
+    with pytest.warns(FutureWarning, match=r"image_size=28 is deprecated, read as size=\{'height': 28, 'width': 28\}"):
+        old = AutoImageProcessor.from_pretrained(tmp_path)
+    new = LapvqaImageProcessor(size={"height": 28, "width": 28}, resize_mode="stretch")
+    assert type(old) is LapvqaImageProcessor and old.size == new.size
+    assert torch.equal(old(xray16)["pixel_values"], new(xray16)["pixel_values"])
+    old.save_pretrained(tmp_path / "saved-again")
+    saved = json.loads((tmp_path / "saved-again" / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 28, "width": 28} and "image_size" not in saved
+    with pytest.warns(FutureWarning, match="LapvqaImageProcessor.image_size is deprecated; read size instead"):
+        assert old.image_size == 28
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(ValueError, match=r"^image_size=28 and size=\{'height': 30, 'width': 30\} disagree"),
+    ):
+        LapvqaImageProcessor(image_size=28, size={"height": 30, "width": 30})
+
+
+REMOTE_IMAGE_PROCESSOR = """
+import torch
+import transformers
+
+processor = transformers.AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+pixel_values = processor(sys.argv[2])["pixel_values"]
+torch.save({"size": dict(processor.size), "backend": processor.backend, "pixel_values": pixel_values}, sys.argv[3])
+"""
+
+
+def test_without_the_package_an_old_config_loads_as_remote_code_with_the_same_pixels(tmp_path, xray16):
+    LapvqaImageProcessor().save_pretrained(tmp_path / "repo")  # this version's code, beside ...
+    (tmp_path / "repo" / "preprocessor_config.json").write_text(json.dumps(OLD_PREPROCESSOR_CONFIG))  # ... 0.3's config
+    run_without_lapvqa_hf(REMOTE_IMAGE_PROCESSOR, [tmp_path / "repo", xray16, tmp_path / "out.pt"], tmp_path)
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert remote["size"] == {"height": 28, "width": 28} and remote["backend"] == "pil"
+    expected = LapvqaImageProcessor(size=28, resize_mode="stretch")(xray16)["pixel_values"]
+    assert torch.equal(remote["pixel_values"], expected)
+
+
+def test_auto_image_processor_picks_the_pil_backend_with_or_without_torchvision(tmp_path, monkeypatch):
+    LapvqaImageProcessor(size=28).save_pretrained(tmp_path)
+    for backend in (None, "pil"):
+        loaded = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+        assert type(loaded) is LapvqaImageProcessor and loaded.backend == "pil"
+    # Where torchvision is installed AutoImageProcessor asks for its backend first; this class is the one there is.
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    for backend in (None, "torchvision"):
+        assert type(AutoImageProcessor.from_pretrained(tmp_path, backend=backend)) is LapvqaImageProcessor
+
+
+def test_options_can_be_set_per_call_and_unknown_or_meaningless_ones_are_refused(processor):
+    options = dict(size={"height": 20, "width": 16}, resize_mode="stretch", high_bit_depth_scaling="full_range")
+    per_call = processor(GRADIENT_16BIT, do_normalize=True, **options)["pixel_values"]
+    assert torch.equal(per_call, LapvqaImageProcessor(**options)(GRADIENT_16BIT)["pixel_values"])
+    native = processor([GRADIENT_16BIT, GRADIENT_16BIT[:20]], do_resize=False, return_tensors=None)["pixel_values"]
+    assert [image.shape for image in native] == [(3, 40, 30), (3, 20, 30)]
+    with pytest.raises(
+        ValueError,
+        match=r"^Images of sizes \[\(20, 30\), \(40, 30\)\] cannot be stacked into one tensor; pass do_resize=True",
+    ):
+        processor([GRADIENT_16BIT, GRADIENT_16BIT[:20]], do_resize=False)
+    with pytest.raises(ValueError, match=r"^Unexpected arguments \['crop'\]; expected options among \["):
+        processor(GRADIENT_16BIT, crop=True)
+    with pytest.raises(ValueError, match="^LapvqaImageProcessor takes no do_rescale: it scales intensities as"):
+        processor(GRADIENT_16BIT, do_rescale=False)
+    with pytest.raises(
+        ValueError, match=r"^size must be \{'height': int, 'width': int\}, got \{'shortest_edge': 224\}"
+    ):
+        LapvqaImageProcessor(size={"shortest_edge": 224})
 
 
 @pytest.fixture(scope="module")
 def lapvqa_processor(gpt2_tokenizer):
-    return LapvqaProcessor(LapvqaImageProcessor(image_size=28), gpt2_tokenizer)
+    return LapvqaProcessor(LapvqaImageProcessor(size=28), gpt2_tokenizer)
 
 
 def test_captioning_inputs_for_generation_and_training(lapvqa_processor):
@@ -185,7 +356,7 @@ def test_diffvqa_prompt_layout(lapvqa_processor):
 
 
 def test_vqa_prompt_layout_is_the_diffvqa_one_with_one_image(gpt2_tokenizer, tmp_path):
-    processor = LapvqaProcessor(LapvqaImageProcessor(image_size=28), gpt2_tokenizer, task="vqa")
+    processor = LapvqaProcessor(LapvqaImageProcessor(size=28), gpt2_tokenizer, task="vqa")
     image = np.zeros((30, 30), dtype=np.uint8)
     out = processor(images=[image, image], text=["is there an effusion?", "where is the tube?"])
     assert set(out) == {"pixel_values", "input_ids", "attention_mask"}
@@ -203,7 +374,7 @@ def test_vqa_prompt_layout_is_the_diffvqa_one_with_one_image(gpt2_tokenizer, tmp
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded) is LapvqaProcessor and reloaded.task == "vqa"
     with pytest.raises(ValueError, match=r"task must be one of \('captioning', 'vqa'\), got 'detection'"):
-        LapvqaProcessor(LapvqaImageProcessor(image_size=28), gpt2_tokenizer, task="detection")
+        LapvqaProcessor(LapvqaImageProcessor(size=28), gpt2_tokenizer, task="detection")
 
 
 def test_processor_refuses_mismatched_or_missing_inputs(lapvqa_processor):

@@ -173,7 +173,7 @@ def tiny_encoder_folder(name: str, folder):
         return converted_tiny_coca(folder)
     else:  # the collection's own ViT, as `lapvqa convert vision-encoder` writes it
         model = LapvqaVisionModel(LapvqaVisionConfig(hidden_size=1024, image_size=224, patch_size=56, **layer))
-        processor = LapvqaImageProcessor(image_size=224)
+        processor = LapvqaImageProcessor(size={"height": 224, "width": 224})
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -35,7 +35,9 @@ def prepared(tmp_path_factory):
     torch.manual_seed(0)
     encoder = LapvqaVisionModel(LapvqaVisionConfig(**TINY_ENCODER)).eval()
     encoder.save_pretrained(base / "encoder")
-    LapvqaImageProcessor(image_size=28, resize_mode="stretch").save_pretrained(base / "encoder")  # its own processor
+    LapvqaImageProcessor(size={"height": 28, "width": 28}, resize_mode="stretch").save_pretrained(
+        base / "encoder"
+    )  # its own processor
     # What `lapvqa extract-features --encoder lapvqa-vit-l14 --checkpoint <folder>` records.
     recipe = dataclasses.replace(
         recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32, checkpoint=str(base / "encoder")
@@ -123,7 +125,10 @@ def test_a_tiny_decoder_learns_the_synthetic_reports_and_the_saved_model_reports
     encoder = LapvqaVisionModel.from_pretrained(prepared / "encoder")
     saved_encoder = model.vision_model.state_dict()
     assert all(torch.equal(saved_encoder[k], v) for k, v in encoder.state_dict().items()), "the features' encoder"
-    assert (processor.image_processor.image_size, processor.image_processor.resize_mode) == (28, "stretch")
+    assert (processor.image_processor.size, processor.image_processor.resize_mode) == (
+        {"height": 28, "width": 28},
+        "stretch",
+    )
 
     rows = load_mimic_cxr_reports(prepared / "mimic")["train"]
     examples = ReportExamples(rows, FeatureStore(prepared / "features"), (prepared / "mimic").resolve())
@@ -201,5 +206,5 @@ def test_captioning_needs_features_of_its_own_encoder(prepared, tmp_path):
         train(config_for(prepared, tmp_path / "z", vision_encoder=str(tmp_path / "absent")))
     with pytest.raises(ValueError, match="eval_max_new_tokens=100 exceeds the model's 64 learned positions"):
         train(config_for(prepared, tmp_path / "w", eval_max_new_tokens=100))
-    with pytest.raises(ValueError, match="task='detection': expected one of"):
-        train(config_for(prepared, tmp_path / "v", task="detection"))
+    with pytest.raises(ValueError, match="task='segmentation': expected one of"):
+        train(config_for(prepared, tmp_path / "v", task="segmentation"))

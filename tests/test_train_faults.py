@@ -298,9 +298,10 @@ BAD_VALUES = [
     ({"mixed_precision": "fp32"}, "mixed_precision='fp32': expected one of no, bf16, fp16."),
     (
         {"best_metric": "bleu"},
-        "best_metric='bleu': expected one of bleu1, bleu2, bleu3, bleu4, rouge1, rougeL, cider; did you mean 'bleu4'?",
+        "best_metric='bleu': expected one of bleu1, bleu2, bleu3, bleu4, rouge1, rougeL, cider, map40, map50; did you "
+        "mean 'bleu4'?",
     ),
-    ({"task": "detection"}, "task='detection': expected one of diffvqa, captioning."),
+    ({"task": "segmentation"}, "task='segmentation': expected one of diffvqa, captioning, detection."),
     ({"report_sections": []}, "report_sections=[]: expected a non-empty list of report section names."),
     ({"mimic_root": NOWHERE}, f"mimic_root: no folder {NOWHERE}; set it to the MIMIC release's folder."),
     (

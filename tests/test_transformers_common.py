@@ -202,7 +202,7 @@ class DetectionModelTester:
         num_attention_heads=4,
         num_queries=6,
         num_labels=5,
-        is_training=False,  # training the detection head is not supported yet: `labels` raise
+        is_training=True,
     ):
         self.parent = parent
         self.batch_size = batch_size
@@ -351,6 +351,19 @@ class LapvqaDetectionModelTest(ModelTesterMixin, unittest.TestCase):
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels:  # as transformers' DETR test: the same few boxes per image, in DETR's label format
+            boxes = torch.tensor([[0.3, 0.3, 0.2, 0.1], [0.6, 0.5, 0.3, 0.4], [0.5, 0.7, 0.1, 0.2]])
+            inputs_dict["labels"] = [
+                {
+                    "class_labels": torch.tensor([0, 1, 1], device=common.torch_device),
+                    "boxes": boxes.to(common.torch_device),
+                }
+                for _ in range(self.model_tester.batch_size)
+            ]
+        return inputs_dict
 
     @unittest.skip(reason="as DETR: the head has no input embeddings (it takes image features)")
     def test_model_get_set_embeddings(self):

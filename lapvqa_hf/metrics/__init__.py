@@ -1,9 +1,10 @@
-"""Offline evaluation metrics of the LAPVQA cards, as plain functions and as `evaluate` modules."""
+"""Offline evaluation metrics of the LAPVQA cards, as plain functions and as `evaluate` modules; detection mAP."""
 
 from pathlib import Path
 
 import evaluate
 
+from .detection import score_detections
 from .scoring import cider, corpus_bleu, mean_rouge, radgraph_f1, score_answers, tokenize
 
 METRIC_MODULES = ("lapvqa_bleu", "lapvqa_rouge")
@@ -16,4 +17,13 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(Path(__file__).parent / name))
 
 
-__all__ = ["cider", "corpus_bleu", "load_metric", "mean_rouge", "radgraph_f1", "score_answers", "tokenize"]
+__all__ = [
+    "cider",
+    "corpus_bleu",
+    "load_metric",
+    "mean_rouge",
+    "radgraph_f1",
+    "score_answers",
+    "score_detections",
+    "tokenize",
+]
