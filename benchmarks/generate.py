@@ -2,30 +2,36 @@
 static cache + torch.compile, at the real size (vis_dim 768, N = 256 patches per image, 64 new tokens).
 
     python benchmarks/generate.py                                   # CPU, fp32
+    python benchmarks/generate.py --dtype bfloat16                  # CPU, bf16 weights (`dtype=torch.bfloat16`)
     python benchmarks/generate.py --device cuda --dtype bfloat16    # GPU, bf16 + SDPA
 
-Weights are random (upstream layout); every mode generates exactly --new-tokens tokens per sample.
+Weights are random (upstream layout); every mode generates exactly --new-tokens tokens per sample: the eos id is
+one past the vocabulary, so the stopping check runs at every step but never fires.
 
-The floor of a decode step is the bytes it must read (every decoder weight but the cross-attention key/value
-projections, `lm_head`, and the cached cross- and self-attention keys/values) divided by the device's read
-bandwidth, measured first with a large `tensor.sum()`; `ms / step` is a call's time over the new tokens (prefill
-included), and `x floor` their ratio.
+`ms / step` is a decode step alone: (a call's time - a one-token call's time) / (new tokens - 1), which leaves the
+prefill (visual projection, cross-attention keys/values, the prompt; its own column) out. Its floor is the bytes a
+cached step must read (every decoder weight but the cross-attention key/value projections, `lm_head`, the cached
+cross- and self-attention keys/values) divided by the device's read bandwidth, measured with a float32 `sum()`
+over 1 GiB (a dtype-independent reading: a bf16 `sum()` converts as it reads and reports less) next to every timed
+call, since other work on a shared machine moves it. Each figure is the median over --repeats interleaved
+readings, and `x floor` their ratio.
 """
 
 import argparse
 import json
 import platform
+import statistics
 from datetime import date
 
 import torch
 from lapvqa_hf.convert.diffvqa import convert_state_dict
-from timing import time_call
+from timing import time_calls
 from transformers.generation import CompileConfig
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 from lapvqa_hf.original import DiffVQAHead, randomize_
 
-NEVER = -1  # an eos id the naive loop never sees, so it runs the full length like the other modes
+NEVER = 50257  # an eos id past the vocabulary: every mode checks for it and runs the full length
 
 
 def build_models(vis_dim: int, device: str, dtype: torch.dtype, attn_implementation: str):
@@ -37,10 +43,22 @@ def build_models(vis_dim: int, device: str, dtype: torch.dtype, attn_implementat
     return original.to(device, dtype), model.to(device, dtype).eval()
 
 
-def read_bandwidth(device: str, dtype: torch.dtype, megabytes: int = 1024) -> float:
-    """Bytes per second that a `sum()` over a tensor far larger than the caches reads."""
-    data = torch.ones(megabytes * 2**20 // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
-    return data.numel() * data.element_size() / time_call(data.sum, device, repeats=5)
+def read_bandwidth(data: torch.Tensor) -> float:
+    """Bytes per second that `data.sum()` reads (median of 3), `data` being far larger than the caches."""
+    return data.numel() * data.element_size() / statistics.median(time_calls(data.sum, str(data.device), 3))
+
+
+def time_decoding(prefill, full, probe: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of `prefill()` (one new token) and `full()`, and median read bandwidth, over `repeats` rounds
+    that take one reading of each in turn (after one warm-up call of each, which also compiles)."""
+    device = str(probe.device)
+    prefill(), full()
+    prefills, fulls, bandwidths = [], [], []
+    for _ in range(repeats):
+        prefills += time_calls(prefill, device, 1, warm_up=False)
+        fulls += time_calls(full, device, 1, warm_up=False)
+        bandwidths.append(read_bandwidth(probe))
+    return statistics.median(prefills), statistics.median(fulls), statistics.median(bandwidths)
 
 
 def decode_step_bytes(model: LapvqaDiffVQAModel, batch: int, memory_tokens: int, text_tokens: int) -> int:
@@ -87,13 +105,16 @@ def main() -> None:
         if args.device.startswith("cuda")
         else f"{platform.processor() or 'CPU'} x{torch.get_num_threads()} threads"
     )
-    bandwidth = read_bandwidth(args.device, dtype)
+    probe = torch.ones(2**28, device=args.device)  # 1 GiB of float32 for the bandwidth readings
     print(
-        f"# {date.today()}  device: {device_name}  dtype: {args.dtype}  attention: {args.attn_implementation}  torch {torch.__version__}"
-        f"  read bandwidth: {bandwidth / 1e9:.1f} GB/s"
+        f"# {date.today()}  device: {device_name}  dtype: {args.dtype}  attention: {args.attn_implementation}"
+        f"  torch {torch.__version__}"
     )
-    print("| batch | mode | s / batch | answers/s | tokens/s | speed-up vs naive | ms / step | floor ms | x floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| batch | mode | s / batch | answers/s | tokens/s | speed-up vs naive | prefill ms | ms / step | GB/s "
+        "| floor ms | x floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         curr_vis = torch.randn(batch, args.patches, args.vis_dim, device=args.device, dtype=dtype)
@@ -105,57 +126,55 @@ def main() -> None:
             attention_mask=torch.ones_like(prompt),
             curr_vis=curr_vis,
             ref_vis=ref_vis,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
+            eos_token_id=NEVER,
             do_sample=False,
         )
         runs = {
-            "naive": lambda: original.generate(curr_vis, ref_vis, question, 50256, NEVER, args.new_tokens),
-            "dynamic": lambda: model.generate(**common),
-            "static-compiled": lambda: model.generate(
-                **common, cache_implementation="static", compile_config=compile_config
+            "naive": lambda new_tokens: original.generate(curr_vis, ref_vis, question, 50256, NEVER, new_tokens),
+            "dynamic": lambda new_tokens: model.generate(**common, max_new_tokens=new_tokens),
+            "static-compiled": lambda new_tokens: model.generate(
+                **common, max_new_tokens=new_tokens, cache_implementation="static", compile_config=compile_config
             ),
         }
         naive_seconds = None
         text_tokens = args.prompt_tokens + args.new_tokens // 2  # the self-attention cache's mean length
-        floor_ms = 1e3 * decode_step_bytes(model, batch, 2 * args.patches, text_tokens) / bandwidth
+        step_bytes = decode_step_bytes(model, batch, 2 * args.patches, text_tokens)
         for mode in args.modes.split(","):
+            run = runs[mode]
             try:
                 with torch.inference_mode():
-                    seconds = time_call(runs[mode], args.device, args.repeats)
+                    prefill, seconds, bandwidth = time_decoding(
+                        lambda: run(1), lambda: run(args.new_tokens), probe, args.repeats
+                    )
             except Exception as error:  # one failing mode (e.g. a compile error) must not lose the other rows
                 print(f"| {batch} | {mode} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} |")
                 continue
             naive_seconds = seconds if mode == "naive" else naive_seconds
             speedup = f"{naive_seconds / seconds:.1f}x" if naive_seconds else "-"
-            step_ms = 1e3 * seconds / args.new_tokens
+            step_ms = 1e3 * (seconds - prefill) / (args.new_tokens - 1)
+            floor_ms = 1e3 * step_bytes / bandwidth
             row = dict(
                 batch=batch,
                 mode=mode,
                 seconds=seconds,
                 answers_per_s=batch / seconds,
                 tokens_per_s=batch * args.new_tokens / seconds,
+                prefill_ms=1e3 * prefill,
                 step_ms=step_ms,
+                read_bandwidth_gb_s=bandwidth / 1e9,
                 floor_ms=floor_ms,
             )
             results.append(row)
             print(
                 f"| {batch} | {mode} | {seconds:.3f} | {row['answers_per_s']:.1f} | {row['tokens_per_s']:.0f} | {speedup} "
-                f"| {step_ms:.2f} | {floor_ms:.2f} | {step_ms / floor_ms:.1f}x |",
+                f"| {row['prefill_ms']:.1f} | {step_ms:.2f} | {bandwidth / 1e9:.1f} | {floor_ms:.2f} "
+                f"| {step_ms / floor_ms:.1f}x |",
                 flush=True,
             )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(
-                {
-                    "device": device_name,
-                    "dtype": args.dtype,
-                    "read_bandwidth_gb_s": bandwidth / 1e9,
-                    "args": vars(args),
-                    "results": results,
-                },
-                file,
-                indent=1,
+                {"device": device_name, "dtype": args.dtype, "args": vars(args), "results": results}, file, indent=1
             )
 
 

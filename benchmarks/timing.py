@@ -1,5 +1,6 @@
 """Wall-clock timing shared by the benchmark scripts."""
 
+import statistics
 import time
 
 import torch
@@ -10,12 +11,20 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_calls(fn, device: str, repeats: int, warm_up: bool = True) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after one untimed warm-up call (which also compiles)."""
+    if warm_up:
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def time_call(fn, device: str, repeats: int) -> float:
     """Mean seconds of `repeats` calls of `fn`, after one untimed warm-up call (which also compiles)."""
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    return statistics.mean(time_calls(fn, device, repeats))

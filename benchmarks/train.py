@@ -75,7 +75,7 @@ def build(task: str, batch: int, text_tokens: int, device: torch.device) -> tupl
         centres, sizes = torch.rand(batch, 3, 2) * 0.6 + 0.2, torch.rand(batch, 3, 2) * 0.2 + 0.05
         labels = [
             {"class_labels": torch.randint(0, 14, (3,), device=device), "boxes": torch.cat([c, s], -1).to(device)}
-            for c, s in zip(centres, sizes)
+            for c, s in zip(centres, sizes, strict=True)
         ]
         return model, {"image_features": torch.randn(batch, 256, 1024, device=device), "labels": labels}, 0
     raise ValueError(f"--task {task!r}: expected diffvqa, captioning or detection.")

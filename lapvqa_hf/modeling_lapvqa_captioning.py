@@ -3,14 +3,18 @@
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .modeling_lapvqa_diffvqa import LapvqaCrossAttentionGenerationMixin, LapvqaTextDecoder, resolve_cache_argument
+from .modeling_lapvqa_diffvqa import (
+    LapvqaCrossAttentionGenerationMixin,
+    LapvqaLinear,
+    LapvqaTextDecoder,
+    resolve_cache_argument,
+)
 from .modeling_lapvqa_vision import LapvqaVisionModel
 
 # What the image encoder may be asked for when it runs inside the captioning model's forward.
@@ -56,9 +60,10 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
     def __init__(self, config: LapvqaCaptioningConfig):
         super().__init__(config)
         self.vision_model = LapvqaVisionModel(config.vision_config)
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.hidden_size)
+        self.visual_projection = LapvqaLinear(config.vision_config.hidden_size, config.hidden_size)
         self.decoder = LapvqaTextDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LapvqaLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # transformers' causal-LM loss (`self.loss_function`), shifted labels
         self.post_init()
 
     @can_return_tuple

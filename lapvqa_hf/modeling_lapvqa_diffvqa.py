@@ -1,5 +1,6 @@
 """LAPVQA differential-VQA head: a pre-norm transformer decoder over prior + current chest X-ray features."""
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
@@ -86,6 +87,60 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+@functools.cache
+def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes `LapvqaLinear` runs through oneDNN's inner product on this CPU: none without oneDNN, or where
+    this torch lacks the private ops it uses (inductor's own; tests/test_cpu_decoding.py names them)."""
+    ops = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_acl_supported", "_is_mkldnn_bf16_supported")
+    if not torch.backends.mkldnn.is_available() or not all(hasattr(torch.ops.mkldnn, op) for op in ops):
+        return ()
+    if torch.ops.mkldnn._is_mkldnn_acl_supported():
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
+class LapvqaLinear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) that, at inference on CPU, multiplies by a copy of its weight
+    packed once for oneDNN's inner product, as `torch.compile` does for frozen weights.
+
+    A decode step multiplies a few rows by every weight: oneDNN reads a packed weight at close to the memory
+    bandwidth, where `F.linear` (MKL's GEMM in fp32, oneDNN's matmul re-laying out the weight on every call in
+    bf16) reads it 1.5-3x slower. The copy is made on the first such call and again whenever the weight is
+    replaced, modified in place or converted; autograd, autocast, compilation, other devices and dtypes run
+    `nn.Linear.forward`.
+    """
+
+    _packed_weight: tuple[nn.Parameter, int, torch.Tensor] | None = None  # (weight, its version, packed copy)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            torch.compiler.is_compiling()  # first: what follows is not traceable
+            or torch.is_grad_enabled()
+            or not input.is_cpu
+            or input.dtype != weight.dtype
+            or weight.dtype not in _onednn_linear_dtypes()
+            or type(weight) is not nn.Parameter  # tensor subclasses (quantized, sharded)
+            or weight.is_inference()  # has no version to tell whether the packed copy is stale
+            or not torch.backends.mkldnn.enabled
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return super().forward(input)
+        cached = self._packed_weight
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            self._packed_weight = cached = (weight, weight._version, torch.ops.mkldnn._reorder_linear_weight(weight))
+        return torch.ops.mkldnn._linear_pointwise(input, cached[2], self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed_weight = None  # `.to()`, `.float()`, ... may swap the weight's data under the same Parameter
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_packed_weight", None)  # an opaque oneDNN tensor: neither copied nor pickled, packed again
+        return state
+
+
 class LapvqaAttention(nn.Module):
     """Multi-head attention with `torch.nn.MultiheadAttention`'s maths, split into q/k/v projections.
 
@@ -103,10 +158,10 @@ class LapvqaAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = LapvqaLinear(config.hidden_size, config.hidden_size)
+        self.k_proj = LapvqaLinear(config.hidden_size, config.hidden_size)
+        self.v_proj = LapvqaLinear(config.hidden_size, config.hidden_size)
+        self.out_proj = LapvqaLinear(config.hidden_size, config.hidden_size)
 
     def forward(
         self,
@@ -144,6 +199,15 @@ class LapvqaAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if (
+            cross_is_cached
+            and query_states.is_cpu
+            and query_states.dtype == torch.bfloat16
+            and self.config._attn_implementation == "sdpa"
+        ):
+            # Decoding over the cached memory in bf16 on CPU: SDPA's flash kernel takes 2-3x longer than eager's
+            # two batched matmuls for a one-token query. Cross-attention has no mask to convert.
+            attention_interface = eager_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -170,8 +234,8 @@ class LapvqaDecoderLayer(GradientCheckpointingLayer):
         self.encoder_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder_attn = LapvqaAttention(config, layer_idx, is_cross_attention=True)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = LapvqaLinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = LapvqaLinear(config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
 
     def forward(
@@ -403,10 +467,11 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
 
     def __init__(self, config: LapvqaDiffVQAConfig):
         super().__init__(config)
-        self.visual_projection = nn.Linear(config.vis_dim, config.hidden_size)
+        self.visual_projection = LapvqaLinear(config.vis_dim, config.hidden_size)
         self.frame_embeddings = nn.Embedding(2, config.hidden_size)
         self.decoder = LapvqaTextDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LapvqaLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # transformers' causal-LM loss (`self.loss_function`), shifted labels
         self.post_init()
 
     def encode_visual(self, curr_vis: torch.Tensor, ref_vis: torch.Tensor) -> torch.Tensor:
@@ -487,6 +552,7 @@ __all__ = [
     "LapvqaCrossAttentionGenerationMixin",
     "LapvqaDecoderLayer",
     "LapvqaDiffVQAModel",
+    "LapvqaLinear",
     "LapvqaPreTrainedModel",
     "LapvqaTextDecoder",
 ]

@@ -1,7 +1,6 @@
 """LAPVQA single-image VQA head: the DiffVQA decoder over one chest X-ray's frozen features."""
 
 import torch
-from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.utils.generic import can_return_tuple
@@ -9,6 +8,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_lapvqa_vqa import LapvqaVQAConfig
 from .modeling_lapvqa_diffvqa import (
     LapvqaCrossAttentionGenerationMixin,
+    LapvqaLinear,
     LapvqaPreTrainedModel,
     LapvqaTextDecoder,
     resolve_cache_argument,
@@ -29,9 +29,10 @@ class LapvqaVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin)
 
     def __init__(self, config: LapvqaVQAConfig):
         super().__init__(config)
-        self.visual_projection = nn.Linear(config.vis_dim, config.hidden_size)
+        self.visual_projection = LapvqaLinear(config.vis_dim, config.hidden_size)
         self.decoder = LapvqaTextDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LapvqaLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # transformers' causal-LM loss (`self.loss_function`), shifted labels
         self.post_init()
 
     def encode_visual(self, image_features: torch.Tensor | None) -> torch.Tensor:
