@@ -296,3 +296,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def kill_after_the_first_checkpoint(run, monkeypatch) -> None:
+    """Calls `run()` (a training run) and kills it with `KeyboardInterrupt` as soon as its first checkpoint is on
+    disk, as a kill between steps would; the next run of the same config resumes from that checkpoint."""
+    from accelerate.state import AcceleratorState
+
+    import lapvqa_hf.train as training
+
+    save_checkpoint = training.save_checkpoint
+
+    def save_then_die(*args):
+        save_checkpoint(*args)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    AcceleratorState._reset_state(True)

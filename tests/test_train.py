@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import accelerate_launch, prepare_training_release, training_config_values
+from conftest import (
+    accelerate_launch,
+    kill_after_the_first_checkpoint,
+    prepare_training_release,
+    training_config_values,
+)
 from safetensors.torch import load_file
 
-import lapvqa_hf.train as training
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.data import load_mimic_diff_vqa
 from lapvqa_hf.features import FeatureStore
@@ -57,19 +61,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, mo
     settings = dict(max_steps=12, gradient_accumulation_steps=2, batch_size=4, checkpoint_every=6, eval_every=1000)
     uninterrupted = train(TrainConfig.from_file(write_config(prepared, tmp_path / "a", **settings)))
     AcceleratorState._reset_state(True)
-
-    original_save_checkpoint = training.save_checkpoint
-
-    def save_then_die(*args):
-        original_save_checkpoint(*args)
-        raise KeyboardInterrupt("killed after the step-6 checkpoint")
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     config_b = TrainConfig.from_file(write_config(prepared, tmp_path / "b", **settings))
-    with pytest.raises(KeyboardInterrupt):
-        train(config_b)
-    monkeypatch.setattr(training, "save_checkpoint", original_save_checkpoint)
-    AcceleratorState._reset_state(True)
+    kill_after_the_first_checkpoint(lambda: train(config_b), monkeypatch)
     resumed = train(config_b)
 
     assert resumed["losses"] == uninterrupted["losses"][6:]

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import TINY_DECODER
+from conftest import TINY_DECODER, kill_after_the_first_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-import lapvqa_hf.train as training
 from lapvqa_hf import LapvqaCaptioningConfig, LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureError, FeatureStore, extract_features, images_of, recipe_for
@@ -145,17 +144,7 @@ def test_a_killed_captioning_run_resumes_to_the_uninterrupted_result(prepared, t
     settings = dict(max_steps=8, gradient_accumulation_steps=2, batch_size=3, checkpoint_every=4)
     uninterrupted = train(config_for(prepared, tmp_path / "a", **settings))
     AcceleratorState._reset_state(True)
-    original_save_checkpoint = training.save_checkpoint
-
-    def save_then_die(*args):
-        original_save_checkpoint(*args)
-        raise KeyboardInterrupt("killed after the step-4 checkpoint")
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_for(prepared, tmp_path / "b", **settings))
-    monkeypatch.setattr(training, "save_checkpoint", original_save_checkpoint)
-    AcceleratorState._reset_state(True)
+    kill_after_the_first_checkpoint(lambda: train(config_for(prepared, tmp_path / "b", **settings)), monkeypatch)
     resumed = train(config_for(prepared, tmp_path / "b", **settings))
 
     assert resumed["losses"] == uninterrupted["losses"][4:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import accelerate_launch
+from conftest import accelerate_launch, kill_after_the_first_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 from test_image_processing import write_dicom
@@ -284,17 +284,7 @@ def test_the_saved_model_detects_with_its_image_processor_and_records_its_traini
 def test_a_killed_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, monkeypatch):
     uninterrupted = train(TrainConfig(**config_values(prepared, tmp_path / "a")))
     AcceleratorState._reset_state(True)
-    save_checkpoint = training.save_checkpoint
-
-    def save_then_die(*args):
-        save_checkpoint(*args)
-        raise KeyboardInterrupt("killed after the step-4 checkpoint")
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**config_values(prepared, tmp_path / "b")))
-    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
-    AcceleratorState._reset_state(True)
+    kill_after_the_first_checkpoint(lambda: train(TrainConfig(**config_values(prepared, tmp_path / "b"))), monkeypatch)
     resumed = train(TrainConfig(**config_values(prepared, tmp_path / "b")))
     assert resumed["losses"] == uninterrupted["losses"][4:]
     a = load_file(tmp_path / "a" / "checkpoints" / "step-8" / "model.safetensors")
