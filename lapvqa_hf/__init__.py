@@ -61,7 +61,7 @@ for _task, _pipeline in PIPELINES.values():
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
 LapvqaProcessor.register_for_auto_class("AutoProcessor")
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "ENCODER_WIDTHS",
