@@ -1,7 +1,7 @@
 """Inference on CPU: the decoders' linears multiply by a weight packed once for oneDNN, and bf16 decoding."""
 
 import copy
-import io
+import pickle
 
 import pytest
 import torch
@@ -81,10 +81,7 @@ def test_a_module_used_for_inference_copies_and_pickles():
     module, x = _linear(), torch.randn(4, 96)
     _assert_is_nn_linear(module, x)
     _assert_is_nn_linear(copy.deepcopy(module), x)
-    buffer = io.BytesIO()
-    torch.save(module, buffer)
-    buffer.seek(0)
-    _assert_is_nn_linear(torch.load(buffer, weights_only=False), x)
+    _assert_is_nn_linear(pickle.loads(pickle.dumps(module)), x)  # a whole module, as multiprocessing sends it
     assert list(module.state_dict()) == ["weight", "bias"]
 
 
