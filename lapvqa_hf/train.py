@@ -463,15 +463,11 @@ class DiffVQATask:
         return model.config.vis_dim
 
     def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDiffVQAModel:
-        recipe = features.recipe
         if config.init_from:
-            model = LapvqaDiffVQAModel.from_pretrained(config.init_from)
-            check_feature_width(config.init_from, self.feature_width(model), features)
-            return model
-        # A recipe resized for experiments (other width) keeps its record in `feature_recipe`, not as encoder_name.
-        encoder_name = recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
+            return model_to_init_from(self, config.init_from, features)
+        recipe = features.recipe
         return LapvqaDiffVQAModel(
-            LapvqaDiffVQAConfig(vis_dim=recipe.vis_dim, encoder_name=encoder_name, **config.model)
+            LapvqaDiffVQAConfig(vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model)
         )
 
     def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
@@ -600,8 +596,7 @@ class CaptioningTask:
     def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaCaptioningModel:
         encoder_config = self._encoder_config(features)
         if config.init_from:
-            model = LapvqaCaptioningModel.from_pretrained(config.init_from)
-            check_feature_width(config.init_from, self.feature_width(model), features)
+            model = model_to_init_from(self, config.init_from, features)
         else:
             model = LapvqaCaptioningModel(LapvqaCaptioningConfig(vision_config=encoder_config, **config.model))
         if config.eval_max_new_tokens > model.config.max_position_embeddings:
@@ -721,12 +716,12 @@ class DetectionTask:
     def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDetectionModel:
         recipe = features.recipe
         if config.init_from:
-            model = LapvqaDetectionModel.from_pretrained(config.init_from)
-            check_feature_width(config.init_from, self.feature_width(model), features)
+            model = model_to_init_from(self, config.init_from, features)
         else:
-            encoder_name = recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
             model = LapvqaDetectionModel(
-                LapvqaDetectionConfig(vis_dim=recipe.vis_dim, encoder_name=encoder_name, **config.model)
+                LapvqaDetectionConfig(
+                    vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model
+                )
             )
         self.classes = [model.config.id2label[index] for index in range(model.config.num_labels)]
         model.config.radiologists = self.radiologists  # what `lapvqa evaluate` scores against
@@ -789,6 +784,19 @@ def require_image_preparation(features: FeatureStore, expected: str) -> None:
         f"{features.output_dir} holds features of images prepared otherwise ({found or 'by lapvqa-hf 0.1.x'}); a "
         f"{task} head needs {expected!r}: extract with `lapvqa extract-features{option}` into another folder."
     )
+
+
+def registered_encoder_name(recipe) -> str | None:
+    """The recipe's encoder name for a new head's config; a recipe resized for experiments (other width) keeps its
+    record in `feature_recipe` instead."""
+    return recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
+
+
+def model_to_init_from(task, init_from: str, features: FeatureStore):
+    """The task's model saved at `init_from`, checked to take the width of `features`."""
+    model = task.model_class.from_pretrained(init_from)
+    check_feature_width(init_from, task.feature_width(model), features)
+    return model
 
 
 def check_feature_width(model_source: str, width: int, features: FeatureStore) -> None:
