@@ -4,20 +4,25 @@
 # throughput of the DiffVQA, captioning and detection heads.
 #
 #     bash benchmarks/gpu.sh OUT_DIR      # Markdown tables and JSON under OUT_DIR
+#     PYTHON=.venv/bin/python bash benchmarks/gpu.sh OUT_DIR   # another interpreter than python3
 set -uo pipefail  # not -e: a failing benchmark must not lose the others' numbers
 # LAPVQA_BENCH_TIMEOUT: seconds each benchmark may take (default 240); the compiled ones come last.
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
+python=$(command -v "${PYTHON:-python3}") || { echo "no ${PYTHON:-python3} on PATH" >&2; exit 1; }
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # absolute (the script changes directory), links kept
 mkdir -p "$out"
 cd "$(dirname "$0")"
 run() {  # run NAME ARGS...: one benchmark, its table in OUT_DIR/NAME.md
     local name=$1
     shift
     echo "== $name: python $*"
-    timeout "${LAPVQA_BENCH_TIMEOUT:-240}" python3 "$@" 2>"$out/$name.err" | tee "$out/$name.md"
+    timeout "${LAPVQA_BENCH_TIMEOUT:-240}" "$python" "$@" 2>"$out/$name.err" | tee "$out/$name.md"
     tail -n 3 "$out/$name.err"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+# Importing lapvqa_hf refuses a transformers release below the package's floor: stop here rather than measure on it.
+"$python" -c "import lapvqa_hf, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 run generate-dynamic generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8,64,256 --modes dynamic --repeats 5 --json "$out/generate-dynamic.json"
 run generate-naive generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8 --modes naive --repeats 1
 run encode encode.py --device cuda --dtype bfloat16 --image-sizes 224,378 --batch-sizes 1,64,256 --caption-batch-sizes 1,64,256 --repeats 3

@@ -16,6 +16,7 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from . import compatibility  # noqa: F401  (first of the package's modules: it refuses an unsupported transformers)
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .configuration_lapvqa_detection import LapvqaDetectionConfig

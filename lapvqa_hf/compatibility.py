@@ -1,4 +1,5 @@
-"""The transformers releases this code is tested on.
+"""The transformers releases this code is tested on. Importing this module (`lapvqa_hf` does, before its other
+modules) refuses a release older than the floor.
 
 `.ci/run` runs the whole suite on the newest release pip resolves and the model, generation, conversion and
 remote-code tests again on `TRANSFORMERS_OLDEST_TESTED`, the floor `pyproject.toml` declares. Converted folders
@@ -7,9 +8,24 @@ repeat it.
 """
 
 import transformers
+from packaging.version import Version
 
 TRANSFORMERS_OLDEST_TESTED = "5.21.0"
 TRANSFORMERS_NEWEST_TESTED = "5.24.0"
+
+
+def require_supported_transformers(installed: str = transformers.__version__) -> None:
+    """Refuses, in one line, a transformers release older than the floor. pip enforces the floor on install, but a
+    checkout on `PYTHONPATH` or a `--no-deps` install does not, and older releases fail later with errors that do
+    not name the cause (5.17: "AutoImageProcessor requires the Torchvision library")."""
+    if Version(installed) < Version(TRANSFORMERS_OLDEST_TESTED):
+        raise ImportError(
+            f"lapvqa-hf needs transformers >= {TRANSFORMERS_OLDEST_TESTED}, but this Python has {installed}: "
+            f"pip install 'transformers>={TRANSFORMERS_OLDEST_TESTED},<6'"
+        )
+
+
+require_supported_transformers()
 
 
 def transformers_record() -> dict[str, str]:
@@ -20,4 +36,9 @@ def transformers_record() -> dict[str, str]:
     }
 
 
-__all__ = ["TRANSFORMERS_NEWEST_TESTED", "TRANSFORMERS_OLDEST_TESTED", "transformers_record"]
+__all__ = [
+    "TRANSFORMERS_NEWEST_TESTED",
+    "TRANSFORMERS_OLDEST_TESTED",
+    "require_supported_transformers",
+    "transformers_record",
+]

@@ -3,14 +3,21 @@ transformers range the package declares."""
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
+import pytest
 import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED
+from lapvqa_hf.compatibility import (
+    TRANSFORMERS_NEWEST_TESTED,
+    TRANSFORMERS_OLDEST_TESTED,
+    require_supported_transformers,
+)
 
 
 def test_hugging_face_caches_point_into_a_private_folder_per_test(private_hf_home, tmp_path):
@@ -32,3 +39,26 @@ def test_the_declared_transformers_floor_is_the_oldest_tested_release():
     assert floors == [TRANSFORMERS_OLDEST_TESTED]
     assert Version(TRANSFORMERS_OLDEST_TESTED) <= Version(transformers.__version__)
     assert Version(TRANSFORMERS_OLDEST_TESTED) < Version(TRANSFORMERS_NEWEST_TESTED)
+
+
+def test_a_transformers_release_below_the_floor_is_refused_in_one_line():
+    with pytest.raises(
+        ImportError, match=r"^lapvqa-hf needs transformers >= 5\.21\.0, but this Python has 5\.17\.0: pip"
+    ):
+        require_supported_transformers("5.17.0")
+    require_supported_transformers(TRANSFORMERS_OLDEST_TESTED)
+    require_supported_transformers(TRANSFORMERS_NEWEST_TESTED)
+
+
+def test_importing_the_package_checks_the_release_before_anything_else():
+    """pip enforces the floor, a checkout on PYTHONPATH does not: 5.17 used to fail with "AutoImageProcessor requires
+    the Torchvision library", which hides the cause."""
+    code = (  # transformers.pipelines puts a fresh module object in sys.modules: patch that one
+        "import sys, transformers.pipelines; sys.modules['transformers'].__version__ = '5.17.0'; import lapvqa_hf"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert found.returncode != 0
+    assert found.stderr.strip().splitlines()[-1] == (
+        "ImportError: lapvqa-hf needs transformers >= 5.21.0, but this Python has 5.17.0: "
+        "pip install 'transformers>=5.21.0,<6'"
+    )
