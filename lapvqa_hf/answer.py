@@ -525,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .convert.common import run_reporting_errors
     from .encoders import EncoderError
-    from .processes import process_state
+    from .processes import leave_processes, process_state
 
     state = process_state(args.device)
     generate_kwargs = {
@@ -556,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
             feature_cache_size=args.feature_cache_size,
         )
 
-    return run_reporting_errors(answer, errors=(AnswerError, EncoderError, OSError))
+    return leave_processes(state, run_reporting_errors(answer, errors=(AnswerError, EncoderError, OSError)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,12 +148,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .convert.checkpoint import write_json_atomically
     from .data import DataError
     from .features import FeatureStore
-    from .processes import process_state
+    from .processes import leave_processes, process_state
     from .tokenization import build_gpt2_tokenizer
     from .train import check_feature_width, predict_across_processes, task_for_model
 
+    state = process_state()  # under `accelerate launch`, each process generates its share of the split
+
     def evaluate() -> None:
-        state = process_state()  # under `accelerate launch`, each process generates its share of the split
         task = task_for_model(AutoConfig.from_pretrained(args.model))
         splits = task.load_splits(args.mimic_root)
         if args.split not in splits:
@@ -178,7 +179,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             payload = {"split": args.split, "scores": scores, predictions: answers, "references": references}
             write_json_atomically(args.output, payload)
 
-    return run_reporting_errors(evaluate, errors=(ValueError, OSError))  # incl. DataError, FeatureError
+    return leave_processes(state, run_reporting_errors(evaluate, errors=(ValueError, OSError)))  # incl. DataError
 
 
 def run_extract_features(args: argparse.Namespace) -> int:
@@ -199,10 +200,11 @@ def run_extract_features(args: argparse.Namespace) -> int:
         recipe_for,
         resolve_device,
     )
-    from .processes import process_state
+    from .processes import leave_processes, process_state
+
+    state = process_state(args.device)  # under `accelerate launch`, each process encodes its share
 
     def extract() -> None:
-        state = process_state(args.device)  # under `accelerate launch`, each process encodes its share
         for option, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
             if value < 1:
                 raise FeatureError(f"{option} must be a positive number of images, got {value}.")
@@ -251,7 +253,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
             )
         print(summary)
 
-    return run_reporting_errors(extract, errors=(DataError, EncoderError, OSError))  # incl. FeatureError
+    return leave_processes(state, run_reporting_errors(extract, errors=(DataError, EncoderError, OSError)))
 
 
 def run_synthesize(args: argparse.Namespace) -> int:

@@ -14,4 +14,18 @@ def process_state(device: str | None = None) -> PartialState:
     return PartialState(cpu=cpu)
 
 
-__all__ = ["process_state"]
+def leave_processes(state: PartialState, exit_code: int) -> int:
+    """Ends a command's part in `accelerate launch`, as `Accelerator.end_training()` ends training, and returns
+    `exit_code`. After a success the process waits for the others and destroys the process group: left to interpreter
+    exit, gloo's worker threads can abort it ("terminate called without an active exception", SIGABRT) and fail a
+    run that succeeded. After a failure it does neither: the others may be inside a collective, where waiting or
+    destroying would hang, and the launcher stops them."""
+    import torch.distributed
+
+    if exit_code == 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+    return exit_code
+
+
+__all__ = ["leave_processes", "process_state"]

@@ -17,6 +17,7 @@ from conftest import TINY_DECODER, accelerate_launch, prepare_training_release, 
 import lapvqa_hf.train as training
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
+from lapvqa_hf.processes import leave_processes
 from lapvqa_hf.train import (
     PARTIAL,
     TrainConfig,
@@ -187,3 +188,43 @@ def test_every_config_field_is_in_help_and_in_the_guide_with_its_default(capsys)
     shown = capsys.readouterr().out
     for option, default in (("--split", "test"), ("--batch-size", "16"), ("--max-new-tokens", "64")):
         assert re.search(rf"{option} .*\(default {default}\)", " ".join(shown.split())), option
+
+
+class RecordingState:
+    """A stand-in for accelerate's `PartialState` that records the barriers it is asked for."""
+
+    def __init__(self) -> None:
+        self.barriers = 0
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A real one-process gloo group, as `accelerate launch` gives each process (destroyed if a test leaves it)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_a_command_that_succeeded_waits_for_the_others_and_leaves_the_process_group(process_group):
+    """Left to interpreter exit, gloo's threads can abort a process that succeeded (SIGABRT, "terminate called
+    without an active exception"): `lapvqa evaluate`, `extract-features` and `answer` leave the group themselves."""
+    state = RecordingState()
+    assert leave_processes(state, 0) == 0
+    assert state.barriers == 1 and not torch.distributed.is_initialized()
+
+
+def test_a_command_that_failed_neither_waits_nor_leaves(process_group):
+    """The other processes may be inside a collective: waiting or destroying would hang; the launcher stops them."""
+    state = RecordingState()
+    assert leave_processes(state, 1) == 1
+    assert state.barriers == 0 and torch.distributed.is_initialized()
+
+
+def test_a_single_process_run_has_no_group_to_leave():
+    state = RecordingState()
+    assert leave_processes(state, 0) == 0
+    assert state.barriers == 0
