@@ -68,6 +68,11 @@ def time_decoding(prefill, full, probe: torch.Tensor, repeats: int) -> tuple[flo
     return statistics.median(prefills), statistics.median(fulls), statistics.median(bandwidths)
 
 
+def decode_step_ms(prefill_seconds: float, full_seconds: float, new_tokens: int) -> float:
+    """A decode step alone: (a `new_tokens` call - a one-token call) / (new_tokens - 1), in ms."""
+    return 1e3 * (full_seconds - prefill_seconds) / (new_tokens - 1)
+
+
 def tiny_twin(model: LapvqaDiffVQAModel) -> LapvqaDiffVQAModel:
     """`model` at a hidden size of 32: same layers, heads, vocabulary, positions and dtype, negligible data."""
     config = model.config
@@ -217,7 +222,7 @@ def main() -> None:
                 continue
             naive_seconds = seconds if mode == "naive" else naive_seconds
             speedup = f"{naive_seconds / seconds:.1f}x" if naive_seconds else "-"
-            step_ms = 1e3 * (seconds - prefill) / (args.new_tokens - 1)
+            step_ms = decode_step_ms(prefill, seconds, args.new_tokens)
             floor_ms = 1e3 * step_bytes / bandwidth
             fixed_ms = None
             if mode == "dynamic":
@@ -225,7 +230,7 @@ def main() -> None:
                     twin_prefill, twin_seconds, twin_bandwidth = time_decoding(
                         lambda: runs["twin"](1), lambda: runs["twin"](args.new_tokens), probe, args.repeats
                     )
-                twin_step_ms = 1e3 * (twin_seconds - twin_prefill) / (args.new_tokens - 1)
+                twin_step_ms = decode_step_ms(twin_prefill, twin_seconds, args.new_tokens)
                 fixed_ms = twin_step_ms - 1e3 * twin_step_bytes / twin_bandwidth
             row = dict(
                 batch=batch,

@@ -490,8 +490,8 @@ class DiffVQATask:
 # --- captioning -------------------------------------------------------------------------------------------------
 
 
-class ReportExamples(torch.utils.data.Dataset):
-    """Rows of a split with the stored features of their image: (image_features, report)."""
+class OneImageExamples(torch.utils.data.Dataset):
+    """Rows of a split that each name one image (`row["image"]`), with its stored features."""
 
     def __init__(self, rows, features: FeatureStore, root: Path):
         self.rows = list(rows)
@@ -501,6 +501,10 @@ class ReportExamples(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+class ReportExamples(OneImageExamples):
+    """Rows of a split with the stored features of their image: (image_features, report)."""
 
     def __getitem__(self, index: int) -> dict:
         return {"image_features": self.features[self.ids[index]].float(), "report": self.rows[index]["report"]}
@@ -639,18 +643,8 @@ class CaptioningTask:
 # --- detection --------------------------------------------------------------------------------------------------
 
 
-class DetectionExamples(torch.utils.data.Dataset):
+class DetectionExamples(OneImageExamples):
     """Images of a split with their stored features and boxes: (image_features, class_labels, boxes)."""
-
-    def __init__(self, rows, features: FeatureStore, root: Path):
-        require_image_preparation(features, DETECTION_IMAGE_PREPARATION)
-        self.rows = list(rows)
-        self.features = features
-        self.ids = [image_id(row["image"], root) for row in self.rows]
-        require_features(features, self.ids)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
@@ -708,6 +702,7 @@ class DetectionTask:
         return load_vindr_cxr(root, radiologists=self.radiologists, classes=self.classes)
 
     def examples(self, rows, features: FeatureStore, root: Path) -> DetectionExamples:
+        require_image_preparation(features, DETECTION_IMAGE_PREPARATION)
         return DetectionExamples(rows, features, root)
 
     def feature_width(self, model: LapvqaDetectionModel) -> int:
