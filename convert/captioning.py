@@ -29,10 +29,10 @@ from .checkpoint import (
 )
 from .common import (
     DECODER_ASSUMPTIONS,
-    VerifyReport,
     add_common_arguments,
     default_generation_config,
     expected_shapes,
+    folder_verifier,
     map_text_decoder,
     original_decoder_arguments,
     read_text_decoder_fields,
@@ -41,6 +41,7 @@ from .common import (
     tensor_shape,
     write_verified,
 )
+from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 from .vision_encoder import VISION_ASSUMPTIONS, infer_vision_config, map_vision_encoder, random_images
 
 ASSUMPTIONS = (
@@ -90,40 +91,48 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
     return original.eval()
 
 
-@torch.no_grad()
-def verify(
-    original: CaptioningModel,
-    model: LapvqaCaptioningModel,
-    tolerance: float = 1e-4,
-    batch_size: int = 2,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-) -> VerifyReport:
-    """Teacher-forced logits and greedy reports of both models on the same random images."""
-    config = model.config
-    images = random_images(config.vision_config, batch_size, seed)
-    generator = torch.Generator().manual_seed(seed)
-    report = torch.randint(0, config.bos_token_id, (batch_size, 12), generator=generator)
-    text = torch.cat([torch.full((batch_size, 1), config.bos_token_id), report], dim=1)
-    model = model.eval()
-    expected = original(images, text)
-    found = model(input_ids=text, pixel_values=images).logits
-    max_diff = (expected - found).abs().max().item()
+class CaptioningProbe(Probe):
+    """Random images: the encoder's patch tokens, teacher-forced logits of `[bos] + report`, and greedy reports from
+    `[bos]` (the original's loop, `generate()` with its cache for the converted model)."""
 
-    max_new_tokens = min(max_new_tokens, config.max_position_embeddings)
-    original_reports = original.generate(images, config.bos_token_id, config.eos_token_id, max_new_tokens)
-    bos = torch.full((batch_size, 1), config.bos_token_id)
-    generated = model.generate(
-        input_ids=bos,
-        attention_mask=torch.ones_like(bos),
-        pixel_values=images,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-    )
-    converted = [strip_answer(row, config.eos_token_id) for row in generated[:, 1:].tolist()]
-    identical = sum(a == b for a, b in zip(original_reports, converted, strict=True))
-    return VerifyReport(max_diff, tolerance, identical, batch_size)
+    agreement = ("greedy reports", "images")
+
+    def __init__(self, config: LapvqaCaptioningConfig, batch_size: int = 2, max_new_tokens: int = 16, seed: int = 0):
+        self.config = config
+        self.images = random_images(config.vision_config, batch_size, seed)
+        generator = torch.Generator().manual_seed(seed)
+        report = torch.randint(0, config.bos_token_id, (batch_size, 12), generator=generator)
+        self.bos = torch.full((batch_size, 1), config.bos_token_id)
+        self.text = torch.cat([self.bos, report], dim=1)
+        self.max_new_tokens = min(max_new_tokens, config.max_position_embeddings)
+
+    def run_original(self, original: CaptioningModel, with_answers: bool) -> Outputs:
+        images, config = self.images.to(dtype_of(original)), self.config
+        tensors = {"feature": original.vision_encoder(images), "logit": original(images, self.text)}
+        if not with_answers:
+            return Outputs(tensors)
+        return Outputs(
+            tensors, original.generate(images, config.bos_token_id, config.eos_token_id, self.max_new_tokens)
+        )
+
+    def run_converted(self, model: LapvqaCaptioningModel, with_answers: bool) -> Outputs:
+        images = self.images.to(model.dtype)
+        tensors = {
+            "feature": model.vision_model(images).last_hidden_state,
+            "logit": model(input_ids=self.text, pixel_values=images).logits,
+        }
+        if not with_answers:
+            return Outputs(tensors)
+        generated = model.generate(
+            input_ids=self.bos,
+            attention_mask=torch.ones_like(self.bos),
+            pixel_values=images,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        eos = self.config.eos_token_id
+        return Outputs(tensors, [strip_answer(row, eos) for row in generated[:, 1:].tolist()])
 
 
 def convert_captioning(
@@ -134,19 +143,19 @@ def convert_captioning(
     vision_num_attention_heads: int = 16,
     run_verify: bool = True,
     overwrite: bool = False,
-    tolerance: float = 1e-4,
+    tolerance: float = DEFAULT_TOLERANCE,
     log=print,
+    float32_budget: float = DEFAULT_FLOAT32_BUDGET,
 ) -> Path:
     checkpoint = local_checkpoint(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_config(state_dict, num_attention_heads, hidden_act, vision_num_attention_heads)
-    config.conversion_info = conversion_record(
-        checkpoint,
-        ASSUMPTIONS,
+    assumed = dict(
         num_attention_heads=num_attention_heads,
         hidden_act=hidden_act,
         vision_num_attention_heads=vision_num_attention_heads,
     )
+    config.conversion_info = conversion_record(checkpoint, ASSUMPTIONS, **assumed)
     vision = config.vision_config
     log(
         f"{checkpoint.name}: encoder width {vision.hidden_size}, {vision.num_hidden_layers} layers, "
@@ -164,14 +173,18 @@ def convert_captioning(
             tokenizer=build_gpt2_tokenizer(config.max_position_embeddings),
         ).save_pretrained(folder)
 
-    def verify_written(folder: Path) -> VerifyReport:
-        reloaded = LapvqaCaptioningModel.from_pretrained(folder)
-        return verify(original_from_state_dict(state_dict, config), reloaded, tolerance)
-
+    verify = folder_verifier(
+        lambda: original_from_state_dict(state_dict, config),
+        LapvqaCaptioningModel,
+        CaptioningProbe(config),
+        tolerance,
+        float32_budget,
+        assumed,
+    )
     return write_verified(
         model,
         output,
-        verify_written if run_verify else None,
+        verify if run_verify else None,
         source=checkpoint,
         overwrite=overwrite,
         extra_files=save_processor,
@@ -202,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
             run_verify=args.verify,
             overwrite=args.overwrite,
             tolerance=args.tolerance,
+            float32_budget=args.float32_budget,
         )
     )
 

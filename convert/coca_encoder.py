@@ -31,14 +31,16 @@ from .checkpoint import (
     local_checkpoint,
 )
 from .common import (
-    VerifyReport,
     add_common_arguments,
     expected_shapes,
+    folder_verifier,
     numbered_blocks,
     run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
+from .vision_encoder import random_images
 
 WHAT = "open_clip CoCa image tower"
 EXAMPLE = "laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k/open_clip_pytorch_model.bin"
@@ -170,21 +172,19 @@ def coca_image_processor(config: LapvqaCocaVisionConfig) -> CLIPImageProcessorPi
     )
 
 
-@torch.no_grad()
-def verify_coca_tower(
-    original: CocaVisionTower, model: LapvqaCocaVisionModel, tolerance: float = 1e-4, batch_size: int = 2, seed: int = 0
-) -> VerifyReport:
-    """Tokens and image embeddings of both towers on the same random images."""
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn((batch_size, config.num_channels, config.image_size, config.image_size), generator=generator)
-    expected_embeds, expected_tokens = original.eval()(images)
-    found = model.eval()(images)
-    difference = max(
-        (expected_tokens - found.last_hidden_state).abs().max().item(),
-        (expected_embeds - found.image_embeds).abs().max().item(),
-    )
-    return VerifyReport(difference, tolerance, compared="feature")
+class CocaProbe(Probe):
+    """Random images: the pooled tokens and the image embedding of both towers."""
+
+    def __init__(self, config: LapvqaCocaVisionConfig, batch_size: int = 2, seed: int = 0):
+        self.images = random_images(config, batch_size, seed)
+
+    def run_original(self, original: CocaVisionTower, with_answers: bool) -> Outputs:
+        embedding, tokens = original(self.images.to(dtype_of(original)))
+        return Outputs({"feature": tokens, "embedding": embedding})
+
+    def run_converted(self, model: LapvqaCocaVisionModel, with_answers: bool) -> Outputs:
+        outputs = model(self.images.to(model.dtype))
+        return Outputs({"feature": outputs.last_hidden_state, "embedding": outputs.image_embeds})
 
 
 def convert_coca_encoder(
@@ -194,8 +194,9 @@ def convert_coca_encoder(
     pooler_num_attention_heads: int = 8,
     run_verify: bool = True,
     overwrite: bool = False,
-    tolerance: float = 1e-4,
+    tolerance: float = DEFAULT_TOLERANCE,
     log=print,
+    float32_budget: float = DEFAULT_FLOAT32_BUDGET,
 ) -> Path:
     checkpoint = local_checkpoint(checkpoint)
     # CoCa's text side is left out, so its values are none of the conversion's concern (open_clip leaves some of
@@ -203,12 +204,8 @@ def convert_coca_encoder(
     loaded = load_untrusted_state_dict(checkpoint, converted=lambda key: not key.startswith(TEXT_SIDE))
     state_dict = image_tower_state_dict(loaded, log=log)
     config = infer_coca_config(state_dict, num_attention_heads, pooler_num_attention_heads)
-    config.conversion_info = conversion_record(
-        checkpoint,
-        COCA_ASSUMPTIONS,
-        num_attention_heads=num_attention_heads,
-        pooler_num_attention_heads=pooler_num_attention_heads,
-    )
+    assumed = dict(num_attention_heads=num_attention_heads, pooler_num_attention_heads=pooler_num_attention_heads)
+    config.conversion_info = conversion_record(checkpoint, COCA_ASSUMPTIONS, **assumed)
     log(
         f"{checkpoint.name}: width {config.hidden_size}, {config.num_hidden_layers} layers, patch {config.patch_size}, "
         f"{config.image_size} px; pooler {config.num_pooler_queries} x {config.projection_dim}"
@@ -216,15 +213,16 @@ def convert_coca_encoder(
     model = LapvqaCocaVisionModel(config)
     model.load_state_dict(convert_coca_state_dict(state_dict, config), strict=True)
 
-    def verify_written(folder: Path) -> VerifyReport:
-        original = original_coca_tower(config)
-        original.load_state_dict(state_dict, strict=True)
-        return verify_coca_tower(original, LapvqaCocaVisionModel.from_pretrained(folder), tolerance)
+    def original() -> CocaVisionTower:
+        tower = original_coca_tower(config)
+        tower.load_state_dict(state_dict, strict=True)
+        return tower
 
+    verify = folder_verifier(original, LapvqaCocaVisionModel, CocaProbe(config), tolerance, float32_budget, assumed)
     return write_verified(
         model,
         output,
-        verify_written if run_verify else None,
+        verify if run_verify else None,
         source=checkpoint,
         overwrite=overwrite,
         extra_files=lambda folder: coca_image_processor(config).save_pretrained(folder),
@@ -257,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             run_verify=args.verify,
             overwrite=args.overwrite,
             tolerance=args.tolerance,
+            float32_budget=args.float32_budget,
         )
     )
 

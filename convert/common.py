@@ -1,4 +1,4 @@
-"""Pieces every LAPVQA converter shares: the pinned text decoder's key mapping, verification reports,
+"""Pieces every LAPVQA converter shares: the pinned text decoder's key mapping, the question-answering verify probe,
 generation defaults, the write-verify-publish flow and the command-line options."""
 
 import argparse
@@ -24,6 +24,15 @@ from .checkpoint import (
     first_line,
     load_untrusted_state_dict,
     local_checkpoint,
+)
+from .verify import (
+    DEFAULT_FLOAT32_BUDGET,
+    DEFAULT_TOLERANCE,
+    Outputs,
+    Probe,
+    VerifyReport,
+    dtype_of,
+    verify_conversion,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -170,70 +179,62 @@ def strip_answer(token_ids: list[int], eos_token_id: int) -> list[int]:
     return token_ids[: token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids
 
 
-@dataclass
-class VerifyReport:
-    max_abs_diff: float
-    tolerance: float
-    greedy_identical: int | None = None
-    greedy_total: int | None = None
-    compared: str = "logit"
+class QuestionAnsweringProbe(Probe):
+    """Random visual features and prompts for a question-answering head (DiffVQA, VQA): teacher-forced logits of
+    `question + [bos] + answer`, and greedy answers to `question + [bos]` (the original's loop, `generate()` with its
+    cache for the converted model).
 
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.greedy_identical == self.greedy_total
-
-    def __str__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        text = f"verify {verdict}: max |Δ{self.compared}| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e})"
-        if self.greedy_total is not None:
-            text += f"; greedy answers identical for {self.greedy_identical}/{self.greedy_total} samples"
-        return text
-
-
-@torch.no_grad()
-def verify_question_answering(
-    original: torch.nn.Module,
-    model: PreTrainedModel,
-    original_visual_args: tuple[torch.Tensor, ...],
-    visual_kwargs: dict[str, torch.Tensor],
-    tolerance: float,
-    generator: torch.Generator,
-    max_new_tokens: int = 24,
-) -> VerifyReport:
-    """Compares a question-answering head with its faithful original on the same features and random prompts.
-
-    `original(*original_visual_args, ids)` gives logits and `original.generate(*original_visual_args, prompt,
-    bos, eos, max_new_tokens)` greedy answers; the converted model gets the features as `visual_kwargs`.
-    Teacher-forced logits (max |Δ|) and greedy answers (through `generate()` and its cache) must agree.
+    `visual` holds the converted model's feature arguments in the order the original takes them positionally.
     """
-    config = model.config
-    batch_size = next(iter(visual_kwargs.values())).shape[0]
-    prompt_length = min(8, config.max_position_embeddings // 4)
-    prompt = torch.randint(0, config.bos_token_id, (batch_size, prompt_length), generator=generator)
-    answer = torch.randint(0, config.bos_token_id, (batch_size, prompt_length), generator=generator)
-    bos = torch.full((batch_size, 1), config.bos_token_id)
-    text = torch.cat([prompt, bos, answer], dim=1)
 
-    model = model.eval()
-    expected = original(*original_visual_args, text)
-    found = model(input_ids=text, **visual_kwargs).logits
-    max_diff = (expected.float() - found.float()).abs().max().item()
+    agreement = ("greedy answers", "samples")
 
-    max_new_tokens = min(max_new_tokens, config.max_position_embeddings - prompt_length)
-    original_answers = original.generate(
-        *original_visual_args, prompt, config.bos_token_id, config.eos_token_id, max_new_tokens
-    )
-    generated = model.generate(
-        input_ids=torch.cat([prompt, bos], dim=1),
-        attention_mask=torch.ones(batch_size, prompt_length + 1, dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        **visual_kwargs,
-    )
-    converted = [strip_answer(row, config.eos_token_id) for row in generated[:, prompt_length + 1 :].tolist()]
-    identical = sum(a == b for a, b in zip(original_answers, converted, strict=True))
-    return VerifyReport(max_diff, tolerance, identical, batch_size)
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        visual: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        max_new_tokens: int = 24,
+    ):
+        self.config = config
+        self.visual = visual
+        batch_size = next(iter(visual.values())).shape[0]
+        self.prompt_length = min(8, config.max_position_embeddings // 4)
+        self.prompt = torch.randint(0, config.bos_token_id, (batch_size, self.prompt_length), generator=generator)
+        answer = torch.randint(0, config.bos_token_id, (batch_size, self.prompt_length), generator=generator)
+        self.bos = torch.full((batch_size, 1), config.bos_token_id)
+        self.text = torch.cat([self.prompt, self.bos, answer], dim=1)
+        self.max_new_tokens = min(max_new_tokens, config.max_position_embeddings - self.prompt_length)
+
+    def run_original(self, original: torch.nn.Module, with_answers: bool) -> Outputs:
+        features = tuple(tensor.to(dtype_of(original)) for tensor in self.visual.values())
+        logits = original(*features, self.text)
+        if not with_answers:
+            return Outputs({"logit": logits})
+        config = self.config
+        return Outputs(
+            {"logit": logits},
+            original.generate(*features, self.prompt, config.bos_token_id, config.eos_token_id, self.max_new_tokens),
+        )
+
+    def run_converted(self, model: PreTrainedModel, with_answers: bool) -> Outputs:
+        visual = {name: features.to(model.dtype) for name, features in self.visual.items()}
+        logits = model(input_ids=self.text, **visual).logits
+        if not with_answers:
+            return Outputs({"logit": logits})
+        batch_size = self.prompt.shape[0]
+        generated = model.generate(
+            input_ids=torch.cat([self.prompt, self.bos], dim=1),
+            attention_mask=torch.ones(batch_size, self.prompt_length + 1, dtype=torch.long),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            **visual,
+        )
+        eos = self.config.eos_token_id
+        return Outputs(
+            {"logit": logits}, [strip_answer(row, eos) for row in generated[:, self.prompt_length + 1 :].tolist()]
+        )
 
 
 def default_generation_config(config: PreTrainedConfig) -> GenerationConfig:
@@ -276,6 +277,25 @@ def write_verified(
     return output
 
 
+def folder_verifier(
+    original: Callable[[], torch.nn.Module],
+    model_class: type[PreTrainedModel],
+    probe: Probe,
+    tolerance: float = DEFAULT_TOLERANCE,
+    float32_budget: float = DEFAULT_FLOAT32_BUDGET,
+    assumed: dict[str, object] | None = None,
+) -> Callable[[Path], VerifyReport]:
+    """The verify step of `write_verified`: the written folder, loaded as `model_class` in float64 and as shipped,
+    against the faithful `original()` on `probe`'s inputs (see `lapvqa_hf.convert.verify`)."""
+
+    def load(folder: Path, dtype: torch.dtype | None) -> PreTrainedModel:
+        return model_class.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
+
+    return lambda folder: verify_conversion(
+        original(), lambda dtype: load(folder, dtype), probe, tolerance, float32_budget, assumed
+    )
+
+
 def save_gpt2_tokenizer(max_length: int) -> Callable[[Path], None]:
     return lambda folder: build_gpt2_tokenizer(max_length).save_pretrained(folder)
 
@@ -293,7 +313,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, wi
             "--activation", default="relu", choices=["relu", "gelu"], help="decoder FFN activation (default relu)"
         )
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| the verify step accepts")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="relative tolerance of verify: max |Δ| / max |original output|, both models in float64 "
+        f"(default {DEFAULT_TOLERANCE:.0e}; float64 rounding is ~1e-15)",
+    )
+    parser.add_argument(
+        "--float32-budget",
+        type=float,
+        default=DEFAULT_FLOAT32_BUDGET,
+        help="relative precision budget of the shipped float32 model against the float64 original "
+        f"(default {DEFAULT_FLOAT32_BUDGET:.0e}; float32 rounding is ~1e-6)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -323,7 +356,7 @@ class AnsweringHeadConverter:
     infer_config: Callable[[dict, str, int, str], PreTrainedConfig]
     convert_state_dict: Callable[[dict, PreTrainedConfig], dict]
     original_from_state_dict: Callable[[dict, PreTrainedConfig], torch.nn.Module]
-    verify: Callable[..., VerifyReport]
+    probe: Callable[[PreTrainedConfig], Probe]  # the verify inputs for a config
     assumptions: tuple[str, ...]
 
     def convert(
@@ -335,19 +368,19 @@ class AnsweringHeadConverter:
         hidden_act: str = "relu",
         run_verify: bool = True,
         overwrite: bool = False,
-        tolerance: float = 1e-4,
+        tolerance: float = DEFAULT_TOLERANCE,
         log: Callable[[str], None] = print,
         encoder_checkpoint: str | None = None,
         encoder_revision: str | None = None,
+        float32_budget: float = DEFAULT_FLOAT32_BUDGET,
     ) -> Path:
         """Converts, verifies and writes the model folder atomically; returns its path."""
         checkpoint = local_checkpoint(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
         config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
-        config.conversion_info = conversion_record(
-            checkpoint, self.assumptions, num_attention_heads=num_attention_heads, hidden_act=hidden_act
-        )
+        assumed = dict(num_attention_heads=num_attention_heads, hidden_act=hidden_act)
+        config.conversion_info = conversion_record(checkpoint, self.assumptions, **assumed)
         log(
             f"{checkpoint.name}: vis_dim {config.vis_dim}, {config.num_hidden_layers} layers, FFN "
             f"{config.intermediate_size}, {config.max_position_embeddings} positions, final norm "
@@ -359,14 +392,18 @@ class AnsweringHeadConverter:
         model.tie_weights()
         model.generation_config = default_generation_config(config)
 
-        def verify_written(folder: Path) -> VerifyReport:
-            reloaded = self.model_class.from_pretrained(folder)
-            return self.verify(self.original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
-
+        verify = folder_verifier(
+            lambda: self.original_from_state_dict(state_dict, config),
+            self.model_class,
+            self.probe(config),
+            tolerance,
+            float32_budget,
+            assumed,
+        )
         return write_verified(
             model,
             output,
-            verify_written if run_verify else None,
+            verify if run_verify else None,
             source=checkpoint,
             overwrite=overwrite,
             extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
@@ -395,6 +432,7 @@ class AnsweringHeadConverter:
                 tolerance=args.tolerance,
                 encoder_checkpoint=args.encoder_checkpoint,
                 encoder_revision=args.encoder_revision,
+                float32_budget=args.float32_budget,
             )
         )
 

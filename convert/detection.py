@@ -14,7 +14,6 @@ against the faithful original after the folder is written and before it is publi
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,11 +38,13 @@ from .common import (
     check_encoder_width,
     encoder_record,
     expected_shapes,
+    folder_verifier,
     numbered_blocks,
     run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 
 WHAT = "DetectionHead"
 ARCHITECTURE_METADATA = ("vis_dim", "d_model", "num_queries", "num_enc", "num_dec", "encoder")
@@ -198,51 +199,33 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
     return head.eval()
 
 
-@dataclass
-class DetectionVerifyReport:
-    logits_max_abs_diff: float
-    boxes_max_abs_diff: float
-    classes_identical: int
-    classes_total: int
-    tolerance: float
+class DetectionProbe(Probe):
+    """Random features, one batch per token count: class logits, boxes and every query's argmax class."""
 
-    @property
-    def passed(self) -> bool:
-        worst = max(self.logits_max_abs_diff, self.boxes_max_abs_diff)
-        return worst <= self.tolerance and self.classes_identical == self.classes_total
+    agreement = ("argmax class", "queries")
 
-    def __str__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        return (
-            f"verify {verdict}: max |Δlogit| = {self.logits_max_abs_diff:.2e}, max |Δbox| = "
-            f"{self.boxes_max_abs_diff:.2e} (tolerance {self.tolerance:.0e}); argmax class identical for "
-            f"{self.classes_identical}/{self.classes_total} queries"
-        )
+    def __init__(
+        self, config: LapvqaDetectionConfig, num_patches: tuple[int, ...] = (49, 37), batch_size: int = 3, seed: int = 0
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        self.features = [
+            torch.randn((batch_size, length, config.vis_dim), generator=generator, dtype=torch.float64)
+            for length in num_patches
+        ]
 
+    @staticmethod
+    def _outputs(logits: list[torch.Tensor], boxes: list[torch.Tensor]) -> Outputs:
+        logits, boxes = torch.cat(logits), torch.cat(boxes)
+        return Outputs({"logit": logits, "box": boxes}, logits.argmax(-1).flatten().tolist())
 
-@torch.no_grad()
-def verify(
-    original: DetectionHead,
-    model: LapvqaDetectionModel,
-    num_patches: tuple[int, ...] = (49, 37),
-    batch_size: int = 3,
-    tolerance: float = 1e-4,
-    seed: int = 0,
-) -> DetectionVerifyReport:
-    """Runs both models on the same random features (one batch per token count): logits, boxes, argmax classes."""
-    generator = torch.Generator().manual_seed(seed)
-    model = model.eval()
-    logits_diff = boxes_diff = 0.0
-    identical = total = 0
-    for length in num_patches:
-        features = torch.randn(batch_size, length, model.config.vis_dim, generator=generator)
-        expected_logits, expected_boxes = original(features)
-        found = model(image_features=features)
-        logits_diff = max(logits_diff, (expected_logits - found.logits.float()).abs().max().item())
-        boxes_diff = max(boxes_diff, (expected_boxes - found.pred_boxes.float()).abs().max().item())
-        identical += (expected_logits.argmax(-1) == found.logits.argmax(-1)).sum().item()
-        total += expected_logits.shape[0] * expected_logits.shape[1]
-    return DetectionVerifyReport(logits_diff, boxes_diff, identical, total, tolerance)
+    def run_original(self, original: DetectionHead, with_answers: bool) -> Outputs:
+        dtype = dtype_of(original)
+        logits, boxes = zip(*(original(features.to(dtype)) for features in self.features), strict=True)
+        return self._outputs(list(logits), list(boxes))
+
+    def run_converted(self, model: LapvqaDetectionModel, with_answers: bool) -> Outputs:
+        outputs = [model(image_features=features.to(model.dtype)) for features in self.features]
+        return self._outputs([o.logits for o in outputs], [o.pred_boxes for o in outputs])
 
 
 def image_processor_for(encoder: str, resize_mode: str = "stretch") -> LapvqaImageProcessor:
@@ -262,10 +245,11 @@ def convert_detection(
     resize_mode: str = "stretch",
     run_verify: bool = True,
     overwrite: bool = False,
-    tolerance: float = 1e-4,
+    tolerance: float = DEFAULT_TOLERANCE,
     log=print,
     encoder_checkpoint: str | None = None,
     encoder_revision: str | None = None,
+    float32_budget: float = DEFAULT_FLOAT32_BUDGET,
 ) -> Path:
     """Converts, verifies and writes the model folder atomically; returns its path.
 
@@ -281,16 +265,14 @@ def convert_detection(
     config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
     training_results = {key: metadata[key] for key in TRAINING_METADATA if key in metadata}
     config.training_results = training_results or None
-    config.conversion_info = conversion_record(
-        checkpoint,
-        ASSUMPTIONS,
+    assumed = dict(
         num_attention_heads=num_attention_heads,
         activation_function=activation_function,
         decoder_norm_first=decoder_norm_first,
         layer_norm_eps=layer_norm_eps,
         position_embedding_type=config.position_embedding_type,
-        resize_mode=resize_mode,
     )
+    config.conversion_info = conversion_record(checkpoint, ASSUMPTIONS, **assumed, resize_mode=resize_mode)
     training = ", ".join(f"{key} {value}" for key, value in training_results.items()) or "no training record"
     log(
         f"{checkpoint.name}: encoder {encoder}, vis_dim {config.vis_dim}, d_model {config.d_model}, "
@@ -303,14 +285,18 @@ def convert_detection(
     model.load_state_dict(convert_state_dict(state_dict, config), strict=True)
     image_processor = image_processor_for(encoder, resize_mode)
 
-    def verify_written(folder: Path) -> DetectionVerifyReport:
-        reloaded = LapvqaDetectionModel.from_pretrained(folder)
-        return verify(original_from_state_dict(state_dict, config), reloaded, tolerance=tolerance)
-
+    verify = folder_verifier(
+        lambda: original_from_state_dict(state_dict, config),
+        LapvqaDetectionModel,
+        DetectionProbe(config),
+        tolerance,
+        float32_budget,
+        assumed,
+    )
     return write_verified(
         model,
         output,
-        verify_written if run_verify else None,
+        verify if run_verify else None,
         source=checkpoint,
         overwrite=overwrite,
         extra_files=image_processor.save_pretrained,
@@ -361,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             encoder_checkpoint=args.encoder_checkpoint,
             encoder_revision=args.encoder_revision,
+            float32_budget=args.float32_budget,
         )
     )
 

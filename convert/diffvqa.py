@@ -20,14 +20,13 @@ from .checkpoint import ConversionError, StateDictMapper
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
-    VerifyReport,
+    QuestionAnsweringProbe,
     check_encoder_width,
     expected_shapes,
     map_text_decoder,
     original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
-    verify_question_answering,
 )
 
 ASSUMPTIONS = (
@@ -75,21 +74,14 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
     return head.eval()
 
 
-def verify(
-    original: DiffVQAHead,
-    model: LapvqaDiffVQAModel,
-    num_patches: tuple[int, int] = (49, 37),
-    batch_size: int = 3,
-    tolerance: float = 1e-4,
-    seed: int = 0,
-) -> VerifyReport:
-    """Runs both models on the same random features and prompts: teacher-forced logits and greedy answers."""
+def probe(
+    config: LapvqaDiffVQAConfig, num_patches: tuple[int, int] = (49, 37), batch_size: int = 3, seed: int = 0
+) -> QuestionAnsweringProbe:
+    """The verify inputs: random features of both images (their patch counts differ) and random prompts."""
     generator = torch.Generator().manual_seed(seed)
-    curr_vis = torch.randn(batch_size, num_patches[0], model.config.vis_dim, generator=generator)
-    ref_vis = torch.randn(batch_size, num_patches[1], model.config.vis_dim, generator=generator)
-    return verify_question_answering(
-        original, model, (curr_vis, ref_vis), {"curr_vis": curr_vis, "ref_vis": ref_vis}, tolerance, generator
-    )
+    curr_vis = torch.randn((batch_size, num_patches[0], config.vis_dim), generator=generator, dtype=torch.float64)
+    ref_vis = torch.randn((batch_size, num_patches[1], config.vis_dim), generator=generator, dtype=torch.float64)
+    return QuestionAnsweringProbe(config, {"curr_vis": curr_vis, "ref_vis": ref_vis}, generator)
 
 
 CONVERTER = AnsweringHeadConverter(
@@ -99,7 +91,7 @@ CONVERTER = AnsweringHeadConverter(
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,
     original_from_state_dict=original_from_state_dict,
-    verify=verify,
+    probe=probe,
     assumptions=ASSUMPTIONS,
 )
 convert_diffvqa = CONVERTER.convert

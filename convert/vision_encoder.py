@@ -27,14 +27,15 @@ from .checkpoint import (
     local_checkpoint,
 )
 from .common import (
-    VerifyReport,
     add_common_arguments,
     expected_shapes,
+    folder_verifier,
     numbered_blocks,
     run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 
 VISION_ASSUMPTIONS = (
     "timm VisionTransformer key layout (cls_token, pos_embed, patch_embed.proj, blocks.i.*, norm)",
@@ -109,21 +110,24 @@ def original_vision_encoder(config: LapvqaVisionConfig) -> VisionTransformer:
     )
 
 
-def random_images(config: LapvqaVisionConfig, batch_size: int, seed: int) -> torch.Tensor:
+def random_images(config, batch_size: int, seed: int) -> torch.Tensor:
+    """Seeded float64 noise of the encoder's input shape (`num_channels`, `image_size`): what verify feeds it."""
     generator = torch.Generator().manual_seed(seed)
     size = (batch_size, config.num_channels, config.image_size, config.image_size)
-    return torch.randn(size, generator=generator)
+    return torch.randn(size, generator=generator, dtype=torch.float64)
 
 
-@torch.no_grad()
-def verify_vision_encoder(
-    original: VisionTransformer, model: LapvqaVisionModel, tolerance: float = 1e-4, batch_size: int = 2, seed: int = 0
-) -> VerifyReport:
-    """Patch tokens of both encoders on the same random images."""
-    images = random_images(model.config, batch_size, seed)
-    expected = original.eval()(images)
-    found = model.eval()(images).last_hidden_state
-    return VerifyReport((expected - found).abs().max().item(), tolerance, compared="feature")
+class VisionEncoderProbe(Probe):
+    """Random images: the patch tokens of both encoders."""
+
+    def __init__(self, config: LapvqaVisionConfig, batch_size: int = 2, seed: int = 0):
+        self.images = random_images(config, batch_size, seed)
+
+    def run_original(self, original: VisionTransformer, with_answers: bool) -> Outputs:
+        return Outputs({"feature": original(self.images.to(dtype_of(original)))})
+
+    def run_converted(self, model: LapvqaVisionModel, with_answers: bool) -> Outputs:
+        return Outputs({"feature": model(self.images.to(model.dtype)).last_hidden_state})
 
 
 def convert_vision_encoder(
@@ -132,13 +136,15 @@ def convert_vision_encoder(
     num_attention_heads: int = 16,
     run_verify: bool = True,
     overwrite: bool = False,
-    tolerance: float = 1e-4,
+    tolerance: float = DEFAULT_TOLERANCE,
     log=print,
+    float32_budget: float = DEFAULT_FLOAT32_BUDGET,
 ) -> Path:
     checkpoint = local_checkpoint(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_vision_config(state_dict, num_attention_heads=num_attention_heads)
-    config.conversion_info = conversion_record(checkpoint, VISION_ASSUMPTIONS, num_attention_heads=num_attention_heads)
+    assumed = dict(num_attention_heads=num_attention_heads)
+    config.conversion_info = conversion_record(checkpoint, VISION_ASSUMPTIONS, **assumed)
     log(
         f"{checkpoint.name}: width {config.hidden_size}, {config.num_hidden_layers} layers, MLP "
         f"{config.intermediate_size}, patch {config.patch_size}, {config.image_size} px ({config.num_patches} patches)"
@@ -148,15 +154,18 @@ def convert_vision_encoder(
     model = LapvqaVisionModel(config)
     model.load_state_dict(mapper.finish(expected_shapes(model)), strict=True)
 
-    def verify_written(folder: Path) -> VerifyReport:
-        original = original_vision_encoder(config)
-        original.load_state_dict(state_dict, strict=True)
-        return verify_vision_encoder(original, LapvqaVisionModel.from_pretrained(folder), tolerance)
+    def original() -> VisionTransformer:
+        encoder = original_vision_encoder(config)
+        encoder.load_state_dict(state_dict, strict=True)
+        return encoder
 
+    verify = folder_verifier(
+        original, LapvqaVisionModel, VisionEncoderProbe(config), tolerance, float32_budget, assumed
+    )
     return write_verified(
         model,
         output,
-        verify_written if run_verify else None,
+        verify if run_verify else None,
         source=checkpoint,
         overwrite=overwrite,
         extra_files=lambda folder: LapvqaImageProcessor.for_encoder(config).save_pretrained(folder),
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             run_verify=args.verify,
             overwrite=args.overwrite,
             tolerance=args.tolerance,
+            float32_budget=args.float32_budget,
         )
     )
 

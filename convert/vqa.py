@@ -21,14 +21,13 @@ from .checkpoint import ConversionError, StateDictMapper
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
-    VerifyReport,
+    QuestionAnsweringProbe,
     check_encoder_width,
     expected_shapes,
     map_text_decoder,
     original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
-    verify_question_answering,
 )
 
 ASSUMPTIONS = (
@@ -73,18 +72,11 @@ def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: Lapvqa
     return head.eval()
 
 
-def verify(
-    original: VQAHead,
-    model: LapvqaVQAModel,
-    num_patches: int = 49,
-    batch_size: int = 3,
-    tolerance: float = 1e-4,
-    seed: int = 0,
-) -> VerifyReport:
-    """Runs both models on the same random features and prompts: teacher-forced logits and greedy answers."""
+def probe(config: LapvqaVQAConfig, num_patches: int = 49, batch_size: int = 3, seed: int = 0) -> QuestionAnsweringProbe:
+    """The verify inputs: random features of one image and random prompts."""
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch_size, num_patches, model.config.vis_dim, generator=generator)
-    return verify_question_answering(original, model, (features,), {"image_features": features}, tolerance, generator)
+    features = torch.randn((batch_size, num_patches, config.vis_dim), generator=generator, dtype=torch.float64)
+    return QuestionAnsweringProbe(config, {"image_features": features}, generator)
 
 
 CONVERTER = AnsweringHeadConverter(
@@ -94,7 +86,7 @@ CONVERTER = AnsweringHeadConverter(
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,
     original_from_state_dict=original_from_state_dict,
-    verify=verify,
+    probe=probe,
     assumptions=ASSUMPTIONS,
 )
 convert_vqa = CONVERTER.convert

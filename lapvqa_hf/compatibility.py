@@ -11,7 +11,7 @@ import transformers
 from packaging.version import Version
 
 TRANSFORMERS_OLDEST_TESTED = "5.21.0"
-TRANSFORMERS_NEWEST_TESTED = "5.24.0"
+TRANSFORMERS_NEWEST_TESTED = "5.25.0"
 
 
 def require_supported_transformers(installed: str = transformers.__version__) -> None:

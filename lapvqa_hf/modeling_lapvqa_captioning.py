@@ -93,9 +93,7 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
             raise ValueError(
                 f"{problem} image_features: pass exactly one on the first step, before the cross-attention "
                 "keys/values are cached: the image (from LapvqaImageProcessor) or the encoder's patch tokens "
-                "(e.g. stored by `lapvqa extract-features --encoder lapvqa-vit-l14`). With an assistant model, pass "
-                "image_features (`model.vision_model(pixel_values).last_hidden_state`): transformers hands "
-                "pixel_values to the main model's first step only."
+                "(e.g. stored by `lapvqa extract-features --encoder lapvqa-vit-l14`)."
             )
         if pixel_values is not None:
             image_outputs = self.get_image_features(
@@ -109,6 +107,16 @@ class LapvqaCaptioningModel(LapvqaCaptioningPreTrainedModel, LapvqaCrossAttentio
                 f"(LapvqaVisionModel's last_hidden_state), got {list(image_features.shape)}."
             )
         return self.visual_projection(image_features.to(self.visual_projection.weight.dtype)), None
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """GenerationMixin's, except that the image reaches every step until its cross-attention keys/values are
+        cached: transformers forwards `pixel_values` to the first step of `generate()` only, and not even there to
+        an assistant model (assisted decoding), which then had no image to draft from."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
+        if kwargs.get("pixel_values") is not None and not self._memory_is_cached(cache):
+            model_inputs["pixel_values"] = kwargs["pixel_values"]
+        return model_inputs
 
     @can_return_tuple
     def forward(

@@ -36,6 +36,26 @@ from lapvqa_hf.convert.diffvqa import convert_state_dict  # noqa: E402
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel  # noqa: E402
 from lapvqa_hf.original import DiffVQAHead, randomize_  # noqa: E402
 
+# The weight scales numerics are tested at: every weight std 0.02 (outputs of a few units or less); the output layer
+# std 1 as in a trained head (logits of tens); every weight std 3 (outputs of thousands). See `randomize_at_scale_`.
+WEIGHT_SCALES = ("tiny", "trained-like", "large")
+
+
+def randomize_at_scale_(module: torch.nn.Module, scale: str, output_layers: tuple[str, ...], seed: int = 0):
+    """Fills `module` with seeded noise at one of `WEIGHT_SCALES`; `output_layers` names the parameters that a
+    trained-like scale draws with std 1 (a tied `lm_head.weight` is the token embedding too)."""
+    if scale not in WEIGHT_SCALES:
+        raise ValueError(f"scale must be one of {WEIGHT_SCALES}, got {scale!r}")
+    randomize_(module, seed=seed, std=3.0 if scale == "large" else 0.02)
+    if scale == "trained-like":
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name in output_layers:
+                parameter = module.get_parameter(name)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return module.eval()
+
+
 # A small decoder with the real vocabulary; real-size cases say so explicitly.
 SMALL = dict(d_model=64, nhead=4, num_layers=2, dim_feedforward=96)
 # The config of a decoder small enough to train in seconds (training tests), without dropout.
@@ -60,14 +80,19 @@ def make_pair(
     seed: int = 0,
     attn_implementation: str = "eager",
     std: float = 0.05,
+    scale: str | None = None,
     **sizes,
 ) -> tuple[DiffVQAHead, LapvqaDiffVQAModel]:
-    """An upstream `DiffVQAHead` with random weights and the `LapvqaDiffVQAModel` converted from its state dict."""
+    """An upstream `DiffVQAHead` with random weights (std `std`, or at one of `WEIGHT_SCALES`) and the
+    `LapvqaDiffVQAModel` converted from its state dict."""
     sizes = {**SMALL, **sizes}
     original = DiffVQAHead(
         vis_dim=vis_dim, vocab_size=vocab_size, max_len=max_len, final_norm=final_norm, tie_weights=tie_weights, **sizes
     )
-    randomize_(original, seed=seed, std=std).eval()
+    if scale is None:
+        randomize_(original, seed=seed, std=std).eval()
+    else:
+        randomize_at_scale_(original, scale, ("lm_head.weight",), seed=seed)
     special = vocab_size - 1
     config = LapvqaDiffVQAConfig(
         vis_dim=vis_dim,
@@ -87,6 +112,13 @@ def make_pair(
     model.load_state_dict(convert_state_dict(original.state_dict(), config), strict=not tie_weights)
     model.set_attn_implementation(attn_implementation)
     return original, model.eval()
+
+
+def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |found - expected| / max |expected|, in float64: a difference judged against the outputs' scale."""
+    found, expected = found.detach().double(), expected.detach().double()
+    assert found.shape == expected.shape, (found.shape, expected.shape)
+    return ((found - expected).abs().max() / expected.abs().max()).item()
 
 
 def visual_features(batch: int, num_curr: int, num_ref: int, vis_dim: int, seed: int = 0):

@@ -44,7 +44,7 @@ def test_captioning_converts_to_a_folder_with_model_tokenizer_and_processor(upst
     assert lapvqa(["convert", "captioning", str(upstream / "model_best.pt"), "--output", str(out), *HEADS]) == 0
     printed = capsys.readouterr().out
     assert "encoder width 64, 2 layers, 56 px (16 patches); decoder 2 layers, 40 positions" in printed
-    assert "verify passed" in printed and "identical for 2/2 samples" in printed
+    assert "verify passed" in printed and "greedy reports identical for 2/2 images" in printed
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lapvqa_captioning" and config["vision_config"]["image_size"] == 56
     assert config["conversion_info"]["assumed_vision_num_attention_heads"] == 4
@@ -68,7 +68,7 @@ def test_vision_encoder_converts_with_its_image_processor(upstream, capsys):
     )
     printed = capsys.readouterr().out
     assert "width 64, 2 layers, MLP 256, patch 14, 56 px (16 patches)" in printed
-    assert "verify passed: max |Δfeature|" in printed
+    assert "verify passed: float64 max |Δfeature|" in printed
     assert type(AutoModel.from_pretrained(out)) is LapvqaVisionModel
     image_processor = AutoImageProcessor.from_pretrained(out)
     assert type(image_processor) is LapvqaImageProcessor and image_processor.size == {"height": 56, "width": 56}

@@ -133,7 +133,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
         "coca.pt: encoder coca, vis_dim 768, d_model 32, 5 queries, 2 encoder + 3 decoder layers, FFN 48/48, "
         "final norms yes/yes; epoch 37, val_map40 0.048, val_map50 0.031"
     ) in printed
-    assert "verify passed: max |Δlogit| = " in printed and "argmax class identical for 30/30 queries" in printed
+    assert "verify passed: float64 max |Δlogit| = " in printed and "argmax class identical for 30/30 queries" in printed
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "configuration_lapvqa_detection.py",

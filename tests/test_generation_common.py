@@ -199,12 +199,6 @@ def test_beam_search_with_one_beam_is_greedy(kind):
 def test_assisted_decoding_gives_the_greedy_answers(kind):
     model, inputs = tiny_model(kind), batch_inputs(kind, prompt_lengths=(4,))  # transformers assists batch 1 only
     expected = model.generate(**inputs, **GREEDY)
-    if kind == "captioning":  # transformers gives pixel_values to the main model's first step only: pre-encode
-        pixel_values = inputs.pop("pixel_values")
-        inputs["image_features"] = model.vision_model(pixel_values).last_hidden_state
-        with pytest.raises(ValueError, match="With an assistant model, pass image_features"):
-            model.generate(**inputs | {"pixel_values": pixel_values, "image_features": None}, **GREEDY,
-                           assistant_model=tiny_model(kind))  # fmt: skip
     assistant = tiny_model(kind)
     with torch.no_grad():  # a worse assistant: its drafts are sometimes rejected, which rolls the cache back
         for parameter in assistant.parameters():
@@ -212,6 +206,18 @@ def test_assisted_decoding_gives_the_greedy_answers(kind):
     assisted = model.generate(**inputs, **GREEDY, assistant_model=assistant)
     assert torch.equal(assisted, expected)
     assert torch.equal(model.generate(**inputs, **GREEDY, prompt_lookup_num_tokens=2), expected)
+
+
+def test_an_assistant_captioning_model_drafts_from_the_image_too():
+    """transformers gives `pixel_values` to the main model's first step only, and none to an assistant's: the
+    captioning model takes the image on every step until its keys/values are cached, so both see it."""
+    model, inputs = tiny_model("captioning"), batch_inputs("captioning", prompt_lengths=(4,))
+    assistant = tiny_model("captioning")
+    images_seen = []
+    assistant.vision_model.register_forward_hook(lambda module, args, output: images_seen.append(args[0].shape))
+    assisted = model.generate(**inputs, **GREEDY, assistant_model=assistant)
+    assert torch.equal(assisted, model.generate(**inputs, **GREEDY))
+    assert images_seen == [inputs["pixel_values"].shape], "the assistant encodes the image once"
 
 
 def test_the_validate_generated_length_hook_is_still_called(monkeypatch):

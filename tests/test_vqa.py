@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import SMALL, answers_of, run_with_remote_code
+from conftest import SMALL, WEIGHT_SCALES, answers_of, randomize_at_scale_, relative_error, run_with_remote_code
 from lapvqa_hf.convert import vqa
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -17,11 +17,21 @@ SPECIAL = 50256
 
 
 def make_vqa_pair(
-    vis_dim: int = 1152, final_norm: bool = True, attn_implementation: str = "eager", seed: int = 0, **sizes
+    vis_dim: int = 1152,
+    final_norm: bool = True,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    scale: str | None = None,
+    **sizes,
 ) -> tuple[VQAHead, LapvqaVQAModel]:
-    """An upstream `VQAHead` (tied, 150 positions) with random weights and the model converted from it."""
+    """An upstream `VQAHead` (tied, 150 positions) with random weights (or at one of `WEIGHT_SCALES`) and the model
+    converted from it."""
     sizes = {**SMALL, **sizes}
-    original = randomize_(VQAHead(vis_dim=vis_dim, final_norm=final_norm, **sizes), seed=seed).eval()
+    original = VQAHead(vis_dim=vis_dim, final_norm=final_norm, **sizes)
+    if scale is None:
+        randomize_(original, seed=seed).eval()
+    else:
+        randomize_at_scale_(original, scale, ("lm_head.weight",), seed=seed)
     encoder = {768: "coca", 1024: "clip-vit-l14", 1152: "siglip"}[vis_dim]
     config = vqa.infer_config(original.state_dict(), encoder, sizes["nhead"])
     model = LapvqaVQAModel(config)
@@ -44,16 +54,17 @@ def test_the_upstream_defaults_are_the_config_defaults():
     assert "frame_emb.weight" not in original.state_dict()
 
 
+@pytest.mark.parametrize("scale", WEIGHT_SCALES)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize(("vis_dim", "num_patches"), [(768, 1), (1024, 49), (1152, 257)])
-def test_logits_match_the_original(vis_dim, num_patches, attn_implementation):
-    original, model = make_vqa_pair(vis_dim, attn_implementation=attn_implementation)
+def test_logits_match_the_original(vis_dim, num_patches, attn_implementation, scale):
+    original, model = make_vqa_pair(vis_dim, attn_implementation=attn_implementation, scale=scale)
     image_features = features(2, num_patches, vis_dim)
     ids = torch.randint(0, SPECIAL, (2, 11))
     with torch.no_grad():
         expected = original(image_features, ids)
         found = model(input_ids=ids, image_features=image_features).logits
-    assert (expected - found).abs().max() < 1e-5
+    assert relative_error(found, expected) < 1e-5, "float32 rounding, relative to the logits' scale"
 
 
 def test_lm_head_is_tied_to_the_token_embeddings():
@@ -61,8 +72,9 @@ def test_lm_head_is_tied_to_the_token_embeddings():
     assert model.lm_head.weight.data_ptr() == model.decoder.embed_tokens.weight.data_ptr()
 
 
-def test_greedy_answers_match_the_original_loop_on_a_left_padded_batch():
-    original, model = make_vqa_pair(768, final_norm=False)
+@pytest.mark.parametrize("scale", WEIGHT_SCALES)
+def test_greedy_answers_match_the_original_loop_on_a_left_padded_batch(scale):
+    original, model = make_vqa_pair(768, final_norm=False, scale=scale)
     image_features = features(3, 20, 768)
     prompts = [torch.randint(0, SPECIAL, (n,)).tolist() for n in (3, 7, 5)]
     width = max(len(p) for p in prompts) + 1
