@@ -133,9 +133,12 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 1
     steps = [shlex.split(step) for step in commands[0].split(" && ")]
     assert steps[-1] == [".venv/bin/python", "-m", "pytest", "-n", "2", "-q"]
+    readme_torch = next(word for step in steps for word in step if word.startswith("torch=="))
+    assert f"TORCH_FLOOR={readme_torch.removeprefix('torch==')}" in CI_RUN, "README's torch is CI's first environment's"
+    assert 'install .venv "torch==$TORCH_FLOOR" dev\n' in CI_RUN
     assert ".venv/bin/python -m pytest -n 2 -q" in CI_RUN
     assert ".venv-floor/bin/python -m pytest -n 2 -q" in CI_RUN, "and again on the declared transformers floor"
-    assert "torch==2.13.0" in CI_RUN and '-e ".[dev]"' in CI_RUN
+    assert ".venv-torch-newest/bin/python -m pytest -n 2 -q" in CI_RUN, "and on the newest torch"
 
 
 def test_the_first_screen_pipelines_run_from_images(xray_files, tmp_path, monkeypatch, capsys):
