@@ -24,6 +24,14 @@ class ConversionError(Exception):
 
 # `OWNER/REPO/PATH/IN/REPO`: a file of a Hub repo, e.g. dmusingu/lapvqa-diffvqa/coca_best.pt
 HUB_FILE = re.compile(r"^(?P<repo_id>[\w.-]+/[\w.-]+)/(?P<filename>[^\s]+)$")
+# `NAME` or `OWNER/NAME`: a Hub repo id
+HUB_REPO = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """Whether a model or encoder name can only mean a local path: it is no Hub repo id (`NAME` or `OWNER/NAME`),
+    or it starts like a path (`./`, `../`, `/`, `~`)."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or HUB_REPO.match(name) is None
 
 
 def local_checkpoint(source: str | os.PathLike) -> Path:
@@ -117,12 +125,24 @@ def _check_state_dict(
     verify step. Tensors a converter leaves out (CoCa's text side) are not its concern."""
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{where}: expected a state dict (dict of tensors), found {type(state_dict).__name__}.")
+    not_names = [key for key in state_dict if not isinstance(key, str)]
+    if not_names:
+        raise ConversionError(
+            f"{where}: expected tensor names (text) as the state dict's keys, found {not_names[0]!r} "
+            f"({type(not_names[0]).__name__})."
+        )
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ConversionError(
             f"{where}: expected only tensors in the state dict, found other values under {not_tensors}."
         )
     weights = {key: tensor for key, tensor in state_dict.items() if converted(key)}
+    for key, tensor in weights.items():  # an expanded or overlapping view: a crafted file; checking it could take hours
+        held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if held < tensor.numel():
+            raise ConversionError(
+                f"{where}: {key} claims shape {list(tensor.shape)} but holds {held} values (a crafted or broken file)."
+            )
     not_float = [f"{k} ({v.dtype})" for k, v in weights.items() if not v.is_floating_point()]
     if not_float:
         raise ConversionError(f"{where}: expected floating-point weights, found {', '.join(sorted(not_float))}.")

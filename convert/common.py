@@ -24,6 +24,7 @@ from .checkpoint import (
     first_line,
     load_untrusted_state_dict,
     local_checkpoint,
+    looks_like_a_local_path,
 )
 from .verify import (
     DEFAULT_FLOAT32_BUDGET,
@@ -36,6 +37,7 @@ from .verify import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 128
+GPT2_END_OF_TEXT = 50256  # bos = eos = pad
 
 DECODER_ASSUMPTIONS = (
     "decoder is torch.nn.TransformerDecoder(norm_first=True, batch_first=True) with PyTorch's state-dict keys",
@@ -60,6 +62,8 @@ def tensor_shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int, what:
     shape = state_dict[key].shape
     if len(shape) != ndim:
         raise ConversionError(f"{key!r} should have {ndim} dimensions, found shape {list(shape)}.")
+    if 0 in shape:
+        raise ConversionError(f"{key!r} is {list(shape)}: every dimension must be at least 1.")
     return shape
 
 
@@ -77,6 +81,18 @@ def read_text_decoder_fields(
 ) -> dict:
     """The decoder's config fields read from the weights (`tok_emb`, `pos_emb`, `decoder.*`, `lm_head`)."""
     vocab_size, hidden_size = tensor_shape(state_dict, "tok_emb.weight", 2, what)
+    if vocab_size <= GPT2_END_OF_TEXT:
+        raise ConversionError(
+            f"tok_emb.weight has {vocab_size} rows, but the GPT-2 vocabulary's <|endoftext|> (bos, eos, pad) is id "
+            f"{GPT2_END_OF_TEXT}: expected {GPT2_END_OF_TEXT + 1} rows."
+        )
+    if "pos_emb.weight" in state_dict and state_dict["pos_emb.weight"].ndim == 2:
+        rows = state_dict["pos_emb.weight"].shape[0]
+        if rows < 2:
+            raise ConversionError(
+                f"pos_emb.weight has {rows} rows: the prompt needs at least 2 positions (a token and the bos that "
+                "starts the answer)."
+            )
     num_positions, position_width = tensor_shape(state_dict, "pos_emb.weight", 2, what)
     if position_width != hidden_size:
         raise ConversionError(f"inconsistent widths: tok_emb {hidden_size}, pos_emb {position_width}.")
@@ -110,8 +126,13 @@ def check_encoder_width(encoder: str, vis_dim: int) -> None:
 def encoder_record(encoder: str, checkpoint: str | None = None, revision: str | None = None) -> dict:
     """The head's `feature_recipe`: the encoder's recipe, loaded from `checkpoint` (a Hub id or a local folder,
     default the recipe's Hub id) at `revision`. The encoder stays in its own repo; the head only names it."""
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        checkpoint = str(Path(checkpoint).resolve())
+    if checkpoint is not None:
+        if Path(checkpoint).is_dir():
+            checkpoint = str(Path(checkpoint).resolve())
+        elif Path(checkpoint).exists():
+            raise ConversionError(f"--encoder-checkpoint {checkpoint}: a file; name the encoder's folder or Hub id.")
+        elif looks_like_a_local_path(checkpoint):
+            raise ConversionError(f"--encoder-checkpoint {checkpoint}: no such folder (and no Hub id).")
     recipe = RECIPES[encoder]
     return dataclasses.asdict(
         dataclasses.replace(recipe, checkpoint=checkpoint or recipe.checkpoint, revision=revision or recipe.revision)

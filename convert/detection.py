@@ -128,9 +128,27 @@ def resolve_encoder(metadata: dict[str, object], encoder: str | None) -> str:
             f"checkpoint metadata should hold {list(ARCHITECTURE_METADATA + TRAINING_METADATA)}; "
             f"found unknown keys {unknown} and missing keys {missing}."
         )
+    check_training_record(metadata)
+    if not isinstance(metadata["encoder"], str) or metadata["encoder"] not in RECIPES:
+        raise ConversionError(
+            f"the checkpoint names an unknown encoder {metadata['encoder']!r}; expected one of {sorted(RECIPES)}."
+        )
     if encoder is not None and encoder != metadata["encoder"]:
         raise ConversionError(f"--encoder {encoder} contradicts the checkpoint's encoder {metadata['encoder']!r}.")
-    return str(metadata["encoder"])
+    return metadata["encoder"]
+
+
+def check_training_record(metadata: dict[str, object]) -> None:
+    """The training record goes into `config.json` and the model card: a whole epoch count and mAPs in [0, 1]."""
+    epoch = metadata.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ConversionError(f"checkpoint metadata: epoch must be a whole number of at least 0, found {epoch!r}.")
+    for key in ("val_map40", "val_map50"):
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConversionError(f"checkpoint metadata: {key} must be a number in [0, 1], found {value!r}.")
 
 
 def check_metadata(metadata: dict[str, object], config: LapvqaDetectionConfig) -> None:

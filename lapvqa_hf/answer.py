@@ -3,27 +3,37 @@
     lapvqa answer MODEL --input questions.csv --output answers.jsonl [--save-maps maps/]
     accelerate launch -m lapvqa_hf.answer MODEL --input questions.csv --output answers.jsonl   # one shard per process
 
-The input is CSV or JSON Lines with the model's columns (DiffVQA `prior_image, current_image, question`; VQA
-`image, question`; report generation and detection `image`); relative image paths are read from `--image-root`
-(default: the input file's folder). The output has one JSON line per input row, in input order, with the row's
-fields and its `answer`, `report` or `boxes`, or an `error` saying why that row was skipped.
+The input is CSV or JSON Lines (UTF-8, or UTF-16 with a byte-order mark) with the model's columns (DiffVQA
+`prior_image, current_image, question`; VQA `image, question`; report generation and detection `image`); relative
+image paths are read from `--image-root` (default: the input file's folder). The output has one JSON line per input
+row, in input order: `{"row": N, "input": {...the row as read...}, ...}` with the model's `answer`, `report` or
+`boxes`, or an `error` saying why that row was not answered. A row's problem (a missing image, an empty or too
+long question) is that row's error; the run goes on.
 
 Each distinct image is encoded once (a cache of `--feature-cache-size` images; rows that share images, such as the
 questions of one study pair, are best kept together), answers are generated in batches, and a progress bar shows
 rows/s. Every process appends finished batches to its own part file (`.OUTPUT.part-R-of-W.jsonl`, flushed to disk
 per batch); the output appears, merged in input order, only once every row is done. A killed run loses at most the
-batch in flight: a re-run with the same arguments resumes from the part files.
+batch in flight: a re-run with the same arguments resumes from the part files, and only then: parts written by
+another model (weights or code), dtype, generation options or input are refused.
 """
 
 import argparse
+import codecs
 import contextlib
+import copy
 import csv
+import functools
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +41,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import first_line, sha256_of
+from .convert.checkpoint import first_line, sha256_of, write_json_atomically
 
 COLUMNS = {
     "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
@@ -41,6 +51,9 @@ COLUMNS = {
 }
 IMAGE_COLUMNS = ("prior_image", "current_image", "image")
 MAP_SIDE = 320  # pixels of each image in a saved picture
+OUTPUT_FORMAT = 2  # {"row", "input": {...}, model fields}; 1 (lapvqa-hf 0.4): the row's columns beside the model's
+MAPS_MARKER = ".lapvqa-answer-maps.json"  # in a --save-maps folder: the run whose pictures it holds
+ROW_ERRORS = (ValueError, RuntimeError, IndexError, OSError)  # what answering one row may raise: that row's error
 
 
 class AnswerError(ValueError):
@@ -50,37 +63,123 @@ class AnswerError(ValueError):
 # --- input and output ---------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str | os.PathLike, columns: tuple[str, ...]) -> list[dict]:
-    """The rows of a CSV (with a header) or JSON Lines file, each with every column in `columns`."""
+@dataclass
+class InputRow:
+    """One row of the input: its place (`index`, 0-based; `line` in the file), its values exactly as read, and why
+    it cannot be answered (`problem`), if it cannot."""
+
+    index: int
+    line: int
+    values: object  # a dict of the row's columns; a JSON line that is not an object stays as it was read
+    problem: str | None = None
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """The input file's text: UTF-8 (with or without Excel's byte-order mark) or UTF-16 with a byte-order mark."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise AnswerError(
+            f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte {data[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8."
+        ) from None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def row_problem(values: object, columns: tuple[str, ...]) -> str | None:
+    """Why a row cannot be answered, or None: every column of the model must hold non-empty text."""
+    if not isinstance(values, dict):
+        return f"expected a JSON object with the columns {list(columns)}, found {type(values).__name__}"
+    problems = []
+    for column in columns:
+        value = values.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            problems.append(f"{column}: missing or empty")
+        elif not isinstance(value, str):
+            problems.append(f"{column}: expected text, found {type(value).__name__} {json.dumps(value)[:40]}")
+        elif _has_lone_surrogate(value):
+            problems.append(f"{column}: not valid Unicode text (a lone surrogate)")
+    return "; ".join(problems) or None
+
+
+def read_input(path: str | os.PathLike, columns: tuple[str, ...]) -> list[InputRow]:
+    """The rows of a CSV (with a header) or JSON Lines file. A CSV whose header lacks a column of the model, or a
+    file none of whose rows has them all, is refused in one line; any other row's problem is that row's."""
     path = Path(path)
     if not path.is_file():
         raise AnswerError(f"{path}: no such input file.")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise AnswerError(f"{path}: expected a .csv or .jsonl file, found {path.suffix or 'no suffix'}.")
+    text = decode_text(path.read_bytes(), path)
+    if not text.strip():
+        raise AnswerError(f"{path}: no rows.")
+    rows: list[InputRow] = []
+    if suffix == ".csv":
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long field is its row's problem, not a crash
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            header = reader.fieldnames or []
+            missing = [column for column in columns if column not in header]
+            if missing:
+                raise AnswerError(
+                    f"{path}: this model needs the columns {list(columns)}; the header has {header} ({missing} "
+                    "missing)."
+                )
+            for values in reader:
+                values.pop(None, None)  # cells beyond the header's columns
+                rows.append(InputRow(len(rows), reader.line_num, values))
+        except csv.Error as error:
+            raise AnswerError(f"{path} line {reader.line_num}: not CSV ({error}).") from None
+    else:
+        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON text may hold U+2028
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise AnswerError(f"{path} line {number}: not JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise AnswerError(f"{path} line {number}: expected a JSON object, found {type(row).__name__}.")
-            rows.append((number, row))
-    elif path.suffix.lower() == ".csv":
-        with open(path, newline="") as file:
-            rows = [(number, row) for number, row in enumerate(csv.DictReader(file), start=2)]
-    else:
-        raise AnswerError(f"{path}: expected a .csv or .jsonl file, found {path.suffix or 'no suffix'}.")
-    for number, row in rows:
-        missing = [column for column in columns if not isinstance(row.get(column), str) or not row[column].strip()]
-        if missing:
-            raise AnswerError(
-                f"{path} line {number}: this model needs the columns {list(columns)}; {missing} missing or empty."
-            )
+                values = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as error:
+                reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+                rows.append(InputRow(len(rows), number, line, f"line {number}: not JSON ({reason})"))
+                continue
+            rows.append(InputRow(len(rows), number, values))
     if not rows:
         raise AnswerError(f"{path}: no rows.")
-    return [row for _, row in rows]
+    for row in rows:
+        row.problem = row.problem or row_problem(row.values, columns)
+    if all(row.problem for row in rows):
+        raise AnswerError(
+            f"{path}: no row has this model's columns {list(columns)} as non-empty text (line {rows[0].line}: "
+            f"{rows[0].problem})."
+        )
+    return rows
+
+
+def json_line(value: object) -> str:
+    """One JSON line, non-ASCII text as is; text that UTF-8 cannot hold (a lone surrogate) escaped, so that every
+    input value reaches the output as it was read."""
+    text = json.dumps(value, ensure_ascii=False)
+    return (text if not _has_lone_surrogate(text) else json.dumps(value)) + "\n"
+
+
+def _differing(found: dict, expected: dict) -> str:
+    """The names of the run settings two run records disagree on, for messages."""
+    found_run, expected_run = found.get("lapvqa_answer", {}), expected.get("lapvqa_answer", {})
+    if not isinstance(found_run, dict):
+        return "everything"
+    names = sorted(key for key in expected_run.keys() | found_run.keys() if found_run.get(key) != expected_run.get(key))
+    return ", ".join(names) or "nothing"
 
 
 class PartFile:
@@ -92,15 +191,22 @@ class PartFile:
         if path.exists():
             lines = path.read_bytes().split(b"\n")
             complete, torn = lines[:-1], lines[-1]  # a finished file ends with a newline: `torn` is empty
-            found = json.loads(complete[0]) if complete else None
-            if found is not None and found != header:
+            try:
+                found = json.loads(complete[0]) if complete else None
+                if found is not None and found != header:
+                    raise AnswerError(
+                        f"{path} holds rows of another run ({_differing(found, header)} differ); pass --overwrite "
+                        "to start again, or another --output."
+                    )
+                for line in complete[1:]:
+                    row = json.loads(line)
+                    self.done[row["row"]] = row
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                if isinstance(error, AnswerError):
+                    raise
                 raise AnswerError(
-                    f"{path} holds rows of another run (other input, model or options); pass --overwrite to start "
-                    "again, or another --output."
-                )
-            for line in complete[1:]:
-                row = json.loads(line)
-                self.done[row["row"]] = row
+                    f"{path} is damaged ({first_line(error)}); pass --overwrite to start again."
+                ) from None
             if torn or not complete:
                 with open(path, "r+b") as file:
                     file.truncate(sum(len(line) + 1 for line in complete))
@@ -112,8 +218,8 @@ class PartFile:
         self.done.update((row["row"], row) for row in rows)
 
     def _append(self, rows: list[dict]) -> None:
-        with open(self.path, "a") as file:
-            file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write("".join(map(json_line, rows)))
             file.flush()
             os.fsync(file.fileno())
 
@@ -122,25 +228,102 @@ def part_path(output: Path, rank: int, world: int) -> Path:
     return output.with_name(f".{output.name}.part-{rank:03d}-of-{world:03d}.jsonl")
 
 
-def merge_parts(output: Path, world: int, total: int) -> list[dict]:
-    """Writes the output, in input order, from every process's part file (atomically), then removes the parts;
-    returns the merged rows."""
+def record_path(output: Path) -> Path:
+    """Beside a finished output: the run that wrote it (what `lapvqa answer` checks before resuming or replacing)."""
+    return output.with_name(f".{output.name}.lapvqa-answer.json")
+
+
+def merge_parts(output: Path, world: int, total: int, header: dict) -> list[dict]:
+    """Writes the output, in input order, from every process's part file (atomically, after the record of the run
+    beside it), then removes the parts; returns the merged rows."""
     rows: dict[int, dict] = {}
     for rank in range(world):
-        lines = part_path(output, rank, world).read_text().splitlines()[1:]
+        lines = part_path(output, rank, world).read_bytes().split(b"\n")[1:-1]  # after the header, before the end
         rows.update((row["row"], row) for row in map(json.loads, lines))
     if sorted(rows) != list(range(total)):
         raise AnswerError(f"the part files hold {len(rows)} of {total} rows; re-run to finish them.")
     merged = [rows[i] for i in range(total)]
+    write_json_atomically(record_path(output), {**header, "rows": total})
     temporary = output.with_name(f".{output.name}.merging")
-    with open(temporary, "w") as file:
-        file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged))
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write("".join(map(json_line, merged)))
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, output)
     for rank in range(world):
         part_path(output, rank, world).unlink()
     return merged
+
+
+def _is_a_legacy_answer_output(path: Path) -> bool:
+    """Whether `path` looks like an output of lapvqa-hf 0.4 (no record beside it): JSON lines numbered 0..n-1."""
+    try:
+        with open(path, encoding="utf-8", newline="\n") as file:
+            for expected, line in enumerate(file):
+                row = json.loads(line)
+                if not isinstance(row, dict) or row.get("row") != expected:
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_output(output: Path, input_path: Path, header: dict, overwrite: bool) -> bool:
+    """Whether `output` is complete already for this very run. An output written by another run is replaced only
+    with `overwrite`; a file that `lapvqa answer` did not write, or the input itself, never is."""
+    if output.resolve() == input_path.resolve() or (output.exists() and output.samefile(input_path)):
+        raise AnswerError(f"--output {output} is the input file; write the answers to another file.")
+    if output.exists() and not output.is_file():
+        raise AnswerError(f"--output {output} is not a file; name a .jsonl file to write.")
+    if not output.exists():
+        return False
+    try:
+        recorded = json.loads(record_path(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict):
+        recorded = {key: value for key, value in recorded.items() if key != "rows"}
+        if recorded == header and not overwrite:
+            return True
+        if not overwrite:
+            raise AnswerError(
+                f"{output} holds the answers of another run ({_differing(recorded, header)} differ); pass "
+                "--overwrite to replace it, or choose another --output."
+            )
+        return False
+    if not _is_a_legacy_answer_output(output):
+        raise AnswerError(
+            f"{output} exists and was not written by `lapvqa answer`; it is never replaced: choose another --output."
+        )
+    if not overwrite:
+        raise AnswerError(f"{output} exists (written by an earlier lapvqa-hf); pass --overwrite to replace it.")
+    return False
+
+
+def claim_maps_folder(maps: Path, output: Path) -> None:
+    """`--save-maps` writes only into a folder of its own: new or empty (then marked as this output's), or marked
+    by an earlier run of the same output. Any other folder, the images' own say, is refused: nothing is overwritten."""
+    if maps.exists() and not maps.is_dir():
+        raise AnswerError(f"--save-maps {maps} is a file; name a new or empty folder.")
+    claim = {"lapvqa_answer_maps_of": str(output.resolve())}
+    marker = maps / MAPS_MARKER
+    if maps.is_dir() and any(maps.iterdir()):
+        try:
+            found = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            example = sorted(path.name for path in maps.iterdir())[0]
+            raise AnswerError(
+                f"--save-maps {maps} already holds files that lapvqa answer did not write (e.g. {example}); "
+                "pictures go into a new or empty folder."
+            ) from None
+        if found != claim:
+            raise AnswerError(
+                f"--save-maps {maps} holds the pictures of another output ({found.get('lapvqa_answer_maps_of')}); "
+                "choose another folder."
+            )
+        return
+    maps.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(marker, claim)
 
 
 # --- pictures ---------------------------------------------------------------------------------------------------
@@ -237,8 +420,99 @@ class ImageCache:
         return found
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """Whether a model name can only be a local path (a Hub id is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
+
+
+def load_pipeline(
+    model: str,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    model_kwargs: dict | None = None,
+):
+    """The model's pipeline. As transformers' own rule goes, the package's classes serve folders of its model types
+    and no folder's code runs unless `trust_remote_code`; every failure to load is one line naming the model."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, pipeline
+
+    from .pipeline_lapvqa import PIPELINES
+
+    name = str(model)
+    if not Path(name).exists() and _looks_like_a_path(name):
+        raise AnswerError(f"{name}: no such model folder.")
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise AnswerError(f"{name}: not a model folder (no config.json).")
+    options = dict(revision=revision, device=device, dtype=dtype, model_kwargs=model_kwargs or {})
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        if trust_remote_code:
+            return pipeline(model=name, trust_remote_code=True, **options)
+        if config.model_type not in PIPELINES:
+            raise AnswerError(
+                f"{name} is a {config.model_type} model; `lapvqa answer` takes {sorted(COLUMNS)} (a folder's own code "
+                "runs only with --trust-remote-code)."
+            )
+        check_weights_fit_config(name, config, revision)
+        task, pipeline_class = PIPELINES[config.model_type]
+        return pipeline(task=task, model=name, pipeline_class=pipeline_class, trust_remote_code=False, **options)
+    except AnswerError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        MemoryError,
+        SafetensorError,
+    ) as error:  # incl. EncoderError
+        # (also a remote-code folder's own copy of it), a damaged or truncated model.safetensors, absurd sizes
+        raise AnswerError(f"{name}: the model could not be loaded ({first_line(error)}).") from None
+
+
+def check_weights_fit_config(name: str, config, revision: str | None = None) -> None:
+    """The weights' shapes must be those `config.json` describes. transformers would re-initialise mismatched
+    tensors at random, with a warning, or fail after printing a table of them; this says it in one line."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+    from transformers.utils import cached_file
+
+    with torch.device("meta"):
+        expected = {key: tuple(t.shape) for key, t in AutoModel.from_config(config).state_dict().items()}
+    weights = cached_file(name, "model.safetensors", revision=revision)
+    with safe_open(weights, "pt") as file:
+        found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    wrong = [f"{key} is {list(found[key])}, not {list(shape)}" for key, shape in expected.items()
+             if key in found and found[key] != shape]  # fmt: skip
+    if wrong:
+        raise AnswerError(
+            f"{name}: model.safetensors does not fit config.json ({len(wrong)} tensors: {wrong[0]}); the folder is "
+            "damaged or was edited: convert it again."
+        )
+
+
+def fingerprint(modules: list[torch.nn.Module], classes: list[type]) -> str:
+    """sha256 of what a model's answers depend on: every tensor of `modules` (names, dtypes, shapes, values), the
+    source files of `classes`, and the torch and transformers releases. The same model loaded from a relative or an
+    absolute path, a folder or the Hub cache, has the same fingerprint."""
+    import transformers
+
+    digest = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for source in sorted({inspect.getsourcefile(cls) or "" for cls in classes} - {""}):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
+
+
 class Answerer:
-    """Answers rows of one model kind in batches: images encoded once (`ImageCache`), prompts left-padded."""
+    """Answers rows of one model kind in batches: images encoded once (`ImageCache`), prompts left-padded, each row's
+    problem its own error."""
 
     def __init__(
         self,
@@ -249,11 +523,11 @@ class Answerer:
         threshold: float = 0.5,
         save_maps: str | os.PathLike | None = None,
         feature_cache_size: int = 4096,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
     ):
-        from transformers import pipeline
-
         options = {"attn_implementation": "eager"} if save_maps else {}  # attention weights need eager attention
-        self.pipe = pipeline(model=model, trust_remote_code=True, device=device, dtype=dtype, model_kwargs=options)
+        self.pipe = load_pipeline(model, trust_remote_code, revision, device, dtype, options)
         self.model, self.model_type = self.pipe.model, self.pipe.model.config.model_type
         if self.model_type not in COLUMNS:
             raise AnswerError(f"{model} is a {self.model_type} model; `lapvqa answer` takes {sorted(COLUMNS)}.")
@@ -262,11 +536,36 @@ class Answerer:
         self.generate_kwargs = {"do_sample": False, **(generate_kwargs or {})}
         self.threshold = threshold
         self.maps = Path(save_maps) if save_maps else None
-        if self.maps is not None:
-            if self.generate_kwargs.get("num_beams", 1) != 1:
-                raise AnswerError("--save-maps draws greedy answers; leave --num-beams at 1.")
-            self.maps.mkdir(parents=True, exist_ok=True)
+        if self.maps is not None and self.generate_kwargs.get("num_beams", 1) != 1:
+            raise AnswerError("--save-maps draws greedy answers; leave --num-beams at 1.")
         self.images = ImageCache(self._encode_images, feature_cache_size)
+        self.capped: dict[int, int] = {}  # rows whose answers were capped to fit the positions: row -> tokens
+
+    def identity(self) -> dict:
+        """What this answerer's answers depend on, beyond the input: recorded with the part files and the output,
+        and compared before anything is resumed or called complete."""
+        encoder = getattr(self.pipe, "encoder", None)
+        modules = [self.model] + ([encoder] if encoder is not None else [])
+        processors = [getattr(self.pipe, name, None) for name in ("image_processor", "encoder_image_processor")]
+        classes = [type(self.model), type(self.pipe)] + [type(m) for m in modules[1:]]
+        classes += [type(processor) for processor in processors if processor is not None]
+        generation = None
+        if self.model_type != "lapvqa_detection":  # the options generate() runs with, defaults left out
+            generation = copy.deepcopy(self.model.generation_config)
+            generation.update(**self.generate_kwargs)
+            # Fields left unset take generate()'s global defaults: spelled out or not, the same options.
+            generation.update(**generation._get_default_generation_params(), defaults_only=True)
+            generation = {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"}
+        identity = {
+            "format": OUTPUT_FORMAT,
+            "model": fingerprint(modules, classes),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "generate": generation,
+            "maps": str(self.maps.resolve()) if self.maps is not None else None,
+        }
+        if self.model_type == "lapvqa_detection":
+            identity["threshold"] = self.threshold
+        return identity
 
     # Encoding: one batch of distinct images; a bad image becomes its error and the others go on.
     def _encode_images(self, paths: list[str]) -> list:
@@ -281,6 +580,9 @@ class Answerer:
             with torch.inference_mode(), self._pooled_tokens_to_patches() as to_patches:
                 tokens = self._tokens(pixels)
             for i, (path, (_, size)) in enumerate(prepared.items()):
+                if not torch.isfinite(tokens[i]).all():
+                    values[path] = "the encoder gave non-finite features (NaN or inf) for this image"
+                    continue
                 values[path] = (tokens[i], size, to_patches[i] if to_patches else None)
         return [values[path] for path in paths]
 
@@ -325,42 +627,89 @@ class Answerer:
             return vision(pixels.to(self.model.device, self.model.dtype)).last_hidden_state
         return self.pipe.encode(pixels)
 
-    def answer(self, rows: list[tuple[int, dict]]) -> list[dict]:
-        """The output lines of `rows` (`(index, row)`), in their order."""
-        paths = [row[column] for _, row in rows for column in self.image_columns]
+    def answer(self, rows: list[tuple[InputRow, dict[str, str]]]) -> list[dict]:
+        """The output lines of `rows` (each an input row and the paths its image columns name), in their order."""
+        paths = [path for row, row_paths in rows if row.problem is None for path in row_paths.values()]
         images = self.images.get(paths)
-        results, ready = {}, []
-        for index, row in rows:
-            errors = [f"{c}: {images[row[c]]}" for c in self.image_columns if isinstance(images[row[c]], str)]
+        outputs, ready = {}, []
+        for row, row_paths in rows:
+            if row.problem is not None:
+                outputs[row.index] = {"error": row.problem}
+                continue
+            errors = [
+                f"{column}: {images[path]}" for column, path in row_paths.items() if isinstance(images[path], str)
+            ]
             if errors:
-                results[index] = {"row": index, **row, "error": "; ".join(errors)}
+                outputs[row.index] = {"error": "; ".join(errors)}
             else:
-                ready.append((index, row))
-        if ready:
-            with torch.inference_mode():
-                answered = self._answer_ready(ready, images)
-            results.update((index, {"row": index, **row, **answered[i]}) for i, (index, row) in enumerate(ready))
-        return [results[index] for index, _ in rows]
+                ready.append((row.index, {**row.values, **row_paths}))
+        outputs.update(self._answer_ready(ready, images))
+        return [{"row": row.index, "input": row.values, **outputs[row.index]} for row, _ in rows]
 
-    def _answer_ready(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
+    def _answer_ready(self, rows: list[tuple[int, dict]], images: dict) -> dict[int, dict]:
+        """The model's fields (or an `error`) of each row whose images were read; rows are generated together where
+        their prompts leave the same room for new tokens."""
+        if self.model_type == "lapvqa_detection":
+            return self._rows_answered(rows, lambda batch: self._detect(batch, images))
+        outputs, groups = {}, {}
+        for index, row in rows:
+            try:
+                prompt = self._prompt(row)
+            except ValueError as error:
+                outputs[index] = {"error": first_line(error)}
+                continue
+            tokens = self._new_tokens_for(len(prompt))
+            groups.setdefault(tokens, []).append((index, row, prompt))
+        for tokens, group in groups.items():
+            prompts = {index: prompt for index, _, prompt in group}
+            batch = [(index, row) for index, row, _ in group]
+            generate = functools.partial(self._generate, images=images, prompts=prompts, tokens=tokens)
+            outputs.update(self._rows_answered(batch, generate))
+        return outputs
+
+    def _rows_answered(self, rows: list[tuple[int, dict]], answer_batch: Callable) -> dict[int, dict]:
+        """`answer_batch(rows)` for the whole batch; where that fails, row by row, so that one row's problem is that
+        row's error, never the run's."""
+        try:
+            with torch.inference_mode():
+                return {index: output for (index, _), output in zip(rows, answer_batch(rows), strict=True)}
+        except ROW_ERRORS as error:
+            if len(rows) == 1:
+                return {rows[0][0]: {"error": first_line(error)}}
+        outputs = {}
+        for row in rows:
+            outputs.update(self._rows_answered([row], answer_batch))
+        return outputs
+
+    def _prompt(self, row: dict) -> list[int]:
+        if self.model_type == "lapvqa_captioning":
+            return [self.model.config.bos_token_id]
+        if hasattr(self.pipe, "question_ids"):
+            return self.pipe.question_ids(row["question"])
+        return self.pipe._question_prompt(row["question"])["input_ids"][0].tolist()  # a folder's older pipeline code
+
+    def _new_tokens_for(self, prompt_length: int) -> int:
+        """`max_new_tokens` (asked for, else the model's), capped to the room a prompt leaves in the positions."""
+        from .pipeline_lapvqa import room_for_new_tokens
+
+        wanted = self.generate_kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens
+        room = room_for_new_tokens(self.model.config, prompt_length)
+        return min(wanted, room) if wanted else room
+
+    def _generate(self, rows: list[tuple[int, dict]], images: dict, prompts: dict, tokens: int) -> list[dict]:
         def stack(column: str) -> torch.Tensor:
             return torch.stack([images[row[column]][0] for _, row in rows])
 
-        if self.model_type == "lapvqa_detection":
-            return self._detect(rows, images, stack("image"))
-        if self.model_type == "lapvqa_captioning":
-            visual = {"image_features": stack("image")}
-            prompts = [[self.model.config.bos_token_id]] * len(rows)
-        elif self.model_type == "lapvqa_diffvqa":
+        if self.model_type == "lapvqa_diffvqa":
             visual = {"curr_vis": stack("current_image"), "ref_vis": stack("prior_image")}
-            prompts = [self.pipe._question_prompt(row["question"])["input_ids"][0].tolist() for _, row in rows]
         else:
             visual = {"image_features": stack("image")}
-            prompts = [self.pipe._question_prompt(row["question"])["input_ids"][0].tolist() for _, row in rows]
-        input_ids, attention_mask = self._left_padded(prompts)
-        generated = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **visual, **self.generate_kwargs
-        )
+        input_ids, attention_mask = self._left_padded([prompts[index] for index, _ in rows])
+        generate_kwargs = {**self.generate_kwargs, "max_new_tokens": tokens}
+        generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **visual, **generate_kwargs)
+        wanted = self.generate_kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens
+        if wanted and tokens < wanted:
+            self.capped.update((index, tokens) for index, _ in rows)
         new_tokens = generated[:, input_ids.shape[1] :]
         texts = [t.strip() for t in self.pipe.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         key = "report" if self.model_type == "lapvqa_captioning" else "answer"
@@ -394,7 +743,10 @@ class Answerer:
             # The logits that chose the answer's tokens: from the prompt's last position to the last answer token's.
             chose = range(prompt_width - 1, prompt_width - 1 + int(answer_mask[i].sum()))
             weights = attention[i, list(chose)].mean(dim=0).cpu().numpy()
-            pictures.append(self._draw(index, row, answers[i], weights, to_patches))
+            try:
+                pictures.append(self._draw(index, row, answers[i], weights, to_patches))
+            except (ValueError, OSError) as error:  # the answer stands; its picture could not be drawn
+                pictures.append({"map": None, "map_error": first_line(error)})
         return pictures
 
     def _draw(self, index: int, row: dict, answer: str, weights: np.ndarray, to_patches: dict) -> dict:
@@ -417,10 +769,12 @@ class Answerer:
         save_atomically(captioned(panels, titles, f"Q: {row['question']}\nA: {answer}"), path)
         return {"map": str(path)}
 
-    def _detect(self, rows, images, tokens: torch.Tensor) -> list[dict]:
+    def _detect(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
         from types import SimpleNamespace
 
-        outputs = self.model(image_features=tokens)
+        outputs = self.model(image_features=torch.stack([images[row["image"]][0] for _, row in rows]))
+        finite = [bool(torch.isfinite(logits).all() and torch.isfinite(boxes).all())
+                  for logits, boxes in zip(outputs.logits, outputs.pred_boxes, strict=True)]  # fmt: skip
         sizes = [list(images[row["image"]][1]) for _, row in rows]
         detections = self.pipe.image_processor.post_process_object_detection(
             SimpleNamespace(logits=outputs.logits, pred_boxes=outputs.pred_boxes),
@@ -428,7 +782,10 @@ class Answerer:
             target_sizes=sizes,
         )
         labels, results = self.model.config.id2label, []
-        for (index, row), found in zip(rows, detections, strict=True):
+        for (index, row), found, ok in zip(rows, detections, finite, strict=True):
+            if not ok:
+                results.append({"error": "the model gave non-finite scores or boxes (NaN or inf) for this image"})
+                continue
             boxes = [
                 {
                     "score": round(score.item(), 4),
@@ -442,8 +799,11 @@ class Answerer:
             result = {"boxes": boxes}
             if self.maps is not None:
                 path = self.maps / f"{index:07d}.png"
-                save_atomically(boxes_picture(self.pipe.xray_reader.load_rgb(row["image"]), boxes), path)
-                result["map"] = str(path)
+                try:
+                    save_atomically(boxes_picture(self.pipe.xray_reader.load_rgb(row["image"]), boxes), path)
+                    result["map"] = str(path)
+                except (ValueError, OSError) as error:
+                    result.update(map=None, map_error=first_line(error))
             results.append(result)
         return results
 
@@ -463,43 +823,54 @@ def answer_dataset(
     **answerer_options,
 ) -> Path:
     """Answers every row of `input_path` into `output` (JSON Lines, input order); this process takes the rows
-    `rank, rank + world, ...`, and process 0 merges the parts once `barrier()` says every process is done."""
+    `rank, rank + world, ...`, and process 0 merges the parts once `barrier()` says every process is done.
+
+    Part files are resumed, and an existing output is called complete, only when they were written by the same run:
+    the same input (its bytes), image root, model (weights and code), dtype and generation options."""
     input_path, output = Path(input_path), Path(output)
-    if output.exists() and not overwrite:
-        print(f"{output} is complete already; pass --overwrite to answer again.")
-        return output
+    if not input_path.is_file():
+        raise AnswerError(f"{input_path}: no such input file.")
     answerer = answerer or Answerer(model, **answerer_options)
-    rows = read_rows(input_path, answerer.columns)
+    rows = read_input(input_path, answerer.columns)
     root = Path(image_root) if image_root is not None else input_path.parent
-    for row in rows:  # relative image paths are read from the image root
-        for column in answerer.image_columns:
-            row[column] = str(root / row[column])
     header = {
         "lapvqa_answer": {
             "input_sha256": sha256_of(input_path),
-            "model": str(model),
-            "image_root": str(root),
-            "generate": answerer.generate_kwargs,
-            "threshold": answerer.threshold,
-            "maps": str(answerer.maps) if answerer.maps else None,
+            "image_root": str(root.resolve()),
+            **answerer.identity(),
         }
     }
+    if check_output(output, input_path, header, overwrite):
+        if rank == 0:
+            print(
+                f"{output} is complete already (the same input, model and options); pass --overwrite to answer again."
+            )
+        return output
+    if answerer.maps is not None:
+        claim_maps_folder(answerer.maps, output)
     part = part_path(output, rank, world)
-    if overwrite and rank == 0 and output.exists():
-        output.unlink()  # our own output, replaced whole; nothing else is removed
     if overwrite:
         part.unlink(missing_ok=True)
     part_file = PartFile(part, header)
-    mine = [(i, row) for i, row in enumerate(rows) if i % world == rank and i not in part_file.done]
+    mine = [row for row in rows if row.index % world == rank and row.index not in part_file.done]
     bar = tqdm(total=len(range(rank, len(rows), world)), initial=len(part_file.done), unit="row", disable=not progress)
     for start in range(0, len(mine), batch_size):
         batch = mine[start : start + batch_size]
-        part_file.append(answerer.answer(batch))
+        paths = [{column: str(root / row.values[column]) for column in answerer.image_columns} if row.problem is None
+                 else {} for row in batch]  # fmt: skip
+        part_file.append(answerer.answer(list(zip(batch, paths, strict=True))))
         bar.update(len(batch))
     bar.close()
+    if answerer.capped:
+        print(
+            f"{len(answerer.capped)} of this process's rows had questions too long for the requested answer length "
+            f"within the model's {answerer.model.config.max_position_embeddings} learned positions: their answers "
+            f"stop at the room left (as few as {min(answerer.capped.values())} tokens).",
+            file=sys.stderr,
+        )
     barrier()
     if rank == 0:
-        failed = sum("error" in row for row in merge_parts(output, world, len(rows)))
+        failed = sum("error" in row for row in merge_parts(output, world, len(rows), header))
         print(
             f"wrote {output}: {len(rows)} rows ({world} process{'es' if world > 1 else ''}), {failed} skipped with an error"
         )
@@ -519,7 +890,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the process's accelerator, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     parser.add_argument("--feature-cache-size", type=int, default=4096, help="encoded images kept (default 4096)")
-    parser.add_argument("--overwrite", action="store_true", help="answer again, replacing the output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="answer again, replacing the output (only one lapvqa answer wrote)"
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code (its pipeline and model files) instead of this package's classes; "
+        "read that code first (default: the package's classes, for the model types it knows)",
+    )
+    parser.add_argument("--revision", help="branch, tag or commit of a Hub model to use (pin one with remote code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -554,6 +934,8 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             save_maps=args.save_maps,
             feature_cache_size=args.feature_cache_size,
+            trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
         )
 
     return leave_processes(state, run_reporting_errors(answer, errors=(AnswerError, EncoderError, OSError)))

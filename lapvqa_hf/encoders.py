@@ -79,6 +79,12 @@ RECIPES: dict[str, EncoderRecipe] = {recipe.name: recipe for recipe in (
 ENCODER_WIDTHS: dict[str, int] = {name: recipe.vis_dim for name, recipe in RECIPES.items()}
 
 
+# Run as the package (`lapvqa_hf.encoders`), the package's registered classes load the collection's own encoders and no
+# folder's code runs; run as a head folder's remote code (the user trusted that folder), an encoder folder's own code
+# serves where the package is not installed.
+_TRUST_ENCODER_CODE = not __name__.startswith("lapvqa_hf.")
+
+
 class EncoderError(ValueError):
     """A frozen encoder cannot be loaded or run as its recipe says; the message says what was expected."""
 
@@ -107,7 +113,9 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch
         # installed, else the folder's own code.
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(source, revision=recipe.revision, trust_remote_code=True).eval()
+        model = AutoModel.from_pretrained(
+            source, revision=recipe.revision, trust_remote_code=_TRUST_ENCODER_CODE
+        ).eval()
     except OSError as error:
         raise _unreachable(recipe, source, error) from None
     if type(model).__name__ != recipe.model_class:
@@ -126,7 +134,7 @@ def load_encoder_image_processor(recipe: EncoderRecipe, checkpoint: str | None =
     source = checkpoint or recipe.checkpoint
     try:
         return AutoImageProcessor.from_pretrained(
-            source, revision=recipe.revision, trust_remote_code=recipe.library == "lapvqa"
+            source, revision=recipe.revision, trust_remote_code=recipe.library == "lapvqa" and _TRUST_ENCODER_CODE
         )
     except OSError as error:
         raise _unreachable(recipe, source, error) from None

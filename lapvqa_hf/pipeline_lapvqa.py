@@ -16,9 +16,40 @@ from types import SimpleNamespace
 import torch
 from transformers import Pipeline, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import logging
 
 from .encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
+
+logger = logging.get_logger(__name__)
+
+
+def room_for_new_tokens(config, prompt_length: int) -> int:
+    """How many tokens `generate()` may add to a prompt of `prompt_length` tokens within the model's learned
+    positions (the last new token is never fed back, so it needs no position)."""
+    return config.max_position_embeddings - prompt_length + 1
+
+
+def fitted_generate_kwargs(model: PreTrainedModel, prompt_length: int, generate_kwargs: dict) -> dict:
+    """`generate_kwargs` with `max_new_tokens` (given, else the model's default) capped to the room the prompt leaves
+    in the learned positions, saying so once; a prompt that leaves no room is refused in one line."""
+    room = room_for_new_tokens(model.config, prompt_length)
+    if room < 1:
+        limit = model.config.max_position_embeddings
+        raise ValueError(
+            f"The prompt has {prompt_length} tokens, more than the {limit} learned positions of this model: shorten "
+            f"the question to at most {limit - 1} tokens."
+        )
+    if "max_length" in generate_kwargs:  # the caller sized the whole sequence: generate() checks it
+        return generate_kwargs
+    wanted = generate_kwargs.get("max_new_tokens") or model.generation_config.max_new_tokens
+    if wanted is None or wanted <= room:
+        return generate_kwargs
+    logger.warning_once(
+        f"max_new_tokens={wanted} does not fit the {model.config.max_position_embeddings} learned positions of this "
+        f"model after a prompt of {prompt_length} tokens: answers to such prompts stop at {room} new tokens."
+    )
+    return {**generate_kwargs, "max_new_tokens": room}
 
 
 def _generated_answers(generated: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
@@ -27,7 +58,16 @@ def _generated_answers(generated: torch.Tensor, prompt_length: int, batch_size: 
     return answers.reshape(batch_size, -1, answers.shape[-1])
 
 
-class LapvqaFrozenEncoderPipeline(Pipeline):
+class LapvqaPipeline(Pipeline):
+    """transformers' `Pipeline`, with what every LAPVQA pipeline adds: an empty list in gives an empty list out."""
+
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, *args, **kwargs)
+
+
+class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
     """What the heads fed by a frozen encoder share: the encoder named by the head's `feature_recipe` and its own
     image processor, loaded once (pass `encoder=` / `encoder_image_processor=` to reuse loaded ones), and batched
     encoding. X-rays are read by `LapvqaImageProcessor` (16-bit, DICOM), then prepared by the encoder's processor,
@@ -60,16 +100,33 @@ class LapvqaFrozenEncoderPipeline(Pipeline):
         dtype = next(self.encoder.parameters()).dtype
         return patch_tokens(self.recipe, self.encoder, pixel_values.to(self.device, dtype))
 
-    def _question_prompt(self, question: str) -> dict[str, torch.Tensor]:
-        """`question_ids + [bos]`, as the heads were trained (left-padded in a batch)."""
+    def question_ids(self, question: str) -> list[int]:
+        """`question_ids + [bos]`, as the heads were trained; a question that leaves no room for an answer in the
+        learned positions is refused in one line."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"A question must be a non-empty string, got {question!r}.")
-        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] + [self.model.config.bos_token_id]
+        try:
+            ids = self.tokenizer(question, add_special_tokens=False, verbose=False)["input_ids"]
+        except UnicodeEncodeError:
+            raise ValueError("The question is not valid Unicode text (it holds a lone surrogate).") from None
+        ids = ids + [self.model.config.bos_token_id]
+        limit = self.model.config.max_position_embeddings
+        if len(ids) > limit:
+            raise ValueError(
+                f"The question has {len(ids) - 1} tokens; this model's {limit} learned positions hold at most "
+                f"{limit - 1} (with the bos token that starts the answer): shorten it."
+            )
+        return ids
+
+    def _question_prompt(self, question: str) -> dict[str, torch.Tensor]:
+        """`question_ids + [bos]` as model inputs (left-padded in a batch)."""
+        ids = self.question_ids(question)
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
 
     def _answer(self, model_inputs: dict, generate_kwargs: dict, **visual_features) -> dict[str, torch.Tensor]:
         """`generate()` from the question prompts and the encoded images; the answers without the prompts."""
         input_ids = model_inputs["input_ids"]
+        generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
         generated = self.model.generate(
             input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **visual_features, **generate_kwargs
         )
@@ -167,7 +224,7 @@ class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
         ]
 
 
-class LapvqaCaptioningPipeline(Pipeline):
+class LapvqaCaptioningPipeline(LapvqaPipeline):
     """`pipe(image)` -> `[{"generated_text": "..."}]` (transformers' image-to-text output): a report written by the
     captioning model's own encoder and decoder; generation arguments pass through to `generate()`."""
 
@@ -189,6 +246,7 @@ class LapvqaCaptioningPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
         input_ids = model_inputs["input_ids"]
+        generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
         generated = self.model.generate(
             input_ids=input_ids,
             attention_mask=model_inputs["attention_mask"],
@@ -229,10 +287,13 @@ def save_pretrained_with_pipeline(model: PreTrainedModel, folder: str | os.PathL
 
 __all__ = [
     "PIPELINES",
+    "fitted_generate_kwargs",
+    "room_for_new_tokens",
     "save_pretrained_with_pipeline",
     "LapvqaCaptioningPipeline",
     "LapvqaDetectionPipeline",
     "LapvqaDiffVQAPipeline",
     "LapvqaFrozenEncoderPipeline",
+    "LapvqaPipeline",
     "LapvqaVQAPipeline",
 ]

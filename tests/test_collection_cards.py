@@ -100,7 +100,16 @@ def test_selecting_unknown_names_is_refused():
 def test_every_card_renders_and_its_metadata_parses_back(entry):
     collection = load_collection()
     info = {"assumptions": ["assumption one", "assumption two"], "source_sha256": "ab" * 32}
-    card = ModelCard(str(render_model_card(entry, collection, info, "verify passed: float64 max |Δlogit| = 2.8e-13, relative 2.5e-15 (tolerance 1e-09)")))
+    card = ModelCard(
+        str(
+            render_model_card(
+                entry,
+                collection,
+                info,
+                "verify passed: float64 max |Δlogit| = 2.8e-13, relative 2.5e-15 (tolerance 1e-09)",
+            )
+        )
+    )
     data = card.data.to_dict()
     coca_tower = entry.kind == "coca-vision-encoder"  # open_clip's weights, not trained on chest X-rays
     assert data["license"] == ("mit" if coca_tower else "apache-2.0") and data["library_name"] == "transformers"

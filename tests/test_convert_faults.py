@@ -147,3 +147,69 @@ def test_any_damage_to_a_checkpoint_is_a_one_line_conversion_error(tmp_path_fact
         assert "\n" not in str(error) and str(error).startswith(str(damaged))
     else:
         assert set(loaded) == {"w", "b"} and all(torch.isfinite(t).all() for t in loaded.values())
+
+
+def _resized(state_dict: dict, prefix: str, rows: int | None = None, width: int | None = None) -> None:
+    """Every tensor under `prefix` cut to `rows` rows (dim 0) and/or `width` (the last dim)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        tensor = state_dict[key]
+        if rows is not None:
+            tensor = tensor[:rows]
+        if width is not None:
+            tensor = tensor[..., :width]
+        state_dict[key] = tensor.clone()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda sd: sd.update({0: torch.zeros(3)}), "expected tensor names (text) as the state dict's keys, found 0 (int)"),
+        (lambda sd: sd.update({"pos_emb.weight": torch.zeros(1, 64).expand(10**9, 64)}),
+         "pos_emb.weight claims shape [1000000000, 64] but holds 64 values"),
+        (lambda sd: _resized(sd, "pos_emb.", rows=0), "pos_emb.weight has 0 rows: the prompt needs at least 2 positions"),
+        (lambda sd: _resized(sd, "pos_emb.", rows=1), "pos_emb.weight has 1 rows: the prompt needs at least 2 positions"),
+        (lambda sd: _resized(sd, "tok_emb.", rows=50000), "tok_emb.weight has 50000 rows, but the GPT-2 vocabulary's <|endoftext|> (bos, eos, pad) is id 50256"),
+        (lambda sd: [_resized(sd, k, width=0) for k in ("tok_emb.", "pos_emb.")], "'tok_emb.weight' is [50257, 0]: every dimension must be at least 1"),
+    ],
+    ids=["non-string-key", "claimed-shape", "no-positions", "one-position", "small-vocabulary", "zero-width"],
+)  # fmt: skip
+def test_hostile_checkpoints_are_refused_in_one_line(checkpoint, tmp_path, capsys, change, message):
+    assert run_cli(poisoned(checkpoint, tmp_path, change), *ARGS, "--output", tmp_path / "out") == 1
+    assert message in error_of(capsys) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"val_map40": float("nan")}, "val_map40 must be a number in [0, 1], found nan"),
+        ({"val_map50": 3.0}, "val_map50 must be a number in [0, 1], found 3.0"),
+        ({"epoch": -1}, "epoch must be a whole number of at least 0, found -1"),
+        (
+            {"encoder": "coca](http://evil) **bold**"},
+            "the checkpoint names an unknown encoder 'coca](http://evil) **bold**'",
+        ),
+    ],
+    ids=["nan-map", "map-above-one", "negative-epoch", "markdown-encoder"],
+)
+def test_detection_metadata_is_checked_before_it_reaches_config_and_card(tmp_path, capsys, metadata, message):
+    from conftest import upstream_detection_checkpoint
+    from test_detection import make_head
+
+    checkpoint = {**upstream_detection_checkpoint(make_head(768), "coca"), **metadata}
+    torch.save(checkpoint, tmp_path / "coca.pt")
+    assert run_cli_detection(tmp_path / "coca.pt", "--num-heads", "4", "--output", tmp_path / "out") == 1
+    assert message in error_of(capsys) and not (tmp_path / "out").exists()
+
+
+def run_cli_detection(*args) -> int:
+    from lapvqa_hf.cli import main as lapvqa
+
+    return lapvqa(["convert", "detection", *map(str, args)])
+
+
+def test_an_encoder_checkpoint_that_is_no_folder_is_refused_at_conversion(checkpoint, tmp_path, capsys):
+    typo = tmp_path / "clip-vit-l41"
+    assert run_cli(checkpoint, *ARGS, "--encoder-checkpoint", typo, "--output", tmp_path / "out") == 1
+    assert f"--encoder-checkpoint {typo}: no such folder" in error_of(capsys)
+    assert run_cli(checkpoint, *ARGS, "--encoder-checkpoint", "./clip-vit-l41", "--output", tmp_path / "out") == 1
+    assert "--encoder-checkpoint ./clip-vit-l41: no such folder" in error_of(capsys)
