@@ -24,8 +24,10 @@ from .checkpoint import (
     ConversionError,
     StateDictMapper,
     conversion_record,
+    counted,
     load_untrusted_state_dict,
     local_checkpoint,
+    summary,
 )
 from .common import (
     DECODER_ASSUMPTIONS,
@@ -158,8 +160,8 @@ def convert_captioning(
     config.conversion_info = conversion_record(checkpoint, ASSUMPTIONS, **assumed)
     vision = config.vision_config
     log(
-        f"{checkpoint.name}: encoder width {vision.hidden_size}, {vision.num_hidden_layers} layers, "
-        f"{vision.image_size} px ({vision.num_patches} patches); decoder {config.num_hidden_layers} layers, "
+        f"{checkpoint.name}: encoder width {vision.hidden_size}, {counted(vision.num_hidden_layers, 'layer')}, "
+        f"{vision.image_size} px ({vision.num_patches} patches); decoder {counted(config.num_hidden_layers, 'layer')}, "
         f"{config.max_position_embeddings} positions, lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
     )
     model = LapvqaCaptioningModel(config)
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.captioning", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.captioning", description=summary(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -34,6 +34,25 @@ def looks_like_a_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.isabs(name) or HUB_REPO.match(name) is None
 
 
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (offline mode, or no connection to its endpoint within `timeout` seconds), or
+    None. One quick probe, so that an offline machine hears it at once instead of after huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"no connection to {constants.ENDPOINT}: {first_line(error)}"
+    return None
+
+
 def local_checkpoint(source: str | os.PathLike) -> Path:
     """The checkpoint file to convert: `source` when it is a local file; else, when it reads `OWNER/REPO/FILE`, that
     file of the Hub repo, downloaded once into the Hugging Face cache (and read from there offline)."""
@@ -41,18 +60,26 @@ def local_checkpoint(source: str | os.PathLike) -> Path:
     match = HUB_FILE.match(str(source))
     if path.exists() or match is None:
         return path
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError
 
-    try:
-        return Path(hf_hub_download(match["repo_id"], match["filename"]))
-    except (HfHubHTTPError, OSError, ValueError) as error:  # offline, unreachable, no such repo or file
-        reason = first_line(error)
-        raise ConversionError(
+    def unavailable(reason: str) -> ConversionError:
+        return ConversionError(
             f"{source} is no local file, and {match['filename']} of the Hub repo {match['repo_id']} could not be "
             f"fetched ({reason}); it needs the Hub once (then the Hugging Face cache serves it offline), or pass a "
             "local .pt file."
-        ) from None
+        )
+
+    cached = try_to_load_from_cache(match["repo_id"], match["filename"])
+    if isinstance(cached, str):
+        return Path(cached)
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:
+        raise unavailable(f"it is not in the Hugging Face cache, and {unreachable}")
+    try:
+        return Path(hf_hub_download(match["repo_id"], match["filename"]))
+    except (HfHubHTTPError, OSError, ValueError) as error:  # no such repo or file, or the connection broke
+        raise unavailable(first_line(error)) from None
 
 
 def load_untrusted(path: str | os.PathLike) -> object:
@@ -93,6 +120,16 @@ def load_untrusted(path: str | os.PathLike) -> object:
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {_first_sentence(error)})."
         ) from None
+
+
+def summary(docstring: str) -> str:
+    """A module's docstring's first paragraph on one line: what its command-line help describes it with."""
+    return " ".join(docstring.strip().split("\n\n")[0].split())
+
+
+def counted(number: int, singular: str, plural: str | None = None) -> str:
+    """`1 layer`, `6 layers`: a count and its noun, for messages."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def first_line(error: BaseException) -> str:

@@ -27,8 +27,10 @@ from .checkpoint import (
     ConversionError,
     StateDictMapper,
     conversion_record,
+    counted,
     load_untrusted_state_dict,
     local_checkpoint,
+    summary,
 )
 from .common import (
     add_common_arguments,
@@ -207,7 +209,7 @@ def convert_coca_encoder(
     assumed = dict(num_attention_heads=num_attention_heads, pooler_num_attention_heads=pooler_num_attention_heads)
     config.conversion_info = conversion_record(checkpoint, COCA_ASSUMPTIONS, **assumed)
     log(
-        f"{checkpoint.name}: width {config.hidden_size}, {config.num_hidden_layers} layers, patch {config.patch_size}, "
+        f"{checkpoint.name}: width {config.hidden_size}, {counted(config.num_hidden_layers, 'layer')}, patch {config.patch_size}, "
         f"{config.image_size} px; pooler {config.num_pooler_queries} x {config.projection_dim}"
     )
     model = LapvqaCocaVisionModel(config)
@@ -261,9 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lapvqa_hf.convert.coca_encoder", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.coca_encoder", description=summary(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
+from lapvqa_hf.compatibility import untested_release_note
 from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.pipeline_lapvqa import save_pretrained_with_pipeline
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
@@ -21,6 +22,7 @@ from .checkpoint import (
     StateDictMapper,
     atomic_output_dir,
     conversion_record,
+    counted,
     first_line,
     load_untrusted_state_dict,
     local_checkpoint,
@@ -285,6 +287,9 @@ def write_verified(
     A failed verification (or any error) leaves `output` untouched and removes the staging folder.
     """
     output = Path(output)
+    note = untested_release_note()
+    if note is not None:
+        log(note)
     with atomic_output_dir(output, overwrite=overwrite, source=source) as staging:
         save_pretrained_with_pipeline(model, staging)
         if extra_files is not None:
@@ -403,7 +408,7 @@ class AnsweringHeadConverter:
         assumed = dict(num_attention_heads=num_attention_heads, hidden_act=hidden_act)
         config.conversion_info = conversion_record(checkpoint, self.assumptions, **assumed)
         log(
-            f"{checkpoint.name}: vis_dim {config.vis_dim}, {config.num_hidden_layers} layers, FFN "
+            f"{checkpoint.name}: vis_dim {config.vis_dim}, {counted(config.num_hidden_layers, 'layer')}, FFN "
             f"{config.intermediate_size}, {config.max_position_embeddings} positions, final norm "
             f"{'yes' if config.use_final_layer_norm else 'no'}, "
             f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}"

@@ -29,8 +29,10 @@ from .checkpoint import (
     ConversionError,
     StateDictMapper,
     conversion_record,
+    counted,
     load_untrusted_checkpoint,
     local_checkpoint,
+    summary,
 )
 from .common import (
     add_common_arguments,
@@ -294,7 +296,8 @@ def convert_detection(
     training = ", ".join(f"{key} {value}" for key, value in training_results.items()) or "no training record"
     log(
         f"{checkpoint.name}: encoder {encoder}, vis_dim {config.vis_dim}, d_model {config.d_model}, "
-        f"{config.num_queries} queries, {config.encoder_layers} encoder + {config.decoder_layers} decoder layers, "
+        f"{counted(config.num_queries, 'query', 'queries')}, {config.encoder_layers} encoder + "
+        f"{counted(config.decoder_layers, 'decoder layer')}, "
         f"FFN {config.encoder_ffn_dim}/{config.decoder_ffn_dim}, final norms "
         f"{'yes' if config.encoder_final_layer_norm else 'no'}/{'yes' if config.decoder_final_layer_norm else 'no'}; "
         f"{training}"
@@ -371,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.detection", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.detection", description=summary(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -16,7 +16,7 @@ from lapvqa_hf.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from lapvqa_hf.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from lapvqa_hf.original import DiffVQAHead
 
-from .checkpoint import ConversionError, StateDictMapper
+from .checkpoint import ConversionError, StateDictMapper, summary
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
@@ -100,7 +100,7 @@ run = CONVERTER.run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return CONVERTER.main("python -m lapvqa_hf.convert.diffvqa", __doc__.split("\n")[0], argv)
+    return CONVERTER.main("python -m lapvqa_hf.convert.diffvqa", summary(__doc__), argv)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from .checkpoint import (
     ConversionError,
     StateDictMapper,
     conversion_record,
+    counted,
     load_untrusted_state_dict,
     local_checkpoint,
+    summary,
 )
 from .common import (
     add_common_arguments,
@@ -146,7 +148,7 @@ def convert_vision_encoder(
     assumed = dict(num_attention_heads=num_attention_heads)
     config.conversion_info = conversion_record(checkpoint, VISION_ASSUMPTIONS, **assumed)
     log(
-        f"{checkpoint.name}: width {config.hidden_size}, {config.num_hidden_layers} layers, MLP "
+        f"{checkpoint.name}: width {config.hidden_size}, {counted(config.num_hidden_layers, 'layer')}, MLP "
         f"{config.intermediate_size}, patch {config.patch_size}, {config.image_size} px ({config.num_patches} patches)"
     )
     mapper = StateDictMapper(state_dict)
@@ -197,9 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lapvqa_hf.convert.vision_encoder", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.vision_encoder", description=summary(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

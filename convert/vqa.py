@@ -17,7 +17,7 @@ from lapvqa_hf.configuration_lapvqa_vqa import LapvqaVQAConfig
 from lapvqa_hf.modeling_lapvqa_vqa import LapvqaVQAModel
 from lapvqa_hf.original import VQAHead
 
-from .checkpoint import ConversionError, StateDictMapper
+from .checkpoint import ConversionError, StateDictMapper, summary
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
@@ -95,7 +95,7 @@ run = CONVERTER.run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return CONVERTER.main("python -m lapvqa_hf.convert.vqa", __doc__.split("\n")[0], argv)
+    return CONVERTER.main("python -m lapvqa_hf.convert.vqa", summary(__doc__), argv)
 
 
 if __name__ == "__main__":

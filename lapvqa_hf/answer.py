@@ -41,7 +41,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import first_line, sha256_of, write_json_atomically
+from .convert.checkpoint import first_line, sha256_of, summary, write_json_atomically
+from .model_folders import LOADING_ERRORS, ModelFolderError, check_weights_fit_config, load_config
 
 COLUMNS = {
     "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
@@ -420,11 +421,6 @@ class ImageCache:
         return found
 
 
-def _looks_like_a_path(name: str) -> bool:
-    """Whether a model name can only be a local path (a Hub id is `name` or `owner/name`)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
-
-
 def load_pipeline(
     model: str,
     trust_remote_code: bool = False,
@@ -435,19 +431,14 @@ def load_pipeline(
 ):
     """The model's pipeline. As transformers' own rule goes, the package's classes serve folders of its model types
     and no folder's code runs unless `trust_remote_code`; every failure to load is one line naming the model."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, pipeline
+    from transformers import pipeline
 
     from .pipeline_lapvqa import PIPELINES
 
     name = str(model)
-    if not Path(name).exists() and _looks_like_a_path(name):
-        raise AnswerError(f"{name}: no such model folder.")
-    if Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise AnswerError(f"{name}: not a model folder (no config.json).")
+    config = load_config(name, revision, trust_remote_code)
     options = dict(revision=revision, device=device, dtype=dtype, model_kwargs=model_kwargs or {})
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
         if trust_remote_code:
             return pipeline(model=name, trust_remote_code=True, **options)
         if config.model_type not in PIPELINES:
@@ -458,40 +449,10 @@ def load_pipeline(
         check_weights_fit_config(name, config, revision)
         task, pipeline_class = PIPELINES[config.model_type]
         return pipeline(task=task, model=name, pipeline_class=pipeline_class, trust_remote_code=False, **options)
-    except AnswerError:
+    except (AnswerError, ModelFolderError):
         raise
-    except (
-        OSError,
-        ValueError,
-        RuntimeError,
-        KeyError,
-        TypeError,
-        MemoryError,
-        SafetensorError,
-    ) as error:  # incl. EncoderError
-        # (also a remote-code folder's own copy of it), a damaged or truncated model.safetensors, absurd sizes
+    except LOADING_ERRORS as error:  # incl. EncoderError (also a remote-code folder's own copy of it)
         raise AnswerError(f"{name}: the model could not be loaded ({first_line(error)}).") from None
-
-
-def check_weights_fit_config(name: str, config, revision: str | None = None) -> None:
-    """The weights' shapes must be those `config.json` describes. transformers would re-initialise mismatched
-    tensors at random, with a warning, or fail after printing a table of them; this says it in one line."""
-    from safetensors import safe_open
-    from transformers import AutoModel
-    from transformers.utils import cached_file
-
-    with torch.device("meta"):
-        expected = {key: tuple(t.shape) for key, t in AutoModel.from_config(config).state_dict().items()}
-    weights = cached_file(name, "model.safetensors", revision=revision)
-    with safe_open(weights, "pt") as file:
-        found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
-    wrong = [f"{key} is {list(found[key])}, not {list(shape)}" for key, shape in expected.items()
-             if key in found and found[key] != shape]  # fmt: skip
-    if wrong:
-        raise AnswerError(
-            f"{name}: model.safetensors does not fit config.json ({len(wrong)} tensors: {wrong[0]}); the folder is "
-            "damaged or was edited: convert it again."
-        )
 
 
 def fingerprint(modules: list[torch.nn.Module], classes: list[type]) -> str:
@@ -938,11 +899,13 @@ def run(args: argparse.Namespace) -> int:
             revision=args.revision,
         )
 
-    return leave_processes(state, run_reporting_errors(answer, errors=(AnswerError, EncoderError, OSError)))
+    return leave_processes(
+        state, run_reporting_errors(answer, errors=(AnswerError, ModelFolderError, EncoderError, OSError))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.answer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.answer", description=summary(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -10,13 +10,16 @@ lapvqa answer MODEL --input rows.csv --output answers.jsonl
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from . import __version__
+from lapvqa_cli import COMMANDS, top_level_parser
+
 from .convert import captioning, coca_encoder, detection, diffvqa, vision_encoder, vqa
+from .convert.checkpoint import summary
 from .convert.common import run_reporting_errors
 
 CONVERTERS = {
@@ -30,17 +33,15 @@ CONVERTERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lapvqa", description="Transformers-native LAPVQA chest X-ray models.")
-    parser.add_argument("--version", action="version", version=f"lapvqa-hf {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    convert = commands.add_parser("convert", help="convert an upstream .pt checkpoint to a Transformers folder")
+    parser, commands = top_level_parser()
+    convert = commands.add_parser("convert", help=COMMANDS["convert"])
     models = convert.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name, (module, help_text) in CONVERTERS.items():
-        model_parser = models.add_parser(name, help=help_text, description=module.__doc__.split("\n")[0])
+        model_parser = models.add_parser(name, help=help_text, description=summary(module.__doc__))
         module.add_arguments(model_parser)
         model_parser.set_defaults(handler=module.run)
 
-    pull_parser = commands.add_parser("pull", help="download converted repos (or, with --upstream, the raw .pt files)")
+    pull_parser = commands.add_parser("pull", help=COMMANDS["pull"])
     pull_parser.add_argument("names", nargs="*", help="repo ids or names from the manifest (default: all)")
     pull_parser.add_argument("--upstream", action="store_true", help="the upstream .pt files instead, for conversion")
     pull_parser.add_argument("--revision", help="branch, tag or commit to pin")
@@ -49,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_parser.add_argument("--offline", action="store_true", help="use the local cache only")
     pull_parser.set_defaults(handler=run_pull)
 
-    push_parser = commands.add_parser(
-        "push", help="convert (verified), render cards, upload one commit per repo and fill the collection"
-    )
+    push_parser = commands.add_parser("push", help=COMMANDS["push"])
     push_parser.add_argument("names", nargs="*", help="repo ids or names from the manifest (default: all convertible)")
     push_parser.add_argument("--work-dir", type=Path, required=True, help="where converted folders are written")
     push_parser.add_argument("--dry-run", action="store_true", help="print the plan; change nothing on the Hub")
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push_parser.set_defaults(handler=run_push)
 
-    data_parser = commands.add_parser("data", help="datasets for fine-tuning and evaluation")
+    data_parser = commands.add_parser("data", help=COMMANDS["data"])
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synthesize = data_commands.add_parser(
         "synthesize",
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
 
-    extract = commands.add_parser("extract-features", help="encode every image once with a frozen encoder (resumable)")
+    extract = commands.add_parser("extract-features", help=COMMANDS["extract-features"])
     extract.add_argument("--encoder", required=True, help="recipe name, e.g. siglip or lapvqa-vit-l14")
     source = extract.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="answer (DiffVQA) or report on (captioning) a split greedily, BLEU/ROUGE/CIDEr; or detect (mAP)",
+        help=COMMANDS["evaluate"],
         description="Answers (DiffVQA) or reports on (captioning) a split greedily, or detects its boxes "
         "(detection), and scores it. Under `accelerate launch -m lapvqa_hf.cli evaluate ...` the processes share "
         "the split out.",
@@ -134,20 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import answer
 
-    answer_parser = commands.add_parser(
-        "answer", help="answer a CSV / JSON Lines file of images and questions (batched, resumable, heat maps)"
-    )
+    answer_parser = commands.add_parser("answer", help=COMMANDS["answer"])
     answer.add_arguments(answer_parser)
     answer_parser.set_defaults(handler=answer.run)
     return parser
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from .convert.checkpoint import write_json_atomically
     from .data import DataError
     from .features import FeatureStore
+    from .model_folders import load_config, load_model
     from .processes import leave_processes, process_state
     from .tokenization import build_gpt2_tokenizer
     from .train import check_feature_width, predict_across_processes, task_for_model
@@ -155,14 +151,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     state = process_state()  # under `accelerate launch`, each process generates its share of the split
 
     def evaluate() -> None:
-        task = task_for_model(AutoConfig.from_pretrained(args.model))
+        task = task_for_model(load_config(args.model))
+        model = load_model(task.model_class, args.model).eval().to(state.device)
         splits = task.load_splits(args.mimic_root)
         if args.split not in splits:
             raise DataError(f"{args.mimic_root} has no {args.split} split; it has {sorted(splits)}.")
         features = FeatureStore(args.features)
-        model = task.model_class.from_pretrained(args.model).eval().to(state.device)
         check_feature_width(args.model, task.feature_width(model), features)
-        examples = task.examples(splits[args.split], features, Path(args.mimic_root).resolve())
+        examples = task.examples(splits[args.split], features, Path(os.path.abspath(args.mimic_root)))
         tokenizer = build_gpt2_tokenizer() if task.generates_text else None
         answers = predict_across_processes(task, model, tokenizer, examples, args.batch_size, args.max_new_tokens)
         if not state.is_main_process:
@@ -220,7 +216,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
             rows, root = list(load_reports(args.reports)), None
         else:
             rows, root = list(load_pairs(args.pairs)), None
-        images = images_of(rows, root=Path(root).resolve() if root else None)
+        images = images_of(rows, root=Path(os.path.abspath(root)) if root else None)
         encoder = load_encoder(recipe, args.checkpoint)
         if args.task == "detection":  # as the detection heads' own image processor prepares images
             image_processor, preparation = detection_image_processor(recipe), DETECTION_IMAGE_PREPARATION
@@ -261,6 +257,9 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from .detection_data import load_vindr_cxr, write_synthetic_vindr_cxr
 
     def synthesize() -> None:
+        if args.subjects < 1:
+            what = "training images" if args.dataset == "vindr-cxr" else "patients"
+            raise DataError(f"--subjects must be at least 1 ({what}), got {args.subjects}.")
         if args.dataset == "vindr-cxr":
             root = write_synthetic_vindr_cxr(args.output, num_images=args.subjects, seed=args.seed)
             images = {split: len(rows) for split, rows in load_vindr_cxr(root).items()}

@@ -28,6 +28,19 @@ def require_supported_transformers(installed: str = transformers.__version__) ->
 require_supported_transformers()
 
 
+def untested_release_note(installed: str | None = None) -> str | None:
+    """A warning when the installed transformers is newer than the newest release this code was tested with (a
+    release above the floor is allowed, and may well work), else None."""
+    installed = installed or transformers.__version__
+    if Version(installed) <= Version(TRANSFORMERS_NEWEST_TESTED):
+        return None
+    return (
+        f"warning: transformers {installed} is newer than the newest release lapvqa-hf was tested with "
+        f"({TRANSFORMERS_NEWEST_TESTED}); the folder records both (conversion_info), check its answers, or install "
+        f"'transformers>={TRANSFORMERS_OLDEST_TESTED},<={TRANSFORMERS_NEWEST_TESTED}'."
+    )
+
+
 def transformers_record() -> dict[str, str]:
     """What a converted folder records about transformers: the tested range and the release that wrote it."""
     return {
@@ -41,4 +54,5 @@ __all__ = [
     "TRANSFORMERS_OLDEST_TESTED",
     "require_supported_transformers",
     "transformers_record",
+    "untested_release_note",
 ]

@@ -89,7 +89,7 @@ class EncoderError(ValueError):
     """A frozen encoder cannot be loaded or run as its recipe says; the message says what was expected."""
 
 
-def _unreachable(recipe: EncoderRecipe, source: str, error: OSError) -> EncoderError:
+def _unreachable(recipe: EncoderRecipe, source: str, error: Exception) -> EncoderError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return EncoderError(
         f"the {recipe.name} encoder could not be loaded from {source} ({reason}); a Hub id needs the Hub once (then "
@@ -100,6 +100,8 @@ def _unreachable(recipe: EncoderRecipe, source: str, error: OSError) -> EncoderE
 def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch.nn.Module":
     """The frozen encoder of a recipe, from the Hub (at the recipe's revision; downloaded once, then read from the
     Hugging Face cache, offline too) or a local folder (`checkpoint` overrides the recipe's)."""
+    from safetensors import SafetensorError
+
     source = checkpoint or recipe.checkpoint
     try:
         if recipe.library == "transformers":
@@ -116,7 +118,7 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch
         model = AutoModel.from_pretrained(
             source, revision=recipe.revision, trust_remote_code=_TRUST_ENCODER_CODE
         ).eval()
-    except OSError as error:
+    except (OSError, RuntimeError, SafetensorError) as error:  # absent, unreachable, damaged, or not fitting
         raise _unreachable(recipe, source, error) from None
     if type(model).__name__ != recipe.model_class:
         raise EncoderError(

@@ -18,6 +18,7 @@ own part (`features-part-rR.json`, replaced atomically). Once every process is d
 written survives, and the store reads as a 1-process one.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -392,9 +393,16 @@ IMAGE_COLUMNS = ("prior_image", "current_image", "image")  # DiffVQA pairs; capt
 
 
 def image_id(path: str | Path, root: str | Path | None = None) -> str:
-    """The key of an image's features: its path relative to `root` (the release), else its absolute path."""
-    path = Path(path).resolve()
-    return str(path.relative_to(root)) if root is not None else str(path)
+    """The key of an image's features: its path relative to `root` (the release), else its absolute path.
+
+    Links are followed only where the path itself does not lie under `root`: a release's `files/` is often a link to
+    another disk, and its images still belong to the release."""
+    if root is None:
+        return str(Path(path).resolve())
+    for found, base in ((os.path.abspath(path), os.path.abspath(root)), (Path(path).resolve(), Path(root).resolve())):
+        with contextlib.suppress(ValueError):
+            return str(Path(found).relative_to(base))
+    raise FeatureError(f"{path} is not inside the release folder {root}; its image paths must lie under it.")
 
 
 def images_of(rows: Iterable[dict], root: str | Path | None = None) -> dict[str, str]:

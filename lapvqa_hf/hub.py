@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
 from .convert.captioning import convert_captioning
-from .convert.checkpoint import ConversionError, first_line, sha256_of
+from .convert.checkpoint import ConversionError, first_line, hub_unreachable_reason, sha256_of
 from .convert.coca_encoder import convert_coca_encoder
 from .convert.detection import convert_detection
 from .convert.diffvqa import convert_diffvqa
@@ -75,32 +76,76 @@ def pull(
 ) -> list[Path]:
     """Downloads converted repos (`snapshot_download`) or, with `upstream`, the raw `.pt` files they come from.
 
-    Interrupted downloads resume; with `offline` (or `HF_HUB_OFFLINE=1`) only the local cache is used.
+    Interrupted downloads resume; with `offline` (or `HF_HUB_OFFLINE=1`) only the local cache is used. A download
+    that fails leaves no trace in `local_dir` (huggingface_hub's lock and metadata folder included).
     """
     api = api or HfApi()
     entries = collection.select(names, convertible_only=not upstream)
     if not entries:
         raise ManifestError("nothing to pull: no convertible entry was selected.")
+    offline = offline or constants.HF_HUB_OFFLINE
+    if not offline:
+        unreachable = hub_unreachable_reason()
+        if unreachable is not None:
+            raise HubUnreachableError(
+                f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached ({unreachable}); `lapvqa pull` "
+                "downloads from it; --offline reads the local cache only."
+            )
     paths = []
     for entry in entries:
-        if upstream:
-            target = None if local_dir is None else Path(local_dir) / entry.source.repo_id.split("/")[1]
-            path = api.hf_hub_download(
-                entry.source.repo_id,
-                entry.source.filename,
-                revision=revision or entry.source.revision,
-                cache_dir=cache_dir,
-                local_dir=target,
-                local_files_only=offline,
-            )
-        else:
-            target = None if local_dir is None else Path(local_dir) / entry.name
-            path = api.snapshot_download(
-                entry.repo_id, revision=revision, cache_dir=cache_dir, local_dir=target, local_files_only=offline
-            )
-        log(f"{entry.repo_id if not upstream else entry.source.repo_id + '/' + entry.source.filename}: {path}")
+        what = entry.source.repo_id + "/" + entry.source.filename if upstream else entry.repo_id
+        target = None
+        if local_dir is not None:
+            target = Path(local_dir) / (entry.source.repo_id.split("/")[1] if upstream else entry.name)
+        with _leaving_no_trace(target):
+            try:
+                if upstream:
+                    path = api.hf_hub_download(
+                        entry.source.repo_id,
+                        entry.source.filename,
+                        revision=revision or entry.source.revision,
+                        cache_dir=cache_dir,
+                        local_dir=target,
+                        local_files_only=offline,
+                    )
+                else:
+                    path = api.snapshot_download(
+                        entry.repo_id,
+                        revision=revision,
+                        cache_dir=cache_dir,
+                        local_dir=target,
+                        local_files_only=offline,
+                    )
+            except LocalEntryNotFoundError:
+                if not offline:
+                    raise
+                raise HubUnreachableError(
+                    f"{what} is not in the local cache, and offline only the cache is read: run `lapvqa pull "
+                    f"{entry.name}{' --upstream' if upstream else ''}` once with the Hub reachable."
+                ) from None
+        log(f"{what}: {path}")
         paths.append(Path(path))
     return paths
+
+
+@contextlib.contextmanager
+def _leaving_no_trace(target: Path | None) -> Iterator[None]:
+    """If the block fails, removes what it created in `target`: the folder itself (and its parents) when they are
+    new, else huggingface_hub's `.cache` folder there (lock files, download metadata) when that is new."""
+    if target is None:
+        yield
+        return
+    new = next((folder for folder in [*reversed(target.parents), target] if not folder.exists()), None)
+    metadata = target / ".cache"
+    metadata_is_new = not metadata.exists()
+    try:
+        yield
+    except BaseException:
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
+        elif metadata_is_new:
+            shutil.rmtree(metadata, ignore_errors=True)
+        raise
 
 
 # --- push -----------------------------------------------------------------------------------------------------

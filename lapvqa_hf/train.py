@@ -69,7 +69,7 @@ from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
-from .convert.checkpoint import first_line, with_umask_permissions, write_json_atomically
+from .convert.checkpoint import first_line, summary, with_umask_permissions, write_json_atomically
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .detection_data import RADIOLOGISTS, load_vindr_cxr
 from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
@@ -85,6 +85,7 @@ from .features import (
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .metrics import score_answers
 from .metrics.detection import IOU_THRESHOLDS, metric_name, score_detections
+from .model_folders import load_model
 from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
@@ -789,7 +790,7 @@ def registered_encoder_name(recipe) -> str | None:
 
 def model_to_init_from(task, init_from: str, features: FeatureStore):
     """The task's model saved at `init_from`, checked to take the width of `features`."""
-    model = task.model_class.from_pretrained(init_from)
+    model = load_model(task.model_class, init_from)
     check_feature_width(init_from, task.feature_width(model), features)
     return model
 
@@ -1019,7 +1020,7 @@ def train(config: TrainConfig) -> dict:
     features = FeatureStore(config.features_dir)
     model = task.build_model(config, features)  # checks first that the features fit the model
     model.config.feature_recipe = dataclasses.asdict(features.recipe)  # how the training features were made
-    root = Path(config.mimic_root).resolve()
+    root = Path(os.path.abspath(config.mimic_root))  # not resolved: `files/` may link to another disk
     splits = task.load_splits(config.mimic_root)
     train_set = task.examples(splits["train"], features, root)
     eval_set = task.examples(splits["validation"], features, root) if "validation" in splits else None
@@ -1190,7 +1191,7 @@ def config_fields_help() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="accelerate launch -m lapvqa_hf.train",
-        description=__doc__.split("\n")[0],
+        description=summary(__doc__),
         epilog=config_fields_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

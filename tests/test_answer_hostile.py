@@ -458,3 +458,62 @@ def test_reading_keeps_csv_cells_as_text(tmp_path):
     path = write_csv(tmp_path / "rows.csv", [{"image": "a.png", "question": "why?", "extra": "3"}])
     (row,) = read_input(path, ("image", "question"))
     assert row.values == {"image": "a.png", "question": "why?", "extra": "3"} and row.problem is None
+
+
+# --- valid set-ups, and set-ups that cannot work ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_a_synthetic_release_of_no_subjects_is_refused(tmp_path, capsys, count):
+    from lapvqa_hf.cli import main as lapvqa
+
+    for dataset in ("mimic", "vindr-cxr"):
+        assert (
+            lapvqa(
+                ["data", "synthesize", "--dataset", dataset, "--subjects", count, "--output", str(tmp_path / dataset)]
+            )
+            == 1
+        )
+        assert "--subjects must be at least 1" in capsys.readouterr().err
+        assert not (tmp_path / dataset).exists()
+
+
+def test_features_of_a_release_whose_files_folder_links_to_another_disk(tmp_path):
+    import dataclasses
+
+    from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
+    from lapvqa_hf.data import load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
+    from lapvqa_hf.features import FeatureStore, extract_features, images_of, recipe_for
+
+    release = write_synthetic_mimic_diff_vqa(tmp_path / "mimic", num_subjects=2)
+    (release / "files").rename(tmp_path / "other-disk")
+    (release / "files").symlink_to(tmp_path / "other-disk", target_is_directory=True)
+    rows = [row for split in load_mimic_diff_vqa(release).values() for row in split]
+    images = images_of(rows, root=Path(os.path.abspath(release)))
+    assert all(key.startswith("files/") for key in images), "keys relative to the release, as without the link"
+    encoder = LapvqaVisionModel(LapvqaVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                   intermediate_size=48, image_size=28))  # fmt: skip
+    recipe = dataclasses.replace(recipe_for("lapvqa-vit-l14"), image_size=28, vis_dim=32)
+    processor = LapvqaImageProcessor(size={"height": 28, "width": 28}, resize_mode="stretch")
+    extract_features(images, recipe, tmp_path / "features", encoder, processor, progress=False)
+    assert set(FeatureStore(tmp_path / "features")._tensors) == set(images)
+
+
+def test_a_too_long_question_to_a_pipeline_is_one_clean_error_without_a_tokenizer_warning(vqa_folder, images, capfd):
+    pipe = pipeline(model=vqa_folder, trust_remote_code=True)
+    capfd.readouterr()
+    with pytest.raises(
+        ValueError, match=r"^The question has 60 tokens; this model's 40 learned positions hold at most"
+    ):
+        pipe({"image": str(images / "a.png"), "question": " ".join(["the"] * 60)})
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_evaluate_refuses_a_damaged_or_missing_model_folder_in_one_line(diffvqa_folder, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(diffvqa_folder, model)
+    (model / "model.safetensors").write_bytes(b"")
+    result = run_lapvqa("evaluate", model, "--mimic-root", tmp_path, "--features", tmp_path / "features")
+    assert_one_line_error(result, f"{model}: the model could not be loaded")
+    result = run_lapvqa("evaluate", tmp_path / "no-such-model", "--mimic-root", tmp_path, "--features", tmp_path)
+    assert_one_line_error(result, f"{tmp_path / 'no-such-model'}: no such model folder")

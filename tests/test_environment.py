@@ -62,3 +62,34 @@ def test_importing_the_package_checks_the_release_before_anything_else():
         "ImportError: lapvqa-hf needs transformers >= 5.21.0, but this Python has 5.17.0: "
         "pip install 'transformers>=5.21.0,<6'"
     )
+
+
+def test_a_conversion_on_a_transformers_newer_than_tested_says_so(tmp_path, capsys, monkeypatch):
+    import transformers
+    from test_convert_diffvqa import run_cli, write_head
+
+    from lapvqa_hf.compatibility import untested_release_note
+
+    assert untested_release_note(TRANSFORMERS_NEWEST_TESTED) is None
+    newer = f"{Version(TRANSFORMERS_NEWEST_TESTED).major}.{Version(TRANSFORMERS_NEWEST_TESTED).minor + 1}.0"
+    monkeypatch.setattr(transformers, "__version__", newer)
+    write_head(tmp_path / "coca_best.pt", nhead=4)
+    assert (
+        run_cli(tmp_path / "coca_best.pt", "--encoder", "coca", "--num-heads", "4", "--output", tmp_path / "out") == 0
+    )
+    assert f"warning: transformers {newer} is newer than the newest release lapvqa-hf was tested with" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("arguments", [[], ["--help"], ["--version"], ["--no-such-option"]])
+def test_lapvqa_help_and_version_answer_without_importing_torch_or_transformers(arguments):
+    code = (
+        "import sys, lapvqa_cli\n"
+        "try:\n    lapvqa_cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted({'torch', 'transformers', 'lapvqa_hf'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    found = subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert ("usage: lapvqa" in found.stdout + found.stderr) or found.stdout.startswith("lapvqa-hf ")

@@ -347,7 +347,22 @@ def test_pull_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: not in the collection manifest: ['lapvqa-diffvqa-resnet']")
     assert lapvqa(["pull", "lapvqa-diffvqa-coca", "--offline", "--cache-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "cached" in err[0]
+    assert err == [
+        "error: dmusingu/lapvqa-diffvqa-coca is not in the local cache, and offline only the cache is read: run "
+        "`lapvqa pull lapvqa-diffvqa-coca` once with the Hub reachable."
+    ], "names the repo, and says what to run"
+
+
+def test_a_failed_pull_into_a_folder_leaves_no_trace_there(tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    assert lapvqa(["pull", "lapvqa-captioning", "--upstream", "--offline", "--local-dir", str(tmp_path / "raw")]) == 1
+    assert "dmusingu/lapvqa-pretrain-captioning/model_best.pt is not in the local cache" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists(), "no lock file, no metadata folder, no empty folders"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert lapvqa(["pull", "lapvqa-captioning", "--upstream", "--offline", "--local-dir", str(tmp_path / "mine")]) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
 def _closed_port() -> str:
