@@ -32,6 +32,7 @@ from .checkpoint import (
 from .common import (
     DECODER_ASSUMPTIONS,
     add_common_arguments,
+    check_special_tokens,
     default_generation_config,
     expected_shapes,
     folder_verifier,
@@ -152,6 +153,7 @@ def convert_captioning(
     checkpoint = local_checkpoint(checkpoint)
     state_dict = load_untrusted_state_dict(checkpoint)
     config = infer_config(state_dict, num_attention_heads, hidden_act, vision_num_attention_heads)
+    check_special_tokens(config)
     assumed = dict(
         num_attention_heads=num_attention_heads,
         hidden_act=hidden_act,

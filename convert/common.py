@@ -83,11 +83,6 @@ def read_text_decoder_fields(
 ) -> dict:
     """The decoder's config fields read from the weights (`tok_emb`, `pos_emb`, `decoder.*`, `lm_head`)."""
     vocab_size, hidden_size = tensor_shape(state_dict, "tok_emb.weight", 2, what)
-    if vocab_size <= GPT2_END_OF_TEXT:
-        raise ConversionError(
-            f"tok_emb.weight has {vocab_size} rows, but the GPT-2 vocabulary's <|endoftext|> (bos, eos, pad) is id "
-            f"{GPT2_END_OF_TEXT}: expected {GPT2_END_OF_TEXT + 1} rows."
-        )
     if "pos_emb.weight" in state_dict and state_dict["pos_emb.weight"].ndim == 2:
         rows = state_dict["pos_emb.weight"].shape[0]
         if rows < 2:
@@ -112,6 +107,16 @@ def read_text_decoder_fields(
         use_final_layer_norm="decoder.norm.weight" in state_dict,
         tie_word_embeddings=tied,
     )
+
+
+def check_special_tokens(config: PreTrainedConfig) -> None:
+    """The upstream text heads use GPT-2's `<|endoftext|>` (id 50256) as bos, eos and pad: the token embedding must
+    hold it."""
+    if config.vocab_size <= config.bos_token_id:
+        raise ConversionError(
+            f"tok_emb.weight has {config.vocab_size} rows, but the GPT-2 vocabulary's <|endoftext|> (bos, eos, pad) "
+            f"is id {config.bos_token_id}: expected {GPT2_END_OF_TEXT + 1} rows."
+        )
 
 
 def check_encoder_width(encoder: str, vis_dim: int) -> None:
@@ -404,6 +409,7 @@ class AnsweringHeadConverter:
         checkpoint = local_checkpoint(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
+        check_special_tokens(config)
         config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
         assumed = dict(num_attention_heads=num_attention_heads, hidden_act=hidden_act)
         config.conversion_info = conversion_record(checkpoint, self.assumptions, **assumed)

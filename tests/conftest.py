@@ -137,6 +137,17 @@ def answers_of(generated: torch.Tensor, prompt_length: int, eos_token_id: int) -
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (whole fine-tuning runs, several processes, real-size models) run only with
+    LAPVQA_SLOW_TESTS=1: README's test command stays quick, and .ci/run runs them in its other environments."""
+    if os.environ.get("LAPVQA_SLOW_TESTS") == "1":
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture(autouse=True)
 def private_hf_home(tmp_path_factory, monkeypatch) -> Path:
     """Each test gets its own empty Hugging Face home (the environment for subprocesses, the Hub constants here)."""

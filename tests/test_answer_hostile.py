@@ -509,11 +509,17 @@ def test_a_too_long_question_to_a_pipeline_is_one_clean_error_without_a_tokenize
     assert "Token indices sequence length" not in capfd.readouterr().err
 
 
-def test_evaluate_refuses_a_damaged_or_missing_model_folder_in_one_line(diffvqa_folder, tmp_path):
+def test_evaluate_refuses_a_damaged_model_folder_in_one_line(diffvqa_folder, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(diffvqa_folder, model)
     (model / "model.safetensors").write_bytes(b"")
     result = run_lapvqa("evaluate", model, "--mimic-root", tmp_path, "--features", tmp_path / "features")
     assert_one_line_error(result, f"{model}: the model could not be loaded")
-    result = run_lapvqa("evaluate", tmp_path / "no-such-model", "--mimic-root", tmp_path, "--features", tmp_path)
-    assert_one_line_error(result, f"{tmp_path / 'no-such-model'}: no such model folder")
+
+
+def test_evaluate_names_a_missing_model_folder(tmp_path, capsys):
+    from lapvqa_hf.cli import main as lapvqa
+
+    missing = str(tmp_path / "no-such-model")
+    assert lapvqa(["evaluate", missing, "--mimic-root", str(tmp_path), "--features", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {missing}: no such model folder."

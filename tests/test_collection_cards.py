@@ -152,7 +152,7 @@ def test_detection_cards_show_the_training_record_and_the_assumed_options():
     assert "| val_map40 | 0.052 |" in card and "| epoch | 37 |" in card
     assert "- option `num_attention_heads` = `8` (not in the weights; a converter option)" in card
     assert "- option `resize_mode` = `stretch`" in card
-    assert "post_process_object_detection" in card and "`task: detection` fine-tunes the head" in card
+    assert "post_process_object_detection" in card and "fine-tunes the head with DETR's set loss" in card
     assert "| mAP@0.4 | 0.048 |" in card, "the upstream card's test result beside the checkpoint's validation record"
     diffvqa_card = render_model_card(collection.select(["lapvqa-diffvqa-coca"])[0], collection, info).text
     assert "Training record" not in diffvqa_card and "Detection outputs" not in diffvqa_card

@@ -84,6 +84,7 @@ def test_converted_model_matches_the_original_to_1e_5(tmp_path):
         assert diff.abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_real_size_checkpoint_converts_with_pinned_defaults(tmp_path):
     source = tmp_path / "clip-vit-l14_best.pt"
     torch.save(randomize_(DiffVQAHead(vis_dim=1024), seed=3, std=0.02).state_dict(), source)

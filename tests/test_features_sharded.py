@@ -53,6 +53,7 @@ def assert_same_store(reference, folder) -> None:
     assert all(torch.equal(reference[image_id], store[image_id]) for image_id in reference._tensors)
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_store_equal_to_a_one_process_run(release, tmp_path):
     single = launch(release, tmp_path / "one", 1)
     assert [shard["file"] for shard in manifest_of(tmp_path / "one")["shards"]] == [
@@ -69,6 +70,7 @@ def test_two_processes_write_one_store_equal_to_a_one_process_run(release, tmp_p
     assert double.stdout.count("10 images encoded with lapvqa-vit-l14") == single.stdout.count("10 images") == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_two_process_run_extracts_only_what_a_killed_process_left(release, tmp_path):
     launch(release, tmp_path / "reference", 2)
     launch(release, tmp_path / "features", 2)

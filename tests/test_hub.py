@@ -158,6 +158,7 @@ def test_dry_run_plans_every_chosen_repo_and_writes_nothing(hub, api, tmp_path):
     assert api.writes() == []
 
 
+@pytest.mark.slow
 def test_push_publishes_then_rerun_is_a_no_op(hub, api, tmp_path):
     collection = load_collection()
     push(collection, ONE_PER_KIND, tmp_path / "first", api=api, **QUIET)
@@ -263,6 +264,7 @@ def test_an_upstream_file_missing_on_the_hub_fails_its_repo_in_one_line_and_the_
     assert [r.entry.name for r in plan.repos if r.error is None] == ["lapvqa-vit-l14"]
 
 
+@pytest.mark.slow
 def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
     result = _cli(hub, "push", "--dry-run", "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -273,6 +275,7 @@ def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
     assert not any(method not in ("GET", "HEAD") for method, _, _ in hub.requests), "a dry run only reads"
 
 
+@pytest.mark.slow
 def test_pull_over_http_pins_revisions_resumes_and_works_offline(hub, api, tmp_path):
     push(load_collection(), ["lapvqa-diffvqa-coca"], tmp_path / "work", api=api, **QUIET)
     served = hub.repos["dmusingu/lapvqa-diffvqa-coca"]
@@ -317,6 +320,7 @@ def test_push_from_a_local_upstream_folder(hub, upstream_repos, api, tmp_path):
     assert config["encoder_name"] == "owlv2" and config["conversion_info"]["source_file"] == "owlv2_best.pt"
 
 
+@pytest.mark.slow
 def test_convert_straight_from_a_hub_file_then_offline_from_the_cache(hub, tmp_path):
     arguments = ("convert", "diffvqa", "dmusingu/lapvqa-diffvqa/coca_best.pt", "--encoder", "coca", "--output")
     online = _cli(hub, *arguments, str(tmp_path / "online"), cwd=tmp_path)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_with_remote_code
 from lapvqa_hf.convert.captioning import convert_captioning
@@ -75,6 +76,7 @@ def write_pretrained_stand_ins(folder: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_the_fine_tuning_section_runs_end_to_end(tmp_path):
     write_pretrained_stand_ins(tmp_path)
     env = {

@@ -37,6 +37,7 @@ def write_config(base: Path, output: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_overfit_the_synthetic_answers(prepared, tmp_path):
     config = write_config(prepared, tmp_path / "run")
     result = accelerate_launch("lapvqa_hf.train", ["--config", config], processes=2)  # DDP over gloo

@@ -49,6 +49,7 @@ def launch_two_cpu_processes(module: str, *args: str) -> subprocess.CompletedPro
 # --- evaluation across processes --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_validation_and_evaluate_on_two_processes_equal_one_process(prepared, tmp_path, capsys):
     values = config_values(prepared, tmp_path / "run", max_steps=20, eval_every=10, checkpoint_every=10)
     (tmp_path / "run.json").write_text(json.dumps(values | {"eval_max_new_tokens": 16}))

@@ -72,6 +72,7 @@ def test_encoder_patch_tokens_match_original(attn_implementation):
     assert (found - expected).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_encoder_matches_original_at_vit_l14_size():
     original, model = vision_pair("sdpa", img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16)
     assert (model.config.image_size, model.config.num_patches, model.config.intermediate_size) == (224, 256, 4096)
