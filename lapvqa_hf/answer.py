@@ -19,21 +19,17 @@ another model (weights or code), dtype, generation options or input are refused.
 """
 
 import argparse
-import codecs
 import contextlib
 import copy
-import csv
 import functools
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .convert.checkpoint import first_line, sha256_of, summary, write_json_atomically
 from .model_folders import LOADING_ERRORS, ModelFolderError, check_weights_fit_config, load_config
+from .tables import TableError, TableRow, is_valid_text, read_table, text_problems
 
 COLUMNS = {
     "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
@@ -64,101 +61,17 @@ class AnswerError(ValueError):
 # --- input and output ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class InputRow:
-    """One row of the input: its place (`index`, 0-based; `line` in the file), its values exactly as read, and why
-    it cannot be answered (`problem`), if it cannot."""
-
-    index: int
-    line: int
-    values: object  # a dict of the row's columns; a JSON line that is not an object stays as it was read
-    problem: str | None = None
-
-
-def decode_text(data: bytes, path: Path) -> str:
-    """The input file's text: UTF-8 (with or without Excel's byte-order mark) or UTF-16 with a byte-order mark."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    else:
-        encoding = "utf-8-sig"
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as error:
-        raise AnswerError(
-            f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte {data[error.start]:#04x} at offset "
-            f"{error.start}); save it as UTF-8."
-        ) from None
-
-
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def row_problem(values: object, columns: tuple[str, ...]) -> str | None:
-    """Why a row cannot be answered, or None: every column of the model must hold non-empty text."""
-    if not isinstance(values, dict):
-        return f"expected a JSON object with the columns {list(columns)}, found {type(values).__name__}"
-    problems = []
-    for column in columns:
-        value = values.get(column)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            problems.append(f"{column}: missing or empty")
-        elif not isinstance(value, str):
-            problems.append(f"{column}: expected text, found {type(value).__name__} {json.dumps(value)[:40]}")
-        elif _has_lone_surrogate(value):
-            problems.append(f"{column}: not valid Unicode text (a lone surrogate)")
-    return "; ".join(problems) or None
-
-
-def read_input(path: str | os.PathLike, columns: tuple[str, ...]) -> list[InputRow]:
-    """The rows of a CSV (with a header) or JSON Lines file. A CSV whose header lacks a column of the model, or a
-    file none of whose rows has them all, is refused in one line; any other row's problem is that row's."""
+def read_input(path: str | os.PathLike, columns: tuple[str, ...]) -> list[TableRow]:
+    """The rows of a CSV (with a header) or JSON Lines file (see `lapvqa_hf.tables`). A CSV whose header lacks a
+    column of the model, or a file none of whose rows has them all, is refused in one line; any other row's problem
+    is that row's."""
     path = Path(path)
-    if not path.is_file():
-        raise AnswerError(f"{path}: no such input file.")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json"):
-        raise AnswerError(f"{path}: expected a .csv or .jsonl file, found {path.suffix or 'no suffix'}.")
-    text = decode_text(path.read_bytes(), path)
-    if not text.strip():
-        raise AnswerError(f"{path}: no rows.")
-    rows: list[InputRow] = []
-    if suffix == ".csv":
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long field is its row's problem, not a crash
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            header = reader.fieldnames or []
-            missing = [column for column in columns if column not in header]
-            if missing:
-                raise AnswerError(
-                    f"{path}: this model needs the columns {list(columns)}; the header has {header} ({missing} "
-                    "missing)."
-                )
-            for values in reader:
-                values.pop(None, None)  # cells beyond the header's columns
-                rows.append(InputRow(len(rows), reader.line_num, values))
-        except csv.Error as error:
-            raise AnswerError(f"{path} line {reader.line_num}: not CSV ({error}).") from None
-    else:
-        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON text may hold U+2028
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
-            try:
-                values = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as error:
-                reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
-                rows.append(InputRow(len(rows), number, line, f"line {number}: not JSON ({reason})"))
-                continue
-            rows.append(InputRow(len(rows), number, values))
-    if not rows:
-        raise AnswerError(f"{path}: no rows.")
+    try:
+        rows = read_table(path, columns)
+    except TableError as error:
+        raise AnswerError(str(error)) from None
     for row in rows:
-        row.problem = row.problem or row_problem(row.values, columns)
+        row.problem = row.problem or text_problems(row.values, columns)
     if all(row.problem for row in rows):
         raise AnswerError(
             f"{path}: no row has this model's columns {list(columns)} as non-empty text (line {rows[0].line}: "
@@ -171,7 +84,7 @@ def json_line(value: object) -> str:
     """One JSON line, non-ASCII text as is; text that UTF-8 cannot hold (a lone surrogate) escaped, so that every
     input value reaches the output as it was read."""
     text = json.dumps(value, ensure_ascii=False)
-    return (text if not _has_lone_surrogate(text) else json.dumps(value)) + "\n"
+    return (text if is_valid_text(text) else json.dumps(value)) + "\n"
 
 
 def _differing(found: dict, expected: dict) -> str:
@@ -588,7 +501,7 @@ class Answerer:
             return vision(pixels.to(self.model.device, self.model.dtype)).last_hidden_state
         return self.pipe.encode(pixels)
 
-    def answer(self, rows: list[tuple[InputRow, dict[str, str]]]) -> list[dict]:
+    def answer(self, rows: list[tuple[TableRow, dict[str, str]]]) -> list[dict]:
         """The output lines of `rows` (each an input row and the paths its image columns name), in their order."""
         paths = [path for row, row_paths in rows if row.problem is None for path in row_paths.values()]
         images = self.images.get(paths)

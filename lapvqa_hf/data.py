@@ -13,6 +13,7 @@ lie next to the study folders (`files/p{..}/p{subject_id}/s{study_id}.txt`). All
 
 import csv
 import gzip
+import io
 import os
 import random
 import re
@@ -26,6 +27,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image
 
 from .convert.checkpoint import with_umask_permissions
+from .tables import TableError, decode_text, read_table, text_problems
 
 QUESTIONS_FILE = "mimic_pair_questions.csv"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
@@ -57,12 +59,16 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         path = compressed
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
-    with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as file:
-        reader = csv.DictReader(file)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing columns {missing}; found {reader.fieldnames}.")
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as file:
+        text = decode_text(file.read(), path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}; found {reader.fieldnames}.")
+    try:
         return list(reader)
+    except csv.Error as error:
+        raise DataError(f"{path} line {reader.line_num}: not CSV ({error}).") from None
 
 
 def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
@@ -134,17 +140,21 @@ def load_mimic_diff_vqa(root: str | Path, image_root: str | Path | None = None) 
 
 
 def _load_table(path: Path, required: tuple[str, ...], image_columns: tuple[str, ...], split: str) -> Dataset:
-    """A CSV or JSON Lines file with `required` columns; relative paths in `image_columns` resolved against its folder."""
-    if path.suffix == ".csv":
-        dataset = Dataset.from_csv(str(path), split=split)
-    elif path.suffix in (".jsonl", ".json"):
-        dataset = Dataset.from_json(str(path), split=split)
-    else:
-        raise DataError(f"{path}: expected a .csv or .jsonl file.")
-    missing = [c for c in required if c not in dataset.column_names]
-    if missing:
-        raise DataError(f"{path}: missing columns {missing}; found {dataset.column_names}.")
-    return dataset.map(lambda row: {key: str((path.parent / row[key]).resolve()) for key in image_columns})
+    """A CSV or JSON Lines file (read as `lapvqa_hf.tables` reads every user table) whose rows all hold the
+    `required` columns as text; relative paths in `image_columns` resolved against its folder."""
+    try:
+        rows = read_table(path, required)
+    except TableError as error:
+        raise DataError(str(error)) from None
+    for row in rows:
+        problem = row.problem or text_problems(row.values, required)
+        if problem:
+            raise DataError(f"{path} line {row.line}: {problem}.")
+    columns = list(dict.fromkeys(key for row in rows for key in row.values))
+    records = [{column: row.values.get(column) for column in columns} for row in rows]
+    for record in records:
+        record.update({key: str((path.parent / record[key]).resolve()) for key in image_columns})
+    return Dataset.from_list(records, split=split)
 
 
 def load_pairs(path: str | Path, split: str = "train") -> Dataset:

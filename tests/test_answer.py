@@ -229,7 +229,7 @@ def test_rows_without_the_models_columns_are_refused_in_one_line(diffvqa_folder,
     assert lapvqa(["answer", diffvqa_folder, "--input", str(tmp_path / "rows.csv"), "--output",
                    str(tmp_path / "o.jsonl"), "--device", "cpu"]) == 1  # fmt: skip
     (error,) = error_lines(capsys.readouterr().err)
-    assert "this model needs the columns ['prior_image', 'current_image', 'question']; the header has" in error
+    assert "needs the columns ['prior_image', 'current_image', 'question']; the header has" in error
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import re
 import shutil
 
 import pytest
@@ -136,7 +137,7 @@ def test_plain_pair_files_resolve_relative_paths(release, tmp_path, suffix):
 
 def test_pair_files_missing_columns_are_refused(tmp_path):
     (tmp_path / "pairs.csv").write_text("prior_image,question\nx.jpg,q\n")
-    with pytest.raises(DataError, match=r"missing columns \['current_image', 'answer'\]"):
+    with pytest.raises(DataError, match=r"\(\['current_image', 'answer'\] missing\)"):
         load_pairs(tmp_path / "pairs.csv")
 
 
@@ -238,7 +239,7 @@ def test_plain_report_files_resolve_relative_paths(release, tmp_path, suffix):
     assert reports["image"] == [str((tmp_path / "images" / "a.jpg").resolve()), image]
     assert reports["report"] == ["No acute process.", "Effusion."]
     (tmp_path / "bad.csv").write_text("image,text\na.jpg,x\n")
-    with pytest.raises(DataError, match=r"missing columns \['report'\]"):
+    with pytest.raises(DataError, match=r"\(\['report'\] missing\)"):
         load_reports(tmp_path / "bad.csv")
 
 
@@ -351,3 +352,18 @@ def test_synthesize_never_writes_into_an_existing_release(release, tmp_path, cap
     assert (release / "mimic_pair_questions.csv").read_bytes() == questions
     assert lapvqa(["data", "synthesize", "--output", str(tmp_path / "new"), "--subjects", "3"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["new"], "written beside, then renamed into place"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"prior_image,current_image,question,answer\na.png,b.png,caf\xe9?,no\n", "not UTF-8 text (byte 0xe9"),
+        (b"", "no rows"),
+        (b"prior_image,current_image,question,answer\na.png,b.png,,no\n", "line 2: question: missing or empty"),
+    ],
+    ids=["latin-1", "empty", "empty-question"],
+)
+def test_pair_files_that_cannot_be_read_are_one_line_errors(tmp_path, content, message):
+    (tmp_path / "pairs.csv").write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_pairs(tmp_path / "pairs.csv")
