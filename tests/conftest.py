@@ -139,7 +139,7 @@ def answers_of(generated: torch.Tensor, prompt_length: int, eos_token_id: int) -
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` (whole fine-tuning runs, several processes, real-size models) run only with
-    LAPVQA_SLOW_TESTS=1: README's test command stays quick, and .ci/run runs them in its other environments."""
+    LAPVQA_SLOW_TESTS=1: README's test command stays quick, and .ci/run runs them in its newest-torch environment."""
     if os.environ.get("LAPVQA_SLOW_TESTS") == "1":
         return
     slow = [item for item in items if item.get_closest_marker("slow")]

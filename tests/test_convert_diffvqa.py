@@ -249,3 +249,15 @@ def test_existing_output_is_kept_unless_overwrite(checkpoint, tmp_path, capsys):
     assert run_cli(checkpoint, "--encoder", "coca", "--output", out, "--num-heads", "4", "--overwrite") == 0
     assert (out / "model.safetensors").stat().st_mtime_ns != first, "an earlier conversion is replaced whole"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_help_and_the_summary_read_as_whole_sentences(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lapvqa(["convert", "vqa", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Convert an upstream `VQAHead` state dict (`{encoder}_best.pt` of `dmusingu/lapvqa-vqa`) into a " \
+           "Transformers model folder." in help_text  # fmt: skip
+    source = tmp_path / "coca_best.pt"
+    write_head(source, num_layers=1, nhead=4)
+    assert run_cli(source, "--encoder", "coca", "--num-heads", "4", "--output", tmp_path / "out", "--no-verify") == 0
+    assert "vis_dim 768, 1 layer, FFN 80" in capsys.readouterr().out
