@@ -471,16 +471,16 @@ class Answerer:
             yield found
             return
 
-        def record(module, inputs, output) -> None:
-            queries, context = inputs
-            batch, heads = len(queries), module.config.pooler_num_attention_heads
+        def record(module, args, kwargs, output) -> None:
+            queries, context = args[0], kwargs["key_value_states"]
+            batch, heads = len(queries), module.num_heads
             query = module.q_proj(queries).view(batch, queries.shape[1], heads, -1).transpose(1, 2)
             key = module.k_proj(context).view(batch, context.shape[1], heads, -1).transpose(1, 2)
             weights = torch.softmax(query @ key.transpose(-1, -2) * module.scaling, dim=-1).mean(dim=1)
             weights = weights[:, 1:, 1:]  # tokens after the image embedding's query; patches after CLS
             found.extend(weights / weights.sum(dim=-1, keepdim=True))
 
-        hook = pooler.attention.register_forward_hook(record)
+        hook = pooler.attention.register_forward_hook(record, with_kwargs=True)
         try:
             yield found
         finally:

@@ -9,7 +9,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .modeling_lapvqa_diffvqa import (
+from .modeling_lapvqa_common import (
     LapvqaCrossAttentionGenerationMixin,
     LapvqaLinear,
     LapvqaTextDecoder,

@@ -7,25 +7,23 @@ embedding and the others are the tokens CoCa's text decoder reads. The trunk her
 modules; only the pooler is written out.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
     CLIPPreTrainedModel,
     CLIPVisionEmbeddings,
-    eager_attention_forward,
 )
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_lapvqa_coca import LapvqaCocaVisionConfig
+from .modeling_lapvqa_common import LapvqaAttention
 
 
 @dataclass
@@ -43,33 +41,6 @@ class LapvqaCocaVisionOutput(BaseModelOutputWithPooling):
     image_embeds: torch.Tensor | None = None
 
 
-class LapvqaCocaPoolerAttention(nn.Module):
-    """Multi-head cross-attention from the pooler's queries (`projection_dim` wide) to the trunk's tokens
-    (`hidden_size` wide): `torch.nn.MultiheadAttention` with `kdim = vdim = hidden_size`, as open_clip has it."""
-
-    def __init__(self, config: LapvqaCocaVisionConfig):
-        super().__init__()
-        self.config = config
-        self.is_causal = False
-        self.head_dim = config.projection_dim // config.pooler_num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.q_proj = nn.Linear(config.projection_dim, config.projection_dim)
-        self.k_proj = nn.Linear(config.hidden_size, config.projection_dim)
-        self.v_proj = nn.Linear(config.hidden_size, config.projection_dim)
-        self.out_proj = nn.Linear(config.projection_dim, config.projection_dim)
-
-    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        batch_size, num_queries = queries.shape[:2]
-        query = self.q_proj(queries).view(batch_size, num_queries, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(context).view(batch_size, context.shape[1], -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(context).view(batch_size, context.shape[1], -1, self.head_dim).transpose(1, 2)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(self, query, key, value, None, scaling=self.scaling, is_causal=False)
-        return self.out_proj(attn_output.reshape(batch_size, num_queries, -1).contiguous())
-
-
 class LapvqaCocaAttentionalPooler(nn.Module):
     """`num_pooler_queries` learned queries (normalised) read the normalised trunk tokens."""
 
@@ -78,12 +49,19 @@ class LapvqaCocaAttentionalPooler(nn.Module):
         self.query = nn.Parameter(torch.empty(config.num_pooler_queries, config.projection_dim))
         self.query_layernorm = nn.LayerNorm(config.projection_dim, eps=config.layer_norm_eps)
         self.context_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = LapvqaCocaPoolerAttention(config)
+        # `torch.nn.MultiheadAttention` with `kdim = vdim = hidden_size`, as open_clip has it
+        self.attention = LapvqaAttention(
+            config,
+            config.projection_dim,
+            config.pooler_num_attention_heads,
+            is_cross_attention=True,
+            kv_input_size=config.hidden_size,
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         context = self.context_layernorm(hidden_states)
         queries = self.query_layernorm(self.query).expand(hidden_states.shape[0], -1, -1)
-        return self.attention(queries, context)
+        return self.attention(queries, key_value_states=context)[0]
 
 
 class LapvqaCocaVisionPreTrainedModel(CLIPPreTrainedModel):

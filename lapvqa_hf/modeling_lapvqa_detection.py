@@ -1,20 +1,20 @@
 """LAPVQA abnormality detection: a DETR-style set predictor over a frozen encoder's chest X-ray patch tokens."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithCrossAttentions
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_lapvqa_detection import LapvqaDetectionConfig
+from .modeling_lapvqa_common import LapvqaAttention, LapvqaMLP, LapvqaTransformerEncoderLayer
 
 
 @dataclass
@@ -57,115 +57,24 @@ class LapvqaDetectionOutput(ModelOutput):
     auxiliary_outputs: list[dict] | None = None
 
 
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    # At least float32, and float64 stays float64 (the converters verify in float64).
-    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-class LapvqaDetectionAttention(nn.Module):
-    """`torch.nn.MultiheadAttention`'s maths with separate q/k/v projections; self- or cross-attention, no mask."""
-
-    def __init__(self, config: LapvqaDetectionConfig):
-        super().__init__()
-        self.config = config
-        self.head_dim = config.d_model // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = False
-        self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
-        self.out_proj = nn.Linear(config.d_model, config.d_model)
-
-    def forward(
-        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        source = hidden_states if key_value_states is None else key_value_states
-        kv_shape = (*source.shape[:-1], -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        key_states = self.k_proj(source).view(kv_shape).transpose(1, 2)
-        value_states = self.v_proj(source).view(kv_shape).transpose(1, 2)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            None,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
-
-
-class LapvqaDetectionMLP(nn.Module):
-    def __init__(self, config: LapvqaDetectionConfig, intermediate_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(config.d_model, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, config.d_model)
-        self.activation_fn = ACT2FN[config.activation_function]
-        self.activation_dropout = config.activation_dropout
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.activation_fn(self.fc1(hidden_states))
-        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
-        return self.fc2(hidden_states)
-
-
-class LapvqaDetectionEncoderLayer(GradientCheckpointingLayer):
-    """`torch.nn.TransformerEncoderLayer(norm_first=True)`: self-attention, then feed-forward, each pre-norm."""
-
-    def __init__(self, config: LapvqaDetectionConfig):
-        super().__init__()
-        self.dropout = config.dropout
-        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.self_attn = LapvqaDetectionAttention(config)
-        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = LapvqaDetectionMLP(config, config.encoder_ffn_dim)
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
-        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
-        mlp_output = self.mlp(self.final_layer_norm(hidden_states))
-        return hidden_states + nn.functional.dropout(mlp_output, p=self.dropout, training=self.training)
-
-
 class LapvqaDetectionDecoderLayer(GradientCheckpointingLayer):
     """`torch.nn.TransformerDecoderLayer`: self-attention over the queries, cross-attention to the encoded visual
-    tokens, feed-forward; pre-norm or post-norm by `config.decoder_norm_first`."""
+    tokens, feed-forward; pre-norm or post-norm by `config.decoder_norm_first`. The text decoders' layer
+    (`LapvqaDecoderLayer`) is this layer pre-norm, with a cache and its feed-forward as its own `fc1/2`: the published
+    folders' layouts differ, so both stay, and `tests/test_shared_modeling.py` keeps them computing the same."""
 
     def __init__(self, config: LapvqaDetectionConfig):
         super().__init__()
         self.dropout = config.dropout
         self.norm_first = config.decoder_norm_first
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.self_attn = LapvqaDetectionAttention(config)
+        self.self_attn = LapvqaAttention(config, config.d_model, config.num_attention_heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.encoder_attn = LapvqaDetectionAttention(config)
+        self.encoder_attn = LapvqaAttention(config, config.d_model, config.num_attention_heads, is_cross_attention=True)
         self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = LapvqaDetectionMLP(config, config.decoder_ffn_dim)
+        self.mlp = LapvqaMLP(
+            config.d_model, config.decoder_ffn_dim, config.activation_function, config.activation_dropout
+        )
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         residual = hidden_states
@@ -199,7 +108,7 @@ class LapvqaDetectionPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "image_features"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LapvqaDetectionEncoderLayer", "LapvqaDetectionDecoderLayer"]
+    _no_split_modules = ["LapvqaTransformerEncoderLayer", "LapvqaDetectionDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -216,13 +125,24 @@ class LapvqaDetectionEncoder(LapvqaDetectionPreTrainedModel):
     """Pre-norm transformer encoder over the projected visual tokens, with an optional final LayerNorm."""
 
     _can_record_outputs = {
-        "hidden_states": LapvqaDetectionEncoderLayer,
-        "attentions": OutputRecorder(LapvqaDetectionAttention, index=1),
+        "hidden_states": LapvqaTransformerEncoderLayer,
+        "attentions": OutputRecorder(LapvqaAttention, index=1),
     }
 
     def __init__(self, config: LapvqaDetectionConfig):
         super().__init__(config)
-        self.layers = nn.ModuleList([LapvqaDetectionEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layers = nn.ModuleList(
+            [
+                LapvqaTransformerEncoderLayer(
+                    config,
+                    config.d_model,
+                    config.num_attention_heads,
+                    config.encoder_ffn_dim,
+                    config.activation_function,
+                )  # fmt: skip
+                for _ in range(config.encoder_layers)
+            ]
+        )
         self.layer_norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_final_layer_norm else None
         )
@@ -244,8 +164,8 @@ class LapvqaDetectionDecoder(LapvqaDetectionPreTrainedModel):
 
     _can_record_outputs = {
         "hidden_states": LapvqaDetectionDecoderLayer,
-        "attentions": OutputRecorder(LapvqaDetectionAttention, index=1, layer_name="self_attn"),
-        "cross_attentions": OutputRecorder(LapvqaDetectionAttention, index=1, layer_name="encoder_attn"),
+        "attentions": OutputRecorder(LapvqaAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(LapvqaAttention, index=1, layer_name="encoder_attn"),
     }
 
     def __init__(self, config: LapvqaDetectionConfig):

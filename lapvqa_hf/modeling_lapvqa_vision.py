@@ -1,37 +1,14 @@
 """LAPVQA captioning-pretrained ViT-L/14: the collection's frozen chest X-ray feature extractor."""
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_lapvqa_vision import LapvqaVisionConfig
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    # At least float32, and float64 stays float64 (the converters verify in float64).
-    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+from .modeling_lapvqa_common import LapvqaAttention, LapvqaMLP
 
 
 class LapvqaVisionEmbeddings(nn.Module):
@@ -89,64 +66,18 @@ class LapvqaVisionEmbeddings(nn.Module):
             )
 
 
-class LapvqaVisionAttention(nn.Module):
-    """Bidirectional multi-head attention (timm's fused `qkv`, split into q/k/v projections)."""
-
-    def __init__(self, config: LapvqaVisionConfig):
-        super().__init__()
-        self.config = config
-        self.is_causal = False
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            None,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
-            **kwargs,
-        )
-        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
-
-
-class LapvqaVisionMLP(nn.Module):
-    def __init__(self, config: LapvqaVisionConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation_fn = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
 class LapvqaVisionLayer(GradientCheckpointingLayer):
     """A pre-norm ViT block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
 
     def __init__(self, config: LapvqaVisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = LapvqaVisionAttention(config)
+        # timm's fused `qkv`, split into q/k/v projections; bidirectional
+        self.self_attn = LapvqaAttention(
+            config, config.hidden_size, config.num_attention_heads, qkv_bias=config.qkv_bias
+        )
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = LapvqaVisionMLP(config)
+        self.mlp = LapvqaMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), **kwargs)
@@ -166,7 +97,7 @@ class LapvqaVisionPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": LapvqaVisionLayer, "attentions": LapvqaVisionAttention}
+    _can_record_outputs = {"hidden_states": LapvqaVisionLayer, "attentions": LapvqaAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -6,7 +6,7 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_vqa import LapvqaVQAConfig
-from .modeling_lapvqa_diffvqa import (
+from .modeling_lapvqa_common import (
     LapvqaCrossAttentionGenerationMixin,
     LapvqaLinear,
     LapvqaPreTrainedModel,

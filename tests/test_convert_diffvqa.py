@@ -46,11 +46,13 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "config.json",
+        "configuration_lapvqa_common.py",
         "configuration_lapvqa_diffvqa.py",
         "encoders.py",
         "generation_config.json",
         "image_processing_lapvqa.py",
         "model.safetensors",
+        "modeling_lapvqa_common.py",
         "modeling_lapvqa_diffvqa.py",
         "pipeline_lapvqa.py",
         "tokenizer.json",
