@@ -196,6 +196,11 @@ def convert_captioning(
     )
 
 
+def convert_entry(entry, source: Path, output: Path, log) -> Path:
+    """`lapvqa push`'s conversion of a collection entry."""
+    return convert_captioning(source, output, overwrite=True, log=log)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",

@@ -232,6 +232,11 @@ def convert_coca_encoder(
     )
 
 
+def convert_entry(entry, source: Path, output: Path, log) -> Path:
+    """`lapvqa push`'s conversion of a collection entry."""
+    return convert_coca_encoder(source, output, overwrite=True, log=log)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",

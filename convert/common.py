@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
 from lapvqa_hf.compatibility import untested_release_note
 from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
-from lapvqa_hf.pipeline_lapvqa import save_pretrained_with_pipeline
+from lapvqa_hf.kinds import save_pretrained_with_pipeline
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (
@@ -441,6 +441,10 @@ class AnsweringHeadConverter:
             extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
             log=log,
         )
+
+    def convert_entry(self, entry, source: Path, output: Path, log: Callable[[str], None]) -> Path:
+        """`lapvqa push`'s conversion of a collection entry (`lapvqa_hf.collection.CollectionModel`)."""
+        return self.convert(source, entry.encoder, output, overwrite=True, log=log)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

@@ -325,6 +325,11 @@ def convert_detection(
     )
 
 
+def convert_entry(entry, source: Path, output: Path, log) -> Path:
+    """`lapvqa push`'s conversion of a collection entry (its encoder named by the manifest)."""
+    return convert_detection(source, output, encoder=entry.encoder, overwrite=True, log=log)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",

@@ -97,6 +97,7 @@ CONVERTER = AnsweringHeadConverter(
 convert_diffvqa = CONVERTER.convert
 add_arguments = CONVERTER.add_arguments
 run = CONVERTER.run
+convert_entry = CONVERTER.convert_entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,16 +38,12 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .convert.checkpoint import first_line, sha256_of, summary, write_json_atomically
+from .kinds import KINDS, ModelKind, kind_of
 from .model_folders import LOADING_ERRORS, ModelFolderError, check_weights_fit_config, load_config
 from .tables import TableError, TableRow, is_valid_text, read_table, text_problems
 
-COLUMNS = {
-    "lapvqa_diffvqa": ("prior_image", "current_image", "question"),
-    "lapvqa_vqa": ("image", "question"),
-    "lapvqa_captioning": ("image",),
-    "lapvqa_detection": ("image",),
-}
-IMAGE_COLUMNS = ("prior_image", "current_image", "image")
+# How a picture names each image column.
+IMAGE_TITLES = {"prior_image": "prior (reference)", "current_image": "current", "image": "image"}
 MAP_SIDE = 320  # pixels of each image in a saved picture
 OUTPUT_FORMAT = 2  # {"row", "input": {...}, model fields}; 1 (lapvqa-hf 0.4): the row's columns beside the model's
 MAPS_MARKER = ".lapvqa-answer-maps.json"  # in a --save-maps folder: the run whose pictures it holds
@@ -346,26 +342,32 @@ def load_pipeline(
     and no folder's code runs unless `trust_remote_code`; every failure to load is one line naming the model."""
     from transformers import pipeline
 
-    from .pipeline_lapvqa import PIPELINES
-
     name = str(model)
     config = load_config(name, revision, trust_remote_code)
     options = dict(revision=revision, device=device, dtype=dtype, model_kwargs=model_kwargs or {})
     try:
         if trust_remote_code:
             return pipeline(model=name, trust_remote_code=True, **options)
-        if config.model_type not in PIPELINES:
-            raise AnswerError(
-                f"{name} is a {config.model_type} model; `lapvqa answer` takes {sorted(COLUMNS)} (a folder's own code "
-                "runs only with --trust-remote-code)."
-            )
+        kind = answerable_kind(name, config.model_type)
         check_weights_fit_config(name, config, revision)
-        task, pipeline_class = PIPELINES[config.model_type]
-        return pipeline(task=task, model=name, pipeline_class=pipeline_class, trust_remote_code=False, **options)
+        return pipeline(task=kind.pipeline_task, model=name, pipeline_class=kind.pipeline_class,
+                        trust_remote_code=False, **options)  # fmt: skip
     except (AnswerError, ModelFolderError):
         raise
     except LOADING_ERRORS as error:  # incl. EncoderError (also a remote-code folder's own copy of it)
         raise AnswerError(f"{name}: the model could not be loaded ({first_line(error)}).") from None
+
+
+def answerable_kind(name: str, model_type: str) -> ModelKind:
+    """The kind of a model `lapvqa answer` can run (`lapvqa_hf.kinds`), or a one-line refusal."""
+    kind = kind_of(model_type)
+    if kind is None or kind.answering is None or kind.pipeline_class is None:
+        answerable = sorted(k.model_type for k in KINDS.values() if k.answering is not None)
+        raise AnswerError(
+            f"{name} is a {model_type} model; `lapvqa answer` takes {answerable} (a folder's own code runs only with "
+            "--trust-remote-code)."
+        )
+    return kind
 
 
 def fingerprint(modules: list[torch.nn.Module], classes: list[type]) -> str:
@@ -402,11 +404,15 @@ class Answerer:
     ):
         options = {"attn_implementation": "eager"} if save_maps else {}  # attention weights need eager attention
         self.pipe = load_pipeline(model, trust_remote_code, revision, device, dtype, options)
-        self.model, self.model_type = self.pipe.model, self.pipe.model.config.model_type
-        if self.model_type not in COLUMNS:
-            raise AnswerError(f"{model} is a {self.model_type} model; `lapvqa answer` takes {sorted(COLUMNS)}.")
-        self.columns = COLUMNS[self.model_type]
-        self.image_columns = [column for column in self.columns if column in IMAGE_COLUMNS]
+        self.model = self.pipe.model
+        self.answering = answerable_kind(str(model), self.model.config.model_type).answering
+        if not hasattr(self.pipe, "prepare_image"):
+            raise AnswerError(
+                f"{model}: its own pipeline code predates lapvqa-hf 0.5 (no prepare_image); run without "
+                "--trust-remote-code (the package's classes serve it), or convert the folder again."
+            )
+        self.columns = self.answering.columns
+        self.image_columns = list(self.answering.images)
         self.generate_kwargs = {"do_sample": False, **(generate_kwargs or {})}
         self.threshold = threshold
         self.maps = Path(save_maps) if save_maps else None
@@ -424,7 +430,7 @@ class Answerer:
         classes = [type(self.model), type(self.pipe)] + [type(m) for m in modules[1:]]
         classes += [type(processor) for processor in processors if processor is not None]
         generation = None
-        if self.model_type != "lapvqa_detection":  # the options generate() runs with, defaults left out
+        if self.answering.generates_text:  # the options generate() runs with, defaults left out
             generation = copy.deepcopy(self.model.generation_config)
             generation.update(**self.generate_kwargs)
             # Fields left unset take generate()'s global defaults: spelled out or not, the same options.
@@ -437,7 +443,7 @@ class Answerer:
             "generate": generation,
             "maps": str(self.maps.resolve()) if self.maps is not None else None,
         }
-        if self.model_type == "lapvqa_detection":
+        if not self.answering.generates_text:
             identity["threshold"] = self.threshold
         return identity
 
@@ -446,13 +452,13 @@ class Answerer:
         prepared, values = {}, {}
         for path in paths:
             try:
-                prepared[path] = self._pixels(path)
+                prepared[path] = self.pipe.prepare_image(path)
             except (ValueError, OSError) as error:
                 values[path] = first_line(error)
         if prepared:
             pixels = torch.cat([p for p, _ in prepared.values()])
             with torch.inference_mode(), self._pooled_tokens_to_patches() as to_patches:
-                tokens = self._tokens(pixels)
+                tokens = self.pipe.encode(pixels)
             for i, (path, (_, size)) in enumerate(prepared.items()):
                 if not torch.isfinite(tokens[i]).all():
                     values[path] = "the encoder gave non-finite features (NaN or inf) for this image"
@@ -486,21 +492,6 @@ class Answerer:
         finally:
             hook.remove()
 
-    def _pixels(self, path: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        pipe = self.pipe
-        if self.model_type == "lapvqa_detection":  # the folder's own processor, whose resize the boxes undo
-            image = pipe.image_processor.load_image(path)  # read once: its size maps the boxes back
-            return pipe.image_processor(image)["pixel_values"], image.shape[:2]
-        if self.model_type == "lapvqa_captioning":
-            return pipe.image_processor(path)["pixel_values"], (0, 0)
-        return pipe.pixel_values([path]), (0, 0)
-
-    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.model_type == "lapvqa_captioning":  # the model's own encoder; its tokens are the image features
-            vision = self.model.vision_model
-            return vision(pixels.to(self.model.device, self.model.dtype)).last_hidden_state
-        return self.pipe.encode(pixels)
-
     def answer(self, rows: list[tuple[TableRow, dict[str, str]]]) -> list[dict]:
         """The output lines of `rows` (each an input row and the paths its image columns name), in their order."""
         paths = [path for row, row_paths in rows if row.problem is None for path in row_paths.values()]
@@ -523,7 +514,7 @@ class Answerer:
     def _answer_ready(self, rows: list[tuple[int, dict]], images: dict) -> dict[int, dict]:
         """The model's fields (or an `error`) of each row whose images were read; rows are generated together where
         their prompts leave the same room for new tokens."""
-        if self.model_type == "lapvqa_detection":
+        if not self.answering.generates_text:
             return self._rows_answered(rows, lambda batch: self._detect(batch, images))
         outputs, groups = {}, {}
         for index, row in rows:
@@ -556,11 +547,9 @@ class Answerer:
         return outputs
 
     def _prompt(self, row: dict) -> list[int]:
-        if self.model_type == "lapvqa_captioning":
+        if self.answering.prompt_column is None:
             return [self.model.config.bos_token_id]
-        if hasattr(self.pipe, "question_ids"):
-            return self.pipe.question_ids(row["question"])
-        return self.pipe._question_prompt(row["question"])["input_ids"][0].tolist()  # a folder's older pipeline code
+        return self.pipe.question_ids(row[self.answering.prompt_column])
 
     def _new_tokens_for(self, prompt_length: int) -> int:
         """`max_new_tokens` (asked for, else the model's), capped to the room a prompt leaves in the positions."""
@@ -574,10 +563,7 @@ class Answerer:
         def stack(column: str) -> torch.Tensor:
             return torch.stack([images[row[column]][0] for _, row in rows])
 
-        if self.model_type == "lapvqa_diffvqa":
-            visual = {"curr_vis": stack("current_image"), "ref_vis": stack("prior_image")}
-        else:
-            visual = {"image_features": stack("image")}
+        visual = {argument: stack(column) for column, argument in self.answering.images.items()}
         input_ids, attention_mask = self._left_padded([prompts[index] for index, _ in rows])
         generate_kwargs = {**self.generate_kwargs, "max_new_tokens": tokens}
         generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **visual, **generate_kwargs)
@@ -586,9 +572,8 @@ class Answerer:
             self.capped.update((index, tokens) for index, _ in rows)
         new_tokens = generated[:, input_ids.shape[1] :]
         texts = [t.strip() for t in self.pipe.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        key = "report" if self.model_type == "lapvqa_captioning" else "answer"
-        outputs = [{key: text} for text in texts]
-        if self.maps is not None and self.model_type != "lapvqa_captioning":
+        outputs = [{self.answering.field: text} for text in texts]
+        if self.maps is not None and self.answering.picture == "attention":
             to_patches = {path: value[2] for path, value in images.items() if not isinstance(value, str)}
             pictures = self._attention_maps(rows, texts, generated, attention_mask, visual, to_patches)
             for output, picture in zip(outputs, pictures, strict=True):
@@ -626,9 +611,9 @@ class Answerer:
     def _draw(self, index: int, row: dict, answer: str, weights: np.ndarray, to_patches: dict) -> dict:
         reader = self.pipe.xray_reader
         weights = weights / weights.sum()
-        columns = ["prior_image", "current_image"] if self.model_type == "lapvqa_diffvqa" else ["image"]
-        parts = np.split(weights, len(columns))  # DiffVQA's memory is [prior tokens ; current tokens]
-        names = ["prior (reference)", "current"] if len(columns) == 2 else ["image"]
+        columns = list(self.answering.images)  # the visual memory is their tokens, in this order
+        parts = np.split(weights, len(columns))
+        names = [IMAGE_TITLES.get(column, column) for column in columns]
         images = [reader.load_rgb(row[column]) for column in columns]
         for i, column in enumerate(columns):  # pooled tokens (CoCa) back onto the patch grid
             if to_patches.get(row[column]) is not None:
@@ -640,7 +625,9 @@ class Answerer:
         low, high = min(grid.min() for grid in grids), max(grid.max() for grid in grids)
         panels = [heat_overlay(image, grid, low, high) for image, grid in zip(images, grids, strict=True)]
         path = self.maps / f"{index:07d}.png"
-        save_atomically(captioned(panels, titles, f"Q: {row['question']}\nA: {answer}"), path)
+        prompt = row[self.answering.prompt_column] if self.answering.prompt_column else ""
+        caption = f"Q: {prompt}\nA: {answer}" if prompt else answer
+        save_atomically(captioned(panels, titles, caption), path)
         return {"map": str(path)}
 
     def _detect(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:

@@ -18,26 +18,20 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from lapvqa_cli import COMMANDS, top_level_parser
 
-from .convert import captioning, coca_encoder, detection, diffvqa, vision_encoder, vqa
 from .convert.checkpoint import summary
 from .convert.common import run_reporting_errors
-
-CONVERTERS = {
-    "diffvqa": (diffvqa, "a DiffVQAHead state dict ({encoder}_best.pt)"),
-    "vqa": (vqa, "a single-image VQAHead state dict ({encoder}_best.pt)"),
-    "captioning": (captioning, "the captioning model (model_best.pt: ViT-L/14 + report decoder)"),
-    "vision-encoder": (vision_encoder, "the captioning-pretrained ViT-L/14 alone (encoder_final.pt)"),
-    "coca-encoder": (coca_encoder, "open_clip's CoCa ViT-L/14 image tower (open_clip_pytorch_model.bin)"),
-    "detection": (detection, "a DETR-style DetectionHead checkpoint ({encoder}.pt, VinDr-CXR)"),
-}
+from .kinds import KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser, commands = top_level_parser()
     convert = commands.add_parser("convert", help=COMMANDS["convert"])
     models = convert.add_subparsers(dest="model", required=True, metavar="MODEL")
-    for name, (module, help_text) in CONVERTERS.items():
-        model_parser = models.add_parser(name, help=help_text, description=summary(module.__doc__))
+    for kind in KINDS.values():  # `lapvqa convert <command>` of every kind that has a converter
+        if kind.converter is None:
+            continue
+        module = kind.converter_module()
+        model_parser = models.add_parser(kind.command, help=kind.converter_help, description=summary(module.__doc__))
         module.add_arguments(model_parser)
         model_parser.set_defaults(handler=module.run)
 

@@ -6,19 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from .encoders import ENCODER_WIDTHS
-
-# Every kind has a converter (`lapvqa convert <kind>`); an entry can still be switched off with convertible=false.
-KNOWN_KINDS = ("diffvqa", "vqa", "captioning", "vision-encoder", "coca-vision-encoder", "detection")
-# The Hub pipeline tag of each kind: a task transformers 5 has (it removed visual-question-answering and
-# image-to-text). The folders' own pipelines are custom ones (`lapvqa_hf.pipeline_lapvqa`).
-PIPELINE_TAGS = {
-    "diffvqa": "image-text-to-text",
-    "vqa": "image-text-to-text",
-    "captioning": "image-text-to-text",
-    "vision-encoder": "image-feature-extraction",
-    "coca-vision-encoder": "image-feature-extraction",
-    "detection": "object-detection",
-}
+from .kinds import KINDS
 
 
 class ManifestError(ValueError):
@@ -70,7 +58,7 @@ class CollectionModel:
 
     @property
     def pipeline_tag(self) -> str:
-        return PIPELINE_TAGS[self.kind]
+        return KINDS[self.kind].hub_pipeline_tag
 
 
 @dataclass(frozen=True)
@@ -108,8 +96,8 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
     if repo_id.count("/") != 1:
         raise ManifestError(f"{where}: repo_id must be 'owner/name', found {repo_id!r}.")
     kind = _require(entry, "kind", str, where)
-    if kind not in KNOWN_KINDS:
-        raise ManifestError(f"{where}: kind must be one of {KNOWN_KINDS}, found {kind!r}.")
+    if kind not in KINDS:
+        raise ManifestError(f"{where}: kind must be one of {tuple(KINDS)}, found {kind!r}.")
     convertible = _require(entry, "convertible", bool, where)
     source = _require(entry, "source", dict, where)
     encoder = _require(entry, "encoder", str, where)

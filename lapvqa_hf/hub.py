@@ -18,13 +18,8 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
-from .convert.captioning import convert_captioning
 from .convert.checkpoint import ConversionError, first_line, hub_unreachable_reason, sha256_of
-from .convert.coca_encoder import convert_coca_encoder
-from .convert.detection import convert_detection
-from .convert.diffvqa import convert_diffvqa
-from .convert.vision_encoder import convert_vision_encoder
-from .convert.vqa import convert_vqa
+from .kinds import KINDS
 from .model_card import render_model_card
 
 Log = Callable[[str], None]
@@ -186,18 +181,6 @@ class PushPlan:
         return [r for r in self.repos if r.error is not None]
 
 
-CONVERTERS = {
-    "diffvqa": lambda entry, source, out, log: convert_diffvqa(source, entry.encoder, out, overwrite=True, log=log),
-    "vqa": lambda entry, source, out, log: convert_vqa(source, entry.encoder, out, overwrite=True, log=log),
-    "captioning": lambda entry, source, out, log: convert_captioning(source, out, overwrite=True, log=log),
-    "vision-encoder": lambda entry, source, out, log: convert_vision_encoder(source, out, overwrite=True, log=log),
-    "coca-vision-encoder": lambda entry, source, out, log: convert_coca_encoder(source, out, overwrite=True, log=log),
-    "detection": lambda entry, source, out, log: convert_detection(
-        source, out, encoder=entry.encoder, overwrite=True, log=log
-    ),
-}
-
-
 def git_blob_sha1(path: Path) -> str:
     """The id git (and the Hub) gives a regular, non-LFS file."""
     digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
@@ -264,7 +247,7 @@ def prepare_repo(
         log(f"  {line}")
 
     try:
-        CONVERTERS[entry.kind](entry, source, folder, record)
+        KINDS[entry.kind].converter_module().convert_entry(entry, source, folder, record)
     except (ConversionError, OSError) as error:
         plan.error = f"conversion failed, not pushed: {error}"
         return plan

@@ -10,12 +10,10 @@ Images may be file paths (PNG, JPEG, DICOM), PIL images or arrays; X-rays are re
 transformers' batching treats a key named `pixel_values` as feature-extractor output, which these pipelines lack.
 """
 
-import os
 from types import SimpleNamespace
 
 import torch
 from transformers import Pipeline, PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
 
 from .encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
@@ -94,6 +92,11 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
     def pixel_values(self, images: list) -> torch.Tensor:
         """Images as the encoder's own processor prepares them."""
         return self.xray_reader.encoder_pixel_values(images, self.encoder_image_processor)
+
+    def prepare_image(self, image) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """One image as the model takes it (`[1, C, H, W]`), and the original's (height, width) where the outputs
+        refer to it (detection boxes), else None."""
+        return self.pixel_values([image]), None
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder's patch tokens `[batch, num_patches, vis_dim]` for prepared images."""
@@ -199,10 +202,14 @@ class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
             postprocess["top_k"] = top_k
         return {}, {}, postprocess
 
-    def preprocess(self, image) -> dict[str, torch.Tensor]:
+    def prepare_image(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The folder's own image processor (whose resize the boxes undo), and the original's (height, width)."""
         image = self.image_processor.load_image(image)  # read once: its size maps the boxes back
-        pixels = self.image_processor(image)["pixel_values"]
-        return {"image_pixel_values": pixels, "target_size": torch.tensor([list(image.shape[:2])])}
+        return self.image_processor(image)["pixel_values"], tuple(image.shape[:2])
+
+    def preprocess(self, image) -> dict[str, torch.Tensor]:
+        pixels, size = self.prepare_image(image)
+        return {"image_pixel_values": pixels, "target_size": torch.tensor([list(size)])}
 
     def _forward(self, model_inputs: dict) -> dict:
         outputs = self.model(image_features=self.encode(model_inputs["image_pixel_values"]))
@@ -236,10 +243,19 @@ class LapvqaCaptioningPipeline(LapvqaPipeline):
     def _sanitize_parameters(self, **generate_kwargs):
         return {}, {"generate_kwargs": generate_kwargs}, {}
 
+    def prepare_image(self, image) -> tuple[torch.Tensor, None]:
+        """One image as the model's own encoder takes it (`[1, C, H, W]`)."""
+        return self.image_processor(image)["pixel_values"], None
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's own encoder's patch tokens `[batch, num_patches, width]`: `image_features` of the model."""
+        model = self.model
+        return model.vision_model(pixel_values.to(model.device, model.dtype)).last_hidden_state
+
     def preprocess(self, image) -> dict[str, torch.Tensor]:
         bos = self.model.config.bos_token_id
         return {
-            "image_pixel_values": self.image_processor(image)["pixel_values"],
+            "image_pixel_values": self.prepare_image(image)[0],
             "input_ids": torch.tensor([[bos]]),
             "attention_mask": torch.ones(1, 1, dtype=torch.long),
         }
@@ -262,34 +278,9 @@ class LapvqaCaptioningPipeline(LapvqaPipeline):
         ]
 
 
-# The pipeline of each model type, under its task name (`custom_pipelines` in converted folders).
-PIPELINES = {
-    "lapvqa_diffvqa": ("lapvqa-diffvqa", LapvqaDiffVQAPipeline),
-    "lapvqa_vqa": ("lapvqa-vqa", LapvqaVQAPipeline),
-    "lapvqa_captioning": ("lapvqa-report-generation", LapvqaCaptioningPipeline),
-    "lapvqa_detection": ("lapvqa-abnormality-detection", LapvqaDetectionPipeline),
-}
-
-
-def save_pretrained_with_pipeline(model: PreTrainedModel, folder: str | os.PathLike) -> None:
-    """`model.save_pretrained(folder)`, with the model's pipeline named in `config.json` (`custom_pipelines`) and
-    this file (and the files it imports) copied beside it, so that `transformers.pipeline(model=folder,
-    trust_remote_code=True)` needs nothing but the folder."""
-    entry = PIPELINES.get(model.config.model_type)
-    if entry is not None:
-        task, pipeline_class = entry
-        module = __name__.rsplit(".", 1)[-1]
-        model.config.custom_pipelines = {task: {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"]}}
-    model.save_pretrained(folder)
-    if entry is not None:
-        custom_object_save(pipeline_class, folder)
-
-
 __all__ = [
-    "PIPELINES",
     "fitted_generate_kwargs",
     "room_for_new_tokens",
-    "save_pretrained_with_pipeline",
     "LapvqaCaptioningPipeline",
     "LapvqaDetectionPipeline",
     "LapvqaDiffVQAPipeline",

@@ -83,6 +83,7 @@ from .features import (
     image_id,
 )
 from .image_processing_lapvqa import LapvqaImageProcessor
+from .kinds import KINDS, kind_of, save_pretrained_with_pipeline
 from .metrics import score_answers
 from .metrics.detection import IOU_THRESHOLDS, metric_name, score_detections
 from .model_folders import load_model
@@ -90,7 +91,6 @@ from .modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .modeling_lapvqa_detection import LapvqaDetectionModel
 from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .modeling_lapvqa_vision import LapvqaVisionModel
-from .pipeline_lapvqa import save_pretrained_with_pipeline
 from .processing_lapvqa import LapvqaProcessor
 from .tokenization import build_gpt2_tokenizer, encode_questions
 
@@ -173,7 +173,7 @@ class TrainConfig:
         return cls(**values)
 
 
-TASKS = ("diffvqa", "captioning", "detection")
+TASKS = tuple(name for name, kind in KINDS.items() if kind.training_task is not None)  # the kinds with a task
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TEXT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
 DETECTION_METRICS = tuple(metric_name(threshold) for threshold in IOU_THRESHOLDS)  # what `score_detections` reports
@@ -274,7 +274,7 @@ def config_problems(values: dict) -> list[str]:
             problems.append("report_sections: only used with task captioning; remove it.")
     if task != "detection" and valid.get("radiologists", "fused") != "fused":
         problems.append("radiologists: only used with task detection; remove it.")
-    task_class = TASK_CLASSES[task]
+    task_class = KINDS[task].training_task_class()
     if valid.get("best_metric", "bleu4") not in task_class.metrics:
         problems.append(
             f"best_metric={valid.get('best_metric', 'bleu4')!r}: task {task} is scored by "
@@ -453,6 +453,14 @@ class DiffVQATask:
     metrics = TEXT_METRICS
     generates_text = True
 
+    @classmethod
+    def from_config(cls, config: "TrainConfig") -> "DiffVQATask":
+        return cls()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DiffVQATask":
+        return cls()
+
     def load_splits(self, mimic_root: str | Path) -> DatasetDict:
         return load_mimic_diff_vqa(mimic_root)
 
@@ -562,6 +570,14 @@ class CaptioningTask:
         self.report_sections = list(report_sections)
         self.vision_encoder = vision_encoder
         self._encoder: LapvqaVisionModel | None = None
+
+    @classmethod
+    def from_config(cls, config: "TrainConfig") -> "CaptioningTask":
+        return cls(config.report_sections, config.vision_encoder)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "CaptioningTask":
+        return cls(getattr(model_config, "report_sections", None) or REPORT_SECTIONS)
 
     def load_splits(self, mimic_root: str | Path) -> DatasetDict:
         return load_mimic_cxr_reports(mimic_root, sections=self.report_sections)
@@ -699,6 +715,15 @@ class DetectionTask:
         self.radiologists = radiologists
         self.classes = list(classes)  # the model's, once it is built
 
+    @classmethod
+    def from_config(cls, config: "TrainConfig") -> "DetectionTask":
+        return cls(config.radiologists)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DetectionTask":
+        classes = [model_config.id2label[index] for index in range(model_config.num_labels)]
+        return cls(getattr(model_config, "radiologists", None) or "fused", classes)
+
     def load_splits(self, root: str | Path) -> DatasetDict:
         return load_vindr_cxr(root, radiologists=self.radiologists, classes=self.classes)
 
@@ -741,32 +766,22 @@ class DetectionTask:
         detection_image_processor(features.recipe).save_pretrained(target)
 
 
-TASK_CLASSES = {"diffvqa": DiffVQATask, "captioning": CaptioningTask, "detection": DetectionTask}
+def task_for(config: TrainConfig):
+    """The training task of `config.task`, a kind of `lapvqa_hf.kinds` that has one."""
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}: expected one of {TASKS}.")
+    return KINDS[config.task].training_task_class().from_config(config)
 
 
-def task_for(config: TrainConfig) -> DiffVQATask | CaptioningTask | DetectionTask:
-    if config.task == "diffvqa":
-        return DiffVQATask()
-    if config.task == "captioning":
-        return CaptioningTask(config.report_sections, config.vision_encoder)
-    if config.task == "detection":
-        return DetectionTask(config.radiologists)
-    raise ValueError(f"task={config.task!r}: expected one of {TASKS}.")
-
-
-def task_for_model(model_config) -> DiffVQATask | CaptioningTask | DetectionTask:
+def task_for_model(model_config):
     """The task of a saved model (for `lapvqa evaluate`), from its config."""
-    if model_config.model_type == "lapvqa_diffvqa":
-        return DiffVQATask()
-    if model_config.model_type == "lapvqa_captioning":
-        return CaptioningTask(getattr(model_config, "report_sections", None) or REPORT_SECTIONS)
-    if model_config.model_type == "lapvqa_detection":
-        classes = [model_config.id2label[index] for index in range(model_config.num_labels)]
-        return DetectionTask(getattr(model_config, "radiologists", None) or "fused", classes)
-    raise ValueError(
-        f"model_type {model_config.model_type!r} has no training task; expected lapvqa_diffvqa, lapvqa_captioning or "
-        "lapvqa_detection."
-    )
+    kind = kind_of(model_config.model_type)
+    if kind is None or kind.training_task is None:
+        raise ValueError(
+            f"model_type {model_config.model_type!r} has no training task; expected one of "
+            f"{', '.join(KINDS[name].model_type for name in TASKS)}."
+        )
+    return kind.training_task_class().from_model_config(model_config)
 
 
 def require_image_preparation(features: FeatureStore, expected: str) -> None:
