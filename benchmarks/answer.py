@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lapvqa_hf.convert.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from lapvqa_hf.answer import Answerer, answer_dataset
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 SIZES = {
     "tiny": dict(

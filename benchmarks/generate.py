@@ -32,11 +32,11 @@ from datetime import date
 
 import torch
 from lapvqa_hf.convert.diffvqa import convert_state_dict
+from lapvqa_hf.convert.original import DiffVQAHead, randomize_
 from timing import time_calls
 from transformers.generation import CompileConfig
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
-from lapvqa_hf.original import DiffVQAHead, randomize_
 
 NEVER = 50257  # an eos id past the vocabulary: every mode checks for it and runs the full length
 

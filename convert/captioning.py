@@ -15,20 +15,12 @@ import torch
 
 from lapvqa_hf.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.modeling_lapvqa_captioning import LapvqaCaptioningModel
-from lapvqa_hf.original import CaptioningModel
 from lapvqa_hf.processing_lapvqa import LapvqaProcessor
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
-from .checkpoint import (
-    ConversionError,
-    StateDictMapper,
-    conversion_record,
-    counted,
-    load_untrusted_state_dict,
-    local_checkpoint,
-    summary,
-)
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (
     DECODER_ASSUMPTIONS,
     add_common_arguments,
@@ -39,11 +31,11 @@ from .common import (
     map_text_decoder,
     original_decoder_arguments,
     read_text_decoder_fields,
-    run_reporting_errors,
     strip_answer,
     tensor_shape,
     write_verified,
 )
+from .original import CaptioningModel
 from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 from .vision_encoder import VISION_ASSUMPTIONS, infer_vision_config, map_vision_encoder, random_images
 

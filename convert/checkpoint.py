@@ -1,56 +1,28 @@
 """Safe loading of untrusted upstream `.pt` (and `.safetensors`) files, strict key mapping and atomic output folders."""
 
-import contextlib
-import hashlib
 import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from lapvqa_hf.compatibility import transformers_record
+from lapvqa_hf.files import sha256_of
+from lapvqa_hf.messages import first_line
+from lapvqa_hf.model_folders import hub_unreachable_reason
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message says what was expected and what was found."""
 
 
 # `OWNER/REPO/PATH/IN/REPO`: a file of a Hub repo, e.g. dmusingu/lapvqa-diffvqa/coca_best.pt
 HUB_FILE = re.compile(r"^(?P<repo_id>[\w.-]+/[\w.-]+)/(?P<filename>[^\s]+)$")
-# `NAME` or `OWNER/NAME`: a Hub repo id
-HUB_REPO = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
-
-
-def looks_like_a_local_path(name: str) -> bool:
-    """Whether a model or encoder name can only mean a local path: it is no Hub repo id (`NAME` or `OWNER/NAME`),
-    or it starts like a path (`./`, `../`, `/`, `~`)."""
-    return name.startswith((".", "/", "~")) or os.path.isabs(name) or HUB_REPO.match(name) is None
-
-
-def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
-    """Why the Hub cannot be reached (offline mode, or no connection to its endpoint within `timeout` seconds), or
-    None. One quick probe, so that an offline machine hears it at once instead of after huggingface_hub's retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        return f"no connection to {constants.ENDPOINT}: {first_line(error)}"
-    return None
 
 
 def local_checkpoint(source: str | os.PathLike) -> Path:
@@ -120,21 +92,6 @@ def load_untrusted(path: str | os.PathLike) -> object:
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {_first_sentence(error)})."
         ) from None
-
-
-def summary(docstring: str) -> str:
-    """A module's docstring's first paragraph on one line: what its command-line help describes it with."""
-    return " ".join(docstring.strip().split("\n\n")[0].split())
-
-
-def counted(number: int, singular: str, plural: str | None = None) -> str:
-    """`1 layer`, `6 layers`: a count and its noun, for messages."""
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
-
-
-def first_line(error: BaseException) -> str:
-    """An error's message cut to its first line (its type's name when it has none), for one-line reports."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -218,14 +175,6 @@ def load_untrusted_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.
             f"{path}: checkpoint metadata must be numbers or strings, found other values under {not_plain}."
         )
     return _check_state_dict(loaded["state_dict"], f"{path} ['state_dict']"), metadata
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def conversion_record(checkpoint: Path, assumptions: Iterable[str], **assumed_options) -> dict:
@@ -312,86 +261,3 @@ def written_by_a_conversion(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("conversion_info"), dict)
-
-
-def with_umask_permissions(path: str | os.PathLike) -> None:
-    """Gives a finished file, or a folder and all it holds, the permissions the user's umask gives new ones
-    (`tempfile`'s folders and files, renamed into place, and some writers' files are private otherwise)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path = Path(path)
-    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
-        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
-
-
-def write_json_atomically(path: Path, payload: object, temporary_prefix: str | None = None) -> None:
-    """Writes JSON under a temporary name beside `path` (`temporary_prefix`, default `.NAME.`), then renames it over
-    `path`: readers see the old file or the new one, whole. It gets the user's umask permissions."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix or f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=1)
-    with_umask_permissions(temporary)
-    os.replace(temporary, path)
-
-
-def _remove_abandoned_staging(output: Path) -> None:
-    """Staging and retired folders of `output` whose process is gone (a killed conversion) are removed."""
-    for folder in output.parent.glob(f".{output.name}.*-pid*-*"):
-        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(tmp|old)-pid(\d+)-\w+", folder.name)
-        if match is None or not folder.is_dir():
-            continue
-        try:
-            os.kill(int(match.group(2)), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            pass
-
-
-@contextlib.contextmanager
-def atomic_output_dir(
-    output: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None
-) -> Iterator[Path]:
-    """Yields an empty temporary folder beside `output` and moves it into place only if the block succeeds.
-
-    On any error the temporary folder is removed and `output` is untouched; one left by a killed run is removed by
-    the next. An existing, non-empty `output` is refused unless `overwrite`, and even then only when it is an
-    earlier conversion's output (see `written_by_a_conversion`), which is replaced whole, never merged. `output`
-    may not be, or hold, the `source` checkpoint. The result gets the user's umask permissions.
-    """
-    output = Path(output).absolute()
-    if source is not None:
-        source, target = Path(source).resolve(), output.resolve()
-        if source == target or target in source.parents:
-            raise ConversionError(
-                f"--output {output} would replace the input {source}; write the conversion to another folder."
-            )
-    if output.exists():
-        if not output.is_dir():
-            raise ConversionError(
-                f"{output} is a file; --output must be a folder (new, empty or an earlier conversion)."
-            )
-        if any(output.iterdir()):
-            if not overwrite:
-                raise ConversionError(f"{output} already exists and is not empty; pass --overwrite to replace it.")
-            if not written_by_a_conversion(output):
-                raise ConversionError(
-                    f"{output} is not the output of an earlier `lapvqa convert` (no config.json with conversion_info); "
-                    "--overwrite replaces only those: choose another --output."
-                )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-pid{os.getpid()}-", dir=output.parent))
-    try:
-        yield staging
-        with_umask_permissions(staging)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-pid{os.getpid()}-", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

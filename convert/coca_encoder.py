@@ -20,27 +20,19 @@ from transformers import CLIPImageProcessorPil
 
 from lapvqa_hf.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from lapvqa_hf.encoders import CLIP_MEAN, CLIP_STD
+from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.modeling_lapvqa_coca import LapvqaCocaVisionModel
-from lapvqa_hf.original import CocaVisionTower
 
-from .checkpoint import (
-    ConversionError,
-    StateDictMapper,
-    conversion_record,
-    counted,
-    load_untrusted_state_dict,
-    local_checkpoint,
-    summary,
-)
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (
     add_common_arguments,
     expected_shapes,
     folder_verifier,
     numbered_blocks,
-    run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .original import CocaVisionTower
 from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 from .vision_encoder import random_images
 

@@ -4,7 +4,6 @@ generation defaults, the write-verify-publish flow and the command-line options.
 import argparse
 import dataclasses
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +13,19 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
 from lapvqa_hf.compatibility import untested_release_note
 from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
+from lapvqa_hf.files import atomic_output_dir
 from lapvqa_hf.kinds import save_pretrained_with_pipeline
+from lapvqa_hf.messages import counted, run_reporting_errors
+from lapvqa_hf.model_folders import looks_like_a_local_path
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (
     ConversionError,
     StateDictMapper,
-    atomic_output_dir,
     conversion_record,
-    counted,
-    first_line,
     load_untrusted_state_dict,
     local_checkpoint,
-    looks_like_a_local_path,
+    written_by_a_conversion,
 )
 from .verify import (
     DEFAULT_FLOAT32_BUDGET,
@@ -40,6 +39,11 @@ from .verify import (
 
 DEFAULT_MAX_NEW_TOKENS = 128
 GPT2_END_OF_TEXT = 50256  # bos = eos = pad
+# What `--overwrite` may replace: an earlier conversion's output folder.
+CONVERSION_OUTPUT = (
+    written_by_a_conversion,
+    "the output of an earlier `lapvqa convert` (no config.json with conversion_info)",
+)
 
 DECODER_ASSUMPTIONS = (
     "decoder is torch.nn.TransformerDecoder(norm_first=True, batch_first=True) with PyTorch's state-dict keys",
@@ -295,7 +299,7 @@ def write_verified(
     note = untested_release_note()
     if note is not None:
         log(note)
-    with atomic_output_dir(output, overwrite=overwrite, source=source) as staging:
+    with atomic_output_dir(output, overwrite=overwrite, source=source, replaceable=CONVERSION_OUTPUT) as staging:
         save_pretrained_with_pipeline(model, staging)
         if extra_files is not None:
             extra_files(staging)
@@ -359,18 +363,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, wi
         f"(default {DEFAULT_FLOAT32_BUDGET:.0e}; float32 rounding is ~1e-6)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-
-
-def run_reporting_errors(
-    command: Callable[[], object], errors: tuple[type[Exception], ...] = (ConversionError, OSError)
-) -> int:
-    """Runs a command for the CLI: an expected error becomes one `error:` line (its first) and exit code 1."""
-    try:
-        command()
-    except errors as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
-        return 1
-    return 0
 
 
 @dataclass

@@ -22,18 +22,10 @@ from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDe
 from lapvqa_hf.encoders import RECIPES
 from lapvqa_hf.features import detection_image_processor
 from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
+from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
-from lapvqa_hf.original import DetectionHead
 
-from .checkpoint import (
-    ConversionError,
-    StateDictMapper,
-    conversion_record,
-    counted,
-    load_untrusted_checkpoint,
-    local_checkpoint,
-    summary,
-)
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint, local_checkpoint
 from .common import (
     add_common_arguments,
     add_encoder_arguments,
@@ -42,10 +34,10 @@ from .common import (
     expected_shapes,
     folder_verifier,
     numbered_blocks,
-    run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .original import DetectionHead
 from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 
 WHAT = "DetectionHead"

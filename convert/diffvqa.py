@@ -13,10 +13,10 @@ import sys
 import torch
 
 from lapvqa_hf.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from lapvqa_hf.messages import summary
 from lapvqa_hf.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
-from lapvqa_hf.original import DiffVQAHead
 
-from .checkpoint import ConversionError, StateDictMapper, summary
+from .checkpoint import ConversionError, StateDictMapper
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
@@ -28,6 +28,7 @@ from .common import (
     read_text_decoder_fields,
     tensor_shape,
 )
+from .original import DiffVQAHead
 
 ASSUMPTIONS = (
     *DECODER_ASSUMPTIONS,

@@ -1,6 +1,6 @@
 """The verify step of every converter: does the converted model compute what the original module computes?
 
-It judges the conversion, not the kernels. The faithful original (`lapvqa_hf.original`, in its own state-dict
+It judges the conversion, not the kernels. The faithful original (`lapvqa_hf.convert.original`, in its own state-dict
 layout) and the converted model reloaded from the written folder both run in float64 on the same random inputs, so
 the only differences left are float64 rounding (about 1e-15 of the outputs' scale): every output is compared
 relative to its scale, max |Δ| / max |reference| <= `tolerance`, and discrete answers (greedy answers, argmax

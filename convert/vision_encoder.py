@@ -16,27 +16,19 @@ import torch
 
 from lapvqa_hf.configuration_lapvqa_vision import LapvqaVisionConfig
 from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.modeling_lapvqa_vision import LapvqaVisionModel
-from lapvqa_hf.original import VisionTransformer
 
-from .checkpoint import (
-    ConversionError,
-    StateDictMapper,
-    conversion_record,
-    counted,
-    load_untrusted_state_dict,
-    local_checkpoint,
-    summary,
-)
+from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (
     add_common_arguments,
     expected_shapes,
     folder_verifier,
     numbered_blocks,
-    run_reporting_errors,
     tensor_shape,
     write_verified,
 )
+from .original import VisionTransformer
 from .verify import DEFAULT_FLOAT32_BUDGET, DEFAULT_TOLERANCE, Outputs, Probe, dtype_of
 
 VISION_ASSUMPTIONS = (

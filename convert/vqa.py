@@ -14,10 +14,10 @@ import sys
 import torch
 
 from lapvqa_hf.configuration_lapvqa_vqa import LapvqaVQAConfig
+from lapvqa_hf.messages import summary
 from lapvqa_hf.modeling_lapvqa_vqa import LapvqaVQAModel
-from lapvqa_hf.original import VQAHead
 
-from .checkpoint import ConversionError, StateDictMapper, summary
+from .checkpoint import ConversionError, StateDictMapper
 from .common import (
     DECODER_ASSUMPTIONS,
     AnsweringHeadConverter,
@@ -29,6 +29,7 @@ from .common import (
     read_text_decoder_fields,
     tensor_shape,
 )
+from .original import VQAHead
 
 ASSUMPTIONS = (
     *DECODER_ASSUMPTIONS,

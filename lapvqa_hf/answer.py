@@ -37,8 +37,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import first_line, sha256_of, summary, write_json_atomically
+from .files import sha256_of, write_json_atomically
 from .kinds import KINDS, ModelKind, kind_of
+from .messages import first_line, summary
 from .model_folders import LOADING_ERRORS, ModelFolderError, check_weights_fit_config, load_config
 from .tables import TableError, TableRow, is_valid_text, read_table, text_problems
 
@@ -764,8 +765,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert.common import run_reporting_errors
     from .encoders import EncoderError
+    from .messages import run_reporting_errors
     from .processes import leave_processes, process_state
 
     state = process_state(args.device)

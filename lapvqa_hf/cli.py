@@ -18,9 +18,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from lapvqa_cli import COMMANDS, top_level_parser
 
-from .convert.checkpoint import summary
-from .convert.common import run_reporting_errors
 from .kinds import KINDS
+from .messages import run_reporting_errors, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .convert.checkpoint import write_json_atomically
     from .data import DataError
     from .features import FeatureStore
+    from .files import write_json_atomically
     from .model_folders import load_config, load_model
     from .processes import leave_processes, process_state
     from .tokenization import build_gpt2_tokenizer

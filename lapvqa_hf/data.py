@@ -26,7 +26,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
-from .convert.checkpoint import with_umask_permissions
+from .files import with_umask_permissions
 from .tables import TableError, decode_text, read_table, text_problems
 
 QUESTIONS_FILE = "mimic_pair_questions.csv"

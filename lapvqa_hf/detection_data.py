@@ -29,9 +29,9 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import ExifTags, Image
 
 from .configuration_lapvqa_detection import VINDR_CXR_CLASSES
-from .convert.checkpoint import first_line
 from .data import DataError, _read_csv, write_release
-from .image_processing_lapvqa import DICOM_SUFFIXES, _has_dicom_preamble
+from .messages import first_line
+from .xray_reading import DICOM_SUFFIXES, has_dicom_preamble
 
 ANNOTATION_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")  # and `rad_id`, if present
 NO_FINDING = "No finding"
@@ -71,7 +71,7 @@ def image_file(folder: Path, image_id: str) -> Path:
 def image_size(path: Path) -> tuple[int, int]:
     """`(height, width)` of an image file as `LapvqaImageProcessor` reads it, from its header only."""
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        if path.suffix.lower() in DICOM_SUFFIXES or has_dicom_preamble(path):
             try:
                 import pydicom
             except ImportError:

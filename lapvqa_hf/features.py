@@ -32,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
-from .convert.checkpoint import write_json_atomically
 from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
+from .files import write_json_atomically
 from .image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"

@@ -18,9 +18,11 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .collection import Collection, CollectionModel, ManifestError, load_collection
-from .convert.checkpoint import ConversionError, first_line, hub_unreachable_reason, sha256_of
+from .files import sha256_of
 from .kinds import KINDS
+from .messages import first_line
 from .model_card import render_model_card
+from .model_folders import hub_unreachable_reason
 
 Log = Callable[[str], None]
 
@@ -248,7 +250,7 @@ def prepare_repo(
 
     try:
         KINDS[entry.kind].converter_module().convert_entry(entry, source, folder, record)
-    except (ConversionError, OSError) as error:
+    except (ValueError, OSError) as error:  # the converters' ConversionError is a ValueError
         plan.error = f"conversion failed, not pushed: {error}"
         return plan
     config = json.loads((folder / "config.json").read_text())

@@ -6,13 +6,44 @@ not cached while the Hub cannot be reached says so at once, without huggingface_
 fit `config.json` are refused, where transformers would re-initialise them at random with a warning.
 """
 
+import os
+import re
 from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 
-from .convert.checkpoint import first_line, hub_unreachable_reason, looks_like_a_local_path
+from .messages import first_line
+
+# `NAME` or `OWNER/NAME`: a Hub repo id
+HUB_REPO = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """Whether a model or encoder name can only mean a local path: it is no Hub repo id (`NAME` or `OWNER/NAME`),
+    or it starts like a path (`./`, `../`, `/`, `~`)."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or HUB_REPO.match(name) is None
+
+
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (offline mode, or no connection to its endpoint within `timeout` seconds), or
+    None. One quick probe, so that an offline machine hears it at once instead of after huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"no connection to {constants.ENDPOINT}: {first_line(error)}"
+    return None
+
 
 # What loading a damaged, truncated, edited or absent model may raise (EncoderError is a ValueError).
 LOADING_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, MemoryError, SafetensorError)
@@ -84,10 +115,13 @@ def load_model(model_class, name: str, revision: str | None = None, **options) -
 
 
 __all__ = [
+    "HUB_REPO",
     "LOADING_ERRORS",
     "ModelFolderError",
     "check_weights_fit_config",
+    "hub_unreachable_reason",
     "load_config",
     "load_model",
     "locate_model",
+    "looks_like_a_local_path",
 ]

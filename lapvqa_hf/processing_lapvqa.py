@@ -4,7 +4,8 @@ import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_lapvqa import ImageSource, LapvqaImageProcessor
+from .image_processing_lapvqa import LapvqaImageProcessor
+from .xray_reading import ImageSource
 
 
 class LapvqaProcessor(ProcessorMixin):

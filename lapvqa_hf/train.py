@@ -69,7 +69,6 @@ from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .configuration_lapvqa_vision import LapvqaVisionConfig
-from .convert.checkpoint import first_line, summary, with_umask_permissions, write_json_atomically
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .detection_data import RADIOLOGISTS, load_vindr_cxr
 from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
@@ -82,8 +81,10 @@ from .features import (
     detection_image_processor,
     image_id,
 )
+from .files import with_umask_permissions, write_json_atomically
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .kinds import KINDS, kind_of, save_pretrained_with_pipeline
+from .messages import first_line, summary
 from .metrics import score_answers
 from .metrics.detection import IOU_THRESHOLDS, metric_name, score_detections
 from .model_folders import load_model

@@ -32,9 +32,9 @@ import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from lapvqa_hf.convert.diffvqa import convert_state_dict  # noqa: E402
+from lapvqa_hf.convert.original import DiffVQAHead, randomize_  # noqa: E402
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel  # noqa: E402
-from lapvqa_hf.original import DiffVQAHead, randomize_  # noqa: E402
 
 # The weight scales numerics are tested at: every weight std 0.02 (outputs of a few units or less); the output layer
 # std 1 as in a trained head (logits of tens); every weight std 3 (outputs of thousands). See `randomize_at_scale_`.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import accelerate_launch
+from lapvqa_hf.convert.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from PIL import Image
 from test_image_processing import write_dicom
 from test_pipelines import QUESTIONS, TINY_HEAD, convert, tiny_clip_folder
@@ -17,7 +18,6 @@ from transformers import pipeline
 from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.answer import Answerer, answer_dataset, patch_grid
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 QUIET = dict(progress=False)
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lapvqa_hf.convert.original import DiffVQAHead, VQAHead
 from PIL import Image
 from test_pipelines import TINY_HEAD, convert, tiny_clip_folder
 from transformers import pipeline
 
 from lapvqa_hf.answer import Answerer, AnswerError, answer_dataset, read_input
-from lapvqa_hf.original import DiffVQAHead, VQAHead
 
 QUIET = dict(progress=False)
 

@@ -1,7 +1,7 @@
 """CoCa's image tower without open_clip: `LapvqaCocaVisionModel`, converted from open_clip's weights.
 
 The `open_clip` tests compare against open_clip itself; `.ci/run` runs them in an environment that has it
-(`.venv-open-clip`). Everything else compares against `lapvqa_hf.original.CocaVisionTower`, open_clip's module
+(`.venv-open-clip`). Everything else compares against `lapvqa_hf.convert.original.CocaVisionTower`, open_clip's module
 re-implemented with its state-dict layout, which the `open_clip` tests in turn check key for key.
 """
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import run_without_lapvqa_hf
 from lapvqa_hf.convert.coca_encoder import convert_coca_state_dict, infer_coca_config
+from lapvqa_hf.convert.original import CocaVisionTower, randomize_
 from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor
 
 from lapvqa_hf import LapvqaCocaVisionConfig, LapvqaCocaVisionModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.encoders import CLIP_MEAN, CLIP_STD
-from lapvqa_hf.original import CocaVisionTower, randomize_
 
 # Few, large patches (4 x 4 at 224 px) and the recipe's token width (768), so a tiny tower can feed CoCa heads.
 TINY_TOWER = dict(

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.detection import convert_detection
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
+from lapvqa_hf.convert.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
@@ -24,7 +25,6 @@ from transformers.pipelines import SUPPORTED_TASKS
 from lapvqa_hf.collection import ManifestError, load_collection
 from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED, transformers_record
 from lapvqa_hf.model_card import render_model_card, usage_snippet
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 MANIFEST = json.loads(resources.files("lapvqa_hf").joinpath("collection.json").read_text())
 

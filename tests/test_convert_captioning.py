@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from lapvqa_hf.convert import captioning
+from lapvqa_hf.convert.original import CaptioningModel, randomize_
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 
 from lapvqa_hf import LapvqaCaptioningModel, LapvqaImageProcessor, LapvqaProcessor, LapvqaVisionModel
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.original import CaptioningModel, randomize_
 
 TINY = dict(
     img_size=56,

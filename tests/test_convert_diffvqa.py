@@ -11,11 +11,11 @@ import torch
 import transformers
 from conftest import visual_features
 from lapvqa_hf.convert import diffvqa
+from lapvqa_hf.convert.original import DiffVQAHead, randomize_
 
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.compatibility import TRANSFORMERS_NEWEST_TESTED, TRANSFORMERS_OLDEST_TESTED
-from lapvqa_hf.original import DiffVQAHead, randomize_
 
 SMALL_HEAD = dict(d_model=64, nhead=4, num_layers=3, dim_feedforward=80, max_len=60)
 

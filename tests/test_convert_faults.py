@@ -11,8 +11,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lapvqa_hf.convert.checkpoint import ConversionError, atomic_output_dir, load_untrusted_state_dict
+from lapvqa_hf.convert.checkpoint import ConversionError, load_untrusted_state_dict
 from test_convert_diffvqa import run_cli, write_head
+
+from lapvqa_hf.files import atomic_output_dir
 
 ARGS = ("--encoder", "coca", "--num-heads", "4")
 
@@ -66,7 +68,7 @@ def test_a_killed_conversion_leaves_a_staging_folder_that_the_next_run_removes(c
     out = tmp_path / "out"
     code = f"""
 import os, signal
-from lapvqa_hf.convert.checkpoint import atomic_output_dir
+from lapvqa_hf.files import atomic_output_dir
 with atomic_output_dir({str(out)!r}) as staging:
     (staging / "model.safetensors").write_bytes(b"0" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)

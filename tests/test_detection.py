@@ -12,6 +12,7 @@ import torch
 from conftest import enable_activation_checkpointing, run_with_remote_code
 from conftest import upstream_detection_checkpoint as upstream_checkpoint
 from lapvqa_hf.convert import detection
+from lapvqa_hf.convert.original import DetectionHead, randomize_
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForObjectDetection, DetrConfig
 from transformers.loss.loss_utils import LOSS_MAPPING
 
@@ -19,7 +20,6 @@ from lapvqa_hf import LapvqaDetectionConfig, LapvqaDetectionModel, LapvqaImagePr
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.configuration_lapvqa_detection import LOSS_WEIGHTS
 from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionOutput
-from lapvqa_hf.original import DetectionHead, randomize_
 
 TINY = dict(d_model=32, nhead=4, num_enc=2, num_dec=3, num_queries=5, dim_feedforward=48)
 ENCODER_OF_WIDTH = {768: "coca", 1024: "clip-vit-l14", 1152: "siglip"}

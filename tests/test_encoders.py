@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from lapvqa_hf.convert.original import DetectionHead, DiffVQAHead, VQAHead, randomize_
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTMAEConfig, ViTMAEModel
 
 from lapvqa_hf import LapvqaDiffVQAModel
@@ -13,7 +14,6 @@ from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.collection import load_collection
 from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 from lapvqa_hf.features import load_encoder, patch_tokens
-from lapvqa_hf.original import DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 TINY_HEAD = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=48, max_len=40)
 

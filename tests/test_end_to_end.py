@@ -5,12 +5,12 @@ import torch
 from lapvqa_hf.convert.checkpoint import StateDictMapper
 from lapvqa_hf.convert.common import expected_shapes
 from lapvqa_hf.convert.diffvqa import convert_state_dict, infer_config
+from lapvqa_hf.convert.original import DiffVQAHead, VisionTransformer, randomize_
 from lapvqa_hf.convert.vision_encoder import infer_vision_config, map_vision_encoder
 from PIL import Image
 from test_image_processing import write_dicom
 
 from lapvqa_hf import LapvqaDiffVQAModel, LapvqaImageProcessor, LapvqaProcessor, LapvqaVisionModel
-from lapvqa_hf.original import DiffVQAHead, VisionTransformer, randomize_
 
 
 def test_prior_png_and_current_dicom_to_an_answer(tmp_path, gpt2_tokenizer):

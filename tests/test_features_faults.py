@@ -333,7 +333,7 @@ def test_the_store_gets_the_users_umask_permissions(tmp_path):
     import os
     import stat
 
-    from lapvqa_hf.convert.checkpoint import write_json_atomically
+    from lapvqa_hf.files import write_json_atomically
 
     previous = os.umask(0o022)
     try:

@@ -15,10 +15,10 @@ from conftest import upstream_detection_checkpoint
 from hub_server import LocalHub
 from huggingface_hub import HfApi
 from lapvqa_hf.convert import diffvqa
+from lapvqa_hf.convert.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 from lapvqa_hf.collection import load_collection
 from lapvqa_hf.hub import describe, execute, plan_push, push
-from lapvqa_hf.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead, randomize_
 
 SECRET = "hf_sentinelTOKENthatMustNeverBePrinted"
 # Every manifest entry converts (the exact list is specified in test_collection_cards.py).

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_without_lapvqa_hf
+from lapvqa_hf.convert.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from PIL import Image
 from test_image_processing import write_dicom
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, pipeline
@@ -16,7 +17,6 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VQAHead, randomize_
 from lapvqa_hf.tokenization import build_gpt2_tokenizer, encode_questions
 
 TINY_HEAD = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=48, max_len=40)

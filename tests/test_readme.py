@@ -12,13 +12,20 @@ from conftest import upstream_detection_checkpoint
 from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.detection import convert_detection
 from lapvqa_hf.convert.diffvqa import convert_diffvqa
+from lapvqa_hf.convert.original import (
+    CaptioningModel,
+    DetectionHead,
+    DiffVQAHead,
+    VisionTransformer,
+    VQAHead,
+    randomize_,
+)
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
 from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 from test_image_processing import write_dicom
 
 from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES
-from lapvqa_hf.original import CaptioningModel, DetectionHead, DiffVQAHead, VisionTransformer, VQAHead, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -15,9 +15,8 @@ import pytest
 import torch
 from conftest import run_with_remote_code
 from lapvqa_hf.convert.captioning import convert_captioning
+from lapvqa_hf.convert.original import CaptioningModel, randomize_
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
-
-from lapvqa_hf.original import CaptioningModel, randomize_
 
 GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md").read_text()
 SECTION = re.search(r"## Fine-tuning a DiffVQA head or the captioning decoder\n(.*?)(\n## |\Z)", GUIDE, re.S).group(1)

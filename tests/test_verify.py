@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import WEIGHT_SCALES, randomize_at_scale_, upstream_detection_checkpoint
 from lapvqa_hf.convert.checkpoint import StateDictMapper
+from lapvqa_hf.convert.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead
 from lapvqa_hf.convert.verify import Agreement, Difference, VerifyReport
 from torch import nn
 
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.modeling_lapvqa_common import LapvqaLinear
-from lapvqa_hf.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead
 
 DECODER = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=48, max_len=40)
 

@@ -12,11 +12,11 @@ from lapvqa_hf.convert.captioning import convert_state_dict as convert_captionin
 from lapvqa_hf.convert.captioning import infer_config as infer_captioning_config
 from lapvqa_hf.convert.checkpoint import StateDictMapper
 from lapvqa_hf.convert.common import expected_shapes
+from lapvqa_hf.convert.original import CaptioningModel, VisionTransformer, randomize_
 from lapvqa_hf.convert.vision_encoder import infer_vision_config, map_vision_encoder
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from lapvqa_hf import LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
-from lapvqa_hf.original import CaptioningModel, VisionTransformer, randomize_
 
 TINY_VIT = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import SMALL, WEIGHT_SCALES, answers_of, randomize_at_scale_, relative_error, run_with_remote_code
 from lapvqa_hf.convert import vqa
+from lapvqa_hf.convert.original import DiffVQAHead, VQAHead, randomize_
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from lapvqa_hf import LapvqaVQAConfig, LapvqaVQAModel
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.original import DiffVQAHead, VQAHead, randomize_
 
 SPECIAL = 50256
 
