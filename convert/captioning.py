@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.messages import counted, run_reporting_errors, summary
-from lapvqa_hf.modeling_lapvqa_captioning import LapvqaCaptioningModel
-from lapvqa_hf.processing_lapvqa import LapvqaProcessor
+from lapvqa_hf.models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.models.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from lapvqa_hf.models.processing_lapvqa import LapvqaProcessor
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint

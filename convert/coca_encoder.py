@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessorPil
 
-from lapvqa_hf.configuration_lapvqa_coca import LapvqaCocaVisionConfig
-from lapvqa_hf.encoders import CLIP_MEAN, CLIP_STD
 from lapvqa_hf.messages import counted, run_reporting_errors, summary
-from lapvqa_hf.modeling_lapvqa_coca import LapvqaCocaVisionModel
+from lapvqa_hf.models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
+from lapvqa_hf.models.encoders import CLIP_MEAN, CLIP_STD
+from lapvqa_hf.models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (

@@ -12,11 +12,11 @@ import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 
 from lapvqa_hf.compatibility import untested_release_note
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.files import atomic_output_dir
 from lapvqa_hf.kinds import save_pretrained_with_pipeline
 from lapvqa_hf.messages import counted, run_reporting_errors
 from lapvqa_hf.model_folders import looks_like_a_local_path
+from lapvqa_hf.models.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (

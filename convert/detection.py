@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
-from lapvqa_hf.encoders import RECIPES
 from lapvqa_hf.features import detection_image_processor
-from lapvqa_hf.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
 from lapvqa_hf.messages import counted, run_reporting_errors, summary
-from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionModel
+from lapvqa_hf.models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
+from lapvqa_hf.models.encoders import RECIPES
+from lapvqa_hf.models.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
+from lapvqa_hf.models.modeling_lapvqa_detection import LapvqaDetectionModel
 
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint, local_checkpoint
 from .common import (

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from lapvqa_hf.messages import summary
-from lapvqa_hf.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from lapvqa_hf.models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from lapvqa_hf.models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 
 from .checkpoint import ConversionError, StateDictMapper
 from .common import (

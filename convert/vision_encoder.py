@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_vision import LapvqaVisionConfig
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.messages import counted, run_reporting_errors, summary
-from lapvqa_hf.modeling_lapvqa_vision import LapvqaVisionModel
+from lapvqa_hf.models.configuration_lapvqa_vision import LapvqaVisionConfig
+from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.models.modeling_lapvqa_vision import LapvqaVisionModel
 
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (

@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from lapvqa_hf.configuration_lapvqa_vqa import LapvqaVQAConfig
 from lapvqa_hf.messages import summary
-from lapvqa_hf.modeling_lapvqa_vqa import LapvqaVQAModel
+from lapvqa_hf.models.configuration_lapvqa_vqa import LapvqaVQAConfig
+from lapvqa_hf.models.modeling_lapvqa_vqa import LapvqaVQAModel
 
 from .checkpoint import ConversionError, StateDictMapper
 from .common import (

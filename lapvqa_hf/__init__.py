@@ -6,22 +6,22 @@ classes and the pipelines with its pipeline registry, and the classes for remote
 """
 
 from . import compatibility  # noqa: F401  (first of the package's modules: it refuses an unsupported transformers)
-from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .configuration_lapvqa_coca import LapvqaCocaVisionConfig
-from .configuration_lapvqa_detection import LapvqaDetectionConfig
-from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
-from .configuration_lapvqa_vision import LapvqaVisionConfig
-from .configuration_lapvqa_vqa import LapvqaVQAConfig
-from .encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
-from .image_processing_lapvqa import LapvqaImageProcessor
 from .kinds import KINDS, ModelKind, register_kind  # registers every kind with transformers
-from .modeling_lapvqa_captioning import LapvqaCaptioningModel
-from .modeling_lapvqa_coca import LapvqaCocaVisionModel
-from .modeling_lapvqa_detection import LapvqaDetectionModel
-from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
-from .modeling_lapvqa_vision import LapvqaVisionModel
-from .modeling_lapvqa_vqa import LapvqaVQAModel
-from .processing_lapvqa import LapvqaProcessor
+from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
+from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
+from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_vision import LapvqaVisionConfig
+from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
+from .models.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
+from .models.image_processing_lapvqa import LapvqaImageProcessor
+from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
+from .models.modeling_lapvqa_detection import LapvqaDetectionModel
+from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_vision import LapvqaVisionModel
+from .models.modeling_lapvqa_vqa import LapvqaVQAModel
+from .models.processing_lapvqa import LapvqaProcessor
 
 __version__ = "0.4.0"
 

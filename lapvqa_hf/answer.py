@@ -554,7 +554,7 @@ class Answerer:
 
     def _new_tokens_for(self, prompt_length: int) -> int:
         """`max_new_tokens` (asked for, else the model's), capped to the room a prompt leaves in the positions."""
-        from .pipeline_lapvqa import room_for_new_tokens
+        from .models.pipeline_lapvqa import room_for_new_tokens
 
         wanted = self.generate_kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens
         room = room_for_new_tokens(self.model.config, prompt_length)
@@ -765,8 +765,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .encoders import EncoderError
     from .messages import run_reporting_errors
+    from .models.encoders import EncoderError
     from .processes import leave_processes, process_state
 
     state = process_state(args.device)

@@ -176,7 +176,6 @@ def run_extract_features(args: argparse.Namespace) -> int:
 
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
     from .detection_data import load_vindr_cxr
-    from .encoders import EncoderError, load_encoder, load_encoder_image_processor
     from .features import (
         DETECTION_IMAGE_PREPARATION,
         FAILURES,
@@ -189,6 +188,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
         recipe_for,
         resolve_device,
     )
+    from .models.encoders import EncoderError, load_encoder, load_encoder_image_processor
     from .processes import leave_processes, process_state
 
     state = process_state(args.device)  # under `accelerate launch`, each process encodes its share

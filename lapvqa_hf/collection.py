@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .encoders import ENCODER_WIDTHS
 from .kinds import KINDS
+from .models.encoders import ENCODER_WIDTHS
 
 
 class ManifestError(ValueError):
@@ -53,7 +53,7 @@ class CollectionModel:
 
     @property
     def vis_dim(self) -> int:
-        """The width of the encoder's patch tokens (`lapvqa_hf.encoders`)."""
+        """The width of the encoder's patch tokens (`lapvqa_hf.models.encoders`)."""
         return ENCODER_WIDTHS[self.encoder]
 
     @property

@@ -28,10 +28,10 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import ExifTags, Image
 
-from .configuration_lapvqa_detection import VINDR_CXR_CLASSES
 from .data import DataError, _read_csv, write_release
 from .messages import first_line
-from .xray_reading import DICOM_SUFFIXES, has_dicom_preamble
+from .models.configuration_lapvqa_detection import VINDR_CXR_CLASSES
+from .models.xray_reading import DICOM_SUFFIXES, has_dicom_preamble
 
 ANNOTATION_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")  # and `rad_id`, if present
 NO_FINDING = "No finding"

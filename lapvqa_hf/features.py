@@ -1,6 +1,6 @@
 """Frozen-encoder patch tokens, extracted once per image and stored for fast training (`lapvqa extract-features`).
 
-The upstream DiffVQA card does not say how its features were taken from each encoder; `lapvqa_hf.encoders.RECIPES`
+The upstream DiffVQA card does not say how its features were taken from each encoder; `lapvqa_hf.models.encoders.RECIPES`
 pins it (checkpoint, input size, normalisation, which hidden state, CLS kept or dropped). The recipe is stored
 with the features and, later, in the config of a head trained on them.
 
@@ -32,9 +32,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
-from .encoders import RECIPES, EncoderError, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .files import write_json_atomically
-from .image_processing_lapvqa import LapvqaImageProcessor
+from .models.encoders import (
+    RECIPES,
+    EncoderError,
+    EncoderRecipe,
+    load_encoder,
+    load_encoder_image_processor,
+    patch_tokens,
+)
+from .models.image_processing_lapvqa import LapvqaImageProcessor
 
 MANIFEST = "features.json"
 PART = "features-part-r{rank}.json"  # one process's shards (and unreadable images) of a multi-process run
@@ -215,7 +222,7 @@ def extract_features(
     """Encodes every image (`{image_id: path}`) not yet stored in `output_dir`; returns `output_dir`.
 
     `encoder` and `image_processor` default to the recipe's checkpoint and the encoder's own image processor saved
-    with it (`lapvqa_hf.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
+    with it (`lapvqa_hf.models.encoders.load_encoder_image_processor`); X-rays are read by `LapvqaImageProcessor` first.
     `image_preparation` names how `image_processor` prepares images (`IMAGE_PREPARATION`, or
     `DETECTION_IMAGE_PREPARATION` with `detection_image_processor(recipe)`); it is recorded in the manifest, and a
     store prepared otherwise is not resumed.

@@ -30,26 +30,26 @@ from transformers import (
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .configuration_lapvqa_coca import LapvqaCocaVisionConfig
-from .configuration_lapvqa_detection import LapvqaDetectionConfig
-from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
-from .configuration_lapvqa_vision import LapvqaVisionConfig
-from .configuration_lapvqa_vqa import LapvqaVQAConfig
-from .image_processing_lapvqa import LapvqaImageProcessor
-from .modeling_lapvqa_captioning import LapvqaCaptioningModel
-from .modeling_lapvqa_coca import LapvqaCocaVisionModel
-from .modeling_lapvqa_detection import LapvqaDetectionModel
-from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
-from .modeling_lapvqa_vision import LapvqaVisionModel
-from .modeling_lapvqa_vqa import LapvqaVQAModel
-from .pipeline_lapvqa import (
+from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
+from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
+from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_vision import LapvqaVisionConfig
+from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
+from .models.image_processing_lapvqa import LapvqaImageProcessor
+from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
+from .models.modeling_lapvqa_detection import LapvqaDetectionModel
+from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_vision import LapvqaVisionModel
+from .models.modeling_lapvqa_vqa import LapvqaVQAModel
+from .models.pipeline_lapvqa import (
     LapvqaCaptioningPipeline,
     LapvqaDetectionPipeline,
     LapvqaDiffVQAPipeline,
     LapvqaVQAPipeline,
 )
-from .processing_lapvqa import LapvqaProcessor
+from .models.processing_lapvqa import LapvqaProcessor
 
 AUTO_CLASSES = {
     cls.__name__: cls

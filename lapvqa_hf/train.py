@@ -65,13 +65,8 @@ from transformers import (
 from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .configuration_lapvqa_captioning import LapvqaCaptioningConfig
-from .configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
-from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
-from .configuration_lapvqa_vision import LapvqaVisionConfig
 from .data import REPORT_SECTIONS, load_mimic_cxr_reports, load_mimic_diff_vqa
 from .detection_data import RADIOLOGISTS, load_vindr_cxr
-from .encoders import ENCODER_WIDTHS, load_encoder_image_processor
 from .features import (
     DETECTION_IMAGE_PREPARATION,
     IMAGE_PREPARATION,
@@ -82,17 +77,22 @@ from .features import (
     image_id,
 )
 from .files import with_umask_permissions, write_json_atomically
-from .image_processing_lapvqa import LapvqaImageProcessor
 from .kinds import KINDS, kind_of, save_pretrained_with_pipeline
 from .messages import first_line, summary
 from .metrics import score_answers
 from .metrics.detection import IOU_THRESHOLDS, metric_name, score_detections
 from .model_folders import load_model
-from .modeling_lapvqa_captioning import LapvqaCaptioningModel
-from .modeling_lapvqa_detection import LapvqaDetectionModel
-from .modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
-from .modeling_lapvqa_vision import LapvqaVisionModel
-from .processing_lapvqa import LapvqaProcessor
+from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from .models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
+from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_vision import LapvqaVisionConfig
+from .models.encoders import ENCODER_WIDTHS, load_encoder_image_processor
+from .models.image_processing_lapvqa import LapvqaImageProcessor
+from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from .models.modeling_lapvqa_detection import LapvqaDetectionModel
+from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_vision import LapvqaVisionModel
+from .models.processing_lapvqa import LapvqaProcessor
 from .tokenization import build_gpt2_tokenizer, encode_questions
 
 

@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor
 
 from lapvqa_hf import LapvqaCocaVisionConfig, LapvqaCocaVisionModel
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.encoders import CLIP_MEAN, CLIP_STD
+from lapvqa_hf.models.encoders import CLIP_MEAN, CLIP_STD
 
 # Few, large patches (4 x 4 at 224 px) and the recipe's token width (768), so a tiny tower can feed CoCa heads.
 TINY_TOWER = dict(

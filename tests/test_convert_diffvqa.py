@@ -57,6 +57,7 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
         "pipeline_lapvqa.py",
         "tokenizer.json",
         "tokenizer_config.json",
+        "xray_reading.py",
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["encoder_name"] == "coca" and config["vis_dim"] == 768

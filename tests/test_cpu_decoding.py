@@ -8,7 +8,7 @@ import torch
 from conftest import WEIGHT_SCALES, make_pair, relative_error, visual_features
 from torch import nn
 
-from lapvqa_hf.modeling_lapvqa_common import CACHE_OUTPUT_FIELD, LapvqaLinear, _onednn_linear_dtypes
+from lapvqa_hf.models.modeling_lapvqa_common import CACHE_OUTPUT_FIELD, LapvqaLinear, _onednn_linear_dtypes
 
 # Relative to the outputs' scale (max |Δ| / max |nn.Linear's output|): a few ulps of float32, one rounding of bf16.
 RELATIVE_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}

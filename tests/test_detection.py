@@ -18,8 +18,8 @@ from transformers.loss.loss_utils import LOSS_MAPPING
 
 from lapvqa_hf import LapvqaDetectionConfig, LapvqaDetectionModel, LapvqaImageProcessor
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.configuration_lapvqa_detection import LOSS_WEIGHTS
-from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionOutput
+from lapvqa_hf.models.configuration_lapvqa_detection import LOSS_WEIGHTS
+from lapvqa_hf.models.modeling_lapvqa_detection import LapvqaDetectionOutput
 
 TINY = dict(d_model=32, nhead=4, num_enc=2, num_dec=3, num_queries=5, dim_feedforward=48)
 ENCODER_OF_WIDTH = {768: "coca", 1024: "clip-vit-l14", 1152: "siglip"}
@@ -145,6 +145,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
         "modeling_lapvqa_detection.py",
         "pipeline_lapvqa.py",
         "preprocessor_config.json",
+        "xray_reading.py",
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lapvqa_detection" and config["encoder_name"] == "coca"

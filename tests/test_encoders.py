@@ -12,8 +12,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, ViTMAEConfig, ViTMAE
 from lapvqa_hf import LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.collection import load_collection
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 from lapvqa_hf.features import load_encoder, patch_tokens
+from lapvqa_hf.models.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
 
 TINY_HEAD = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=48, max_len=40)
 

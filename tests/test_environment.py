@@ -65,14 +65,16 @@ def test_importing_the_package_checks_the_release_before_anything_else():
 
 
 def test_a_conversion_on_a_transformers_newer_than_tested_says_so(tmp_path, capsys, monkeypatch):
-    import transformers
     from test_convert_diffvqa import run_cli, write_head
 
-    from lapvqa_hf.compatibility import untested_release_note
+    from lapvqa_hf import compatibility
 
-    assert untested_release_note(TRANSFORMERS_NEWEST_TESTED) is None
+    assert compatibility.untested_release_note(TRANSFORMERS_NEWEST_TESTED) is None
     newer = f"{Version(TRANSFORMERS_NEWEST_TESTED).major}.{Version(TRANSFORMERS_NEWEST_TESTED).minor + 1}.0"
-    monkeypatch.setattr(transformers, "__version__", newer)
+    # The module object the package reads: importing transformers.pipelines (any earlier test in this worker may
+    # have) puts a fresh `transformers` module object in sys.modules, so a plain `import transformers` here can
+    # name another one.
+    monkeypatch.setattr(compatibility.transformers, "__version__", newer)
     write_head(tmp_path / "coca_best.pt", nhead=4)
     assert (
         run_cli(tmp_path / "coca_best.pt", "--encoder", "coca", "--num-heads", "4", "--output", tmp_path / "out") == 0

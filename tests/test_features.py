@@ -21,7 +21,6 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
-from lapvqa_hf.encoders import ENCODER_WIDTHS, RECIPES, EncoderError
 from lapvqa_hf.features import (
     FeatureError,
     FeatureStore,
@@ -29,6 +28,7 @@ from lapvqa_hf.features import (
     images_of,
     recipe_for,
 )
+from lapvqa_hf.models.encoders import ENCODER_WIDTHS, RECIPES, EncoderError
 
 
 @pytest.fixture(scope="module")

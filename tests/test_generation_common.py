@@ -20,7 +20,7 @@ from lapvqa_hf import (
     LapvqaVQAConfig,
     LapvqaVQAModel,
 )
-from lapvqa_hf.modeling_lapvqa_common import CACHE_OUTPUT_FIELD
+from lapvqa_hf.models.modeling_lapvqa_common import CACHE_OUTPUT_FIELD
 
 VOCAB, SPECIAL = 99, 98  # bos = eos = pad, as GPT-2's <|endoftext|> in the real models
 DECODER = dict(

@@ -17,7 +17,7 @@ from lapvqa_hf.cli import build_parser
 from lapvqa_hf.collection import Collection, CollectionModel, Dataset, Source
 from lapvqa_hf.kinds import Answering, CardText, kind_of, save_pretrained_with_pipeline
 from lapvqa_hf.model_card import render_model_card
-from lapvqa_hf.pipeline_lapvqa import LapvqaPipeline
+from lapvqa_hf.models.pipeline_lapvqa import LapvqaPipeline
 
 
 @strict

@@ -16,7 +16,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 
 from lapvqa_hf import LapvqaImageProcessor
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
+from lapvqa_hf.models.encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from lapvqa_hf.tokenization import build_gpt2_tokenizer, encode_questions
 
 TINY_HEAD = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=48, max_len=40)
@@ -181,7 +181,7 @@ def tiny_encoder_folder(name: str, folder):
 
 @pytest.mark.parametrize("name", ["siglip", "owlv2", "florence2", "coca", "mae-vit-l16", "lapvqa-vit-l14"])
 def test_every_encoder_family_feeds_its_head_through_the_pipeline(name, tmp_path, xrays):
-    from lapvqa_hf.encoders import ENCODER_WIDTHS
+    from lapvqa_hf.models.encoders import ENCODER_WIDTHS
 
     encoder_folder = tiny_encoder_folder(name, tmp_path / name)
     torch.save(randomize_(VQAHead(vis_dim=ENCODER_WIDTHS[name], **TINY_HEAD), seed=3).state_dict(), tmp_path / "h.pt")

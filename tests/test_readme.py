@@ -25,7 +25,7 @@ from lapvqa_hf.convert.vqa import convert_vqa
 from PIL import Image
 from test_image_processing import write_dicom
 
-from lapvqa_hf.configuration_lapvqa_detection import VINDR_CXR_CLASSES
+from lapvqa_hf.models.configuration_lapvqa_detection import VINDR_CXR_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lapvqa_hf import LapvqaDetectionConfig, LapvqaDiffVQAConfig
-from lapvqa_hf.modeling_lapvqa_common import LapvqaDecoderLayer
-from lapvqa_hf.modeling_lapvqa_detection import LapvqaDetectionDecoderLayer
+from lapvqa_hf.models.modeling_lapvqa_common import LapvqaDecoderLayer
+from lapvqa_hf.models.modeling_lapvqa_detection import LapvqaDetectionDecoderLayer
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lapvqa_hf"
+PACKAGE = Path(__file__).resolve().parents[1] / "lapvqa_hf" / "models"
 
 
 def _definitions(pattern: str) -> list[str]:

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoProcessor
 from lapvqa_hf import LapvqaCaptioningConfig, LapvqaCaptioningModel, LapvqaVisionConfig, LapvqaVisionModel
 from lapvqa_hf.data import load_mimic_cxr_reports, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.features import FeatureError, FeatureStore, extract_features, images_of, recipe_for
-from lapvqa_hf.image_processing_lapvqa import LapvqaImageProcessor
+from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.train import ReportExamples, TrainConfig, report_collate, report_split, train
 
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=28)

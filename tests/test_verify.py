@@ -21,7 +21,7 @@ from lapvqa_hf.convert.verify import Agreement, Difference, VerifyReport
 from torch import nn
 
 from lapvqa_hf.cli import main as lapvqa
-from lapvqa_hf.modeling_lapvqa_common import LapvqaLinear
+from lapvqa_hf.models.modeling_lapvqa_common import LapvqaLinear
 
 DECODER = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=48, max_len=40)
 
