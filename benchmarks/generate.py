@@ -189,12 +189,14 @@ def main() -> None:
         common = dict(
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),
-            curr_vis=curr_vis,
-            ref_vis=ref_vis,
+            current_image_features=curr_vis,
+            prior_image_features=ref_vis,
             eos_token_id=NEVER,
             do_sample=False,
         )
-        twin_inputs = dict(curr_vis=curr_vis[..., :32].contiguous(), ref_vis=ref_vis[..., :32].contiguous())
+        twin_inputs = dict(
+            current_image_features=curr_vis[..., :32].contiguous(), prior_image_features=ref_vis[..., :32].contiguous()
+        )
         runs = {
             "naive": lambda new_tokens: original.generate(curr_vis, ref_vis, question, 50256, NEVER, new_tokens),
             "dynamic": lambda new_tokens: model.generate(**common, max_new_tokens=new_tokens),

@@ -58,7 +58,10 @@ def build(task: str, batch: int, text_tokens: int, device: torch.device) -> tupl
     if task == "diffvqa":
         model = LapvqaDiffVQAModel(LapvqaDiffVQAConfig(vis_dim=1152))
         input_ids, labels = text_inputs(batch, text_tokens, text_tokens // 3, device)
-        features = {name: torch.randn(batch, 729, 1152, device=device) for name in ("curr_vis", "ref_vis")}
+        features = {
+            name: torch.randn(batch, 729, 1152, device=device)
+            for name in ("current_image_features", "prior_image_features")
+        }
         inputs = {"input_ids": input_ids, "labels": labels, "use_cache": False, **features}
         return model, inputs, batch * (text_tokens - text_tokens // 3)  # the loss shifts labels by one
     if task == "captioning":

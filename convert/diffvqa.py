@@ -80,9 +80,9 @@ def probe(
 ) -> QuestionAnsweringProbe:
     """The verify inputs: random features of both images (their patch counts differ) and random prompts."""
     generator = torch.Generator().manual_seed(seed)
-    curr_vis = torch.randn((batch_size, num_patches[0], config.vis_dim), generator=generator, dtype=torch.float64)
-    ref_vis = torch.randn((batch_size, num_patches[1], config.vis_dim), generator=generator, dtype=torch.float64)
-    return QuestionAnsweringProbe(config, {"curr_vis": curr_vis, "ref_vis": ref_vis}, generator)
+    current = torch.randn((batch_size, num_patches[0], config.vis_dim), generator=generator, dtype=torch.float64)
+    prior = torch.randn((batch_size, num_patches[1], config.vis_dim), generator=generator, dtype=torch.float64)
+    return QuestionAnsweringProbe(config, {"current_image_features": current, "prior_image_features": prior}, generator)
 
 
 CONVERTER = AnsweringHeadConverter(

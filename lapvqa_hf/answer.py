@@ -407,9 +407,10 @@ class Answerer:
         self.pipe = load_pipeline(model, trust_remote_code, revision, device, dtype, options)
         self.model = self.pipe.model
         self.answering = answerable_kind(str(model), self.model.config.model_type).answering
-        if not hasattr(self.pipe, "prepare_image"):
+        batch_method = "generate_texts" if self.answering.generates_text else "detect"
+        if not all(hasattr(self.pipe, method) for method in ("prepare_image", "encode", batch_method)):
             raise AnswerError(
-                f"{model}: its own pipeline code predates lapvqa-hf 0.5 (no prepare_image); run without "
+                f"{model}: its own pipeline code predates lapvqa-hf 0.5 (no batch methods); run without "
                 "--trust-remote-code (the package's classes serve it), or convert the folder again."
             )
         self.columns = self.answering.columns
@@ -548,9 +549,8 @@ class Answerer:
         return outputs
 
     def _prompt(self, row: dict) -> list[int]:
-        if self.answering.prompt_column is None:
-            return [self.model.config.bos_token_id]
-        return self.pipe.question_ids(row[self.answering.prompt_column])
+        column = self.answering.prompt_column
+        return self.pipe.prompt_ids(row[column] if column is not None else None)
 
     def _new_tokens_for(self, prompt_length: int) -> int:
         """`max_new_tokens` (asked for, else the model's), capped to the room a prompt leaves in the positions."""
@@ -565,27 +565,20 @@ class Answerer:
             return torch.stack([images[row[column]][0] for _, row in rows])
 
         visual = {argument: stack(column) for column, argument in self.answering.images.items()}
-        input_ids, attention_mask = self._left_padded([prompts[index] for index, _ in rows])
         generate_kwargs = {**self.generate_kwargs, "max_new_tokens": tokens}
-        generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **visual, **generate_kwargs)
+        generated = self.pipe.generate_texts([prompts[index] for index, _ in rows], visual, **generate_kwargs)
         wanted = self.generate_kwargs.get("max_new_tokens") or self.model.generation_config.max_new_tokens
         if wanted and tokens < wanted:
             self.capped.update((index, tokens) for index, _ in rows)
-        new_tokens = generated[:, input_ids.shape[1] :]
-        texts = [t.strip() for t in self.pipe.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        outputs = [{self.answering.field: text} for text in texts]
+        outputs = [{self.answering.field: text} for text in generated.texts]
         if self.maps is not None and self.answering.picture == "attention":
             to_patches = {path: value[2] for path, value in images.items() if not isinstance(value, str)}
-            pictures = self._attention_maps(rows, texts, generated, attention_mask, visual, to_patches)
+            pictures = self._attention_maps(
+                rows, generated.texts, generated.sequences, generated.prompt_attention_mask, visual, to_patches
+            )
             for output, picture in zip(outputs, pictures, strict=True):
                 output.update(picture)
         return outputs
-
-    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width, pad = max(map(len, prompts)), self.model.config.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        return input_ids, mask
 
     def _attention_maps(self, rows, answers: list[str], generated, prompt_mask, visual, to_patches) -> list[dict]:
         """Cross-attention of the answer's tokens over the visual memory (mean over layers, heads and answer
@@ -610,7 +603,7 @@ class Answerer:
         return pictures
 
     def _draw(self, index: int, row: dict, answer: str, weights: np.ndarray, to_patches: dict) -> dict:
-        reader = self.pipe.xray_reader
+        reader = self.pipe.xray_image_processor
         weights = weights / weights.sum()
         columns = list(self.answering.images)  # the visual memory is their tokens, in this order
         parts = np.split(weights, len(columns))
@@ -632,37 +625,19 @@ class Answerer:
         return {"map": str(path)}
 
     def _detect(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
-        from types import SimpleNamespace
-
-        outputs = self.model(image_features=torch.stack([images[row["image"]][0] for _, row in rows]))
-        finite = [bool(torch.isfinite(logits).all() and torch.isfinite(boxes).all())
-                  for logits, boxes in zip(outputs.logits, outputs.pred_boxes, strict=True)]  # fmt: skip
-        sizes = [list(images[row["image"]][1]) for _, row in rows]
-        detections = self.pipe.image_processor.post_process_object_detection(
-            SimpleNamespace(logits=outputs.logits, pred_boxes=outputs.pred_boxes),
-            threshold=self.threshold,
-            target_sizes=sizes,
-        )
-        labels, results = self.model.config.id2label, []
-        for (index, row), found, ok in zip(rows, detections, finite, strict=True):
-            if not ok:
+        features = torch.stack([images[row["image"]][0] for _, row in rows])
+        sizes = [images[row["image"]][1] for _, row in rows]
+        results = []
+        for (index, row), found in zip(rows, self.pipe.detect(features, sizes, self.threshold), strict=True):
+            if found is None:
                 results.append({"error": "the model gave non-finite scores or boxes (NaN or inf) for this image"})
                 continue
-            boxes = [
-                {
-                    "score": round(score.item(), 4),
-                    "label": labels[int(label)],
-                    "box": dict(
-                        zip(("xmin", "ymin", "xmax", "ymax"), (round(v, 2) for v in box.tolist()), strict=True)
-                    ),
-                }
-                for score, label, box in zip(found["scores"], found["labels"], found["boxes"], strict=True)
-            ]
+            boxes = [{**box, "score": round(box["score"], 4)} for box in found]
             result = {"boxes": boxes}
             if self.maps is not None:
                 path = self.maps / f"{index:07d}.png"
                 try:
-                    save_atomically(boxes_picture(self.pipe.xray_reader.load_rgb(row["image"]), boxes), path)
+                    save_atomically(boxes_picture(self.pipe.xray_image_processor.load_rgb(row["image"]), boxes), path)
                     result["map"] = str(path)
                 except (ValueError, OSError) as error:
                     result.update(map=None, map_error=first_line(error))

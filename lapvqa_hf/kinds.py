@@ -194,7 +194,7 @@ register_kind(ModelKind(
     hub_pipeline_tag="image-text-to-text",
     answering=Answering(
         columns=("prior_image", "current_image", "question"),
-        images={"prior_image": "ref_vis", "current_image": "curr_vis"},
+        images={"prior_image": "prior_image_features", "current_image": "current_image_features"},
         field="answer",
         prompt_column="question",
         picture="attention",

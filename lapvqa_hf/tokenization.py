@@ -8,9 +8,10 @@ their sha256, and they become the tokenizer's `vocab.json` / `merges.txt`. The r
 import functools
 import json
 
-import torch
 from tiktoken.load import read_file_cached
-from transformers import BatchEncoding, GPT2Tokenizer, PreTrainedTokenizerBase
+from transformers import BatchFeature, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from .models.processing_lapvqa import left_padded, question_prompt
 
 GPT2_ENCODER_JSON = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -52,18 +53,12 @@ def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
 
 def encode_questions(
     tokenizer: PreTrainedTokenizerBase, questions: str | list[str], return_tensors: str = "pt"
-) -> BatchEncoding:
-    """Builds DiffVQA prompts `question_ids + [bos]`, left-padded, with the attention mask `generate()` needs."""
+) -> BatchFeature:
+    """The question-answering heads' prompts `question + [bos]` (`question_prompt`), left-padded, with the
+    attention mask `generate()` needs. Lengths are not checked here: the model refuses prompts beyond its positions."""
     if isinstance(questions, str):
         questions = [questions]
     if not questions:
         raise ValueError("encode_questions needs at least one question.")
-    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] + [tokenizer.bos_token_id] for q in questions]
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    input_ids = [[pad] * (width - len(p)) + p for p in prompts]
-    attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    encoding = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if return_tensors == "pt":
-        encoding = {key: torch.tensor(value, dtype=torch.long) for key, value in encoding.items()}
-    return BatchEncoding(encoding)
+    prompts = [question_prompt(tokenizer, question) for question in questions]
+    return left_padded(prompts, tokenizer.pad_token_id, return_tensors=return_tensors)

@@ -92,7 +92,7 @@ from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .models.modeling_lapvqa_detection import LapvqaDetectionModel
 from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 from .models.modeling_lapvqa_vision import LapvqaVisionModel
-from .models.processing_lapvqa import LapvqaProcessor
+from .models.processing_lapvqa import LapvqaProcessor, question_prompt
 from .tokenization import build_gpt2_tokenizer, encode_questions
 
 
@@ -388,7 +388,7 @@ def batch_tokens(batch: dict) -> torch.Tensor:
 
 
 class DiffVQAExamples(torch.utils.data.Dataset):
-    """Rows of a split with their stored features: (ref_vis, curr_vis, question, answer, question_type)."""
+    """Rows of a split with their stored features: (prior and current image features, question, answer, question type)."""
 
     def __init__(self, rows, features: FeatureStore, root: Path):
         self.rows = list(rows)
@@ -403,8 +403,8 @@ class DiffVQAExamples(torch.utils.data.Dataset):
         row = self.rows[index]
         prior_id, current_id = self.ids[index]
         return {
-            "ref_vis": self.features[prior_id].float(),
-            "curr_vis": self.features[current_id].float(),
+            "prior_image_features": self.features[prior_id].float(),
+            "current_image_features": self.features[current_id].float(),
             "question": row["question"],
             "answer": row["answer"],
             "question_type": row["question_type"],
@@ -415,17 +415,17 @@ def training_collate(tokenizer, max_positions: int):
     """question + [bos] + answer + [eos], right-padded; labels only on the answer and its eos."""
 
     def collate(examples: list[dict]) -> dict:
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        eos = tokenizer.eos_token_id
         sequences, labels = [], []
         for example in examples:
-            question = tokenizer(example["question"], add_special_tokens=False)["input_ids"]
+            prompt = question_prompt(tokenizer, example["question"])  # question + [bos]
             answer = tokenizer(example["answer"], add_special_tokens=False)["input_ids"]
-            sequences.append((question + [bos] + answer + [eos])[:max_positions])
-            labels.append(([-100] * (len(question) + 1) + answer + [eos])[:max_positions])
+            sequences.append((prompt + answer + [eos])[:max_positions])
+            labels.append(([-100] * len(prompt) + answer + [eos])[:max_positions])
         return {
             **_right_padded(sequences, labels, eos),
-            "curr_vis": torch.stack([e["curr_vis"] for e in examples]),
-            "ref_vis": torch.stack([e["ref_vis"] for e in examples]),
+            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
+            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
         }
 
     return collate
@@ -437,8 +437,8 @@ def answer_split(model, tokenizer, dataset: DiffVQAExamples, batch_size: int, ma
     def inputs_of(examples: list[dict]) -> dict[str, torch.Tensor]:
         return {
             **encode_questions(tokenizer, [e["question"] for e in examples]),
-            "curr_vis": torch.stack([e["curr_vis"] for e in examples]),
-            "ref_vis": torch.stack([e["ref_vis"] for e in examples]),
+            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
+            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
         }
 
     return _generate_split(model, tokenizer, dataset, batch_size, max_new_tokens, inputs_of)

@@ -55,6 +55,7 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
         "modeling_lapvqa_common.py",
         "modeling_lapvqa_diffvqa.py",
         "pipeline_lapvqa.py",
+        "processing_lapvqa.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "xray_reading.py",
@@ -83,7 +84,9 @@ def test_converted_model_matches_the_original_to_1e_5(tmp_path):
         curr_vis, ref_vis = visual_features(2, 7, 3, 1152)
         ids = torch.randint(0, 50256, (2, 11))
         with torch.no_grad():
-            diff = model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits - original(curr_vis, ref_vis, ids)
+            diff = model(
+                input_ids=ids, current_image_features=curr_vis, prior_image_features=ref_vis
+            ).logits - original(curr_vis, ref_vis, ids)
         assert diff.abs().max() < 1e-5
 
 

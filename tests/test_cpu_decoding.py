@@ -111,7 +111,7 @@ def _cached_decoding_logits(model, prompt, mask, curr_vis, ref_vis, continuation
     """Logits of a cached decoding run that is fed `continuation` one token at a time (teacher forcing)."""
     dtype = model.dtype
     with torch.no_grad():
-        visual = dict(curr_vis=curr_vis.to(dtype), ref_vis=ref_vis.to(dtype))
+        visual = dict(current_image_features=curr_vis.to(dtype), prior_image_features=ref_vis.to(dtype))
         out = model(input_ids=prompt, attention_mask=mask, use_cache=True, **visual)
         logits = [out.logits[:, -1]]
         for token in continuation.T:

@@ -145,6 +145,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
         "modeling_lapvqa_detection.py",
         "pipeline_lapvqa.py",
         "preprocessor_config.json",
+        "processing_lapvqa.py",
         "xray_reading.py",
     ]
     config = json.loads((out / "config.json").read_text())

@@ -21,32 +21,54 @@ def _prompt(length):
 def test_feature_width_must_be_vis_dim(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 1024)
     with pytest.raises(ValueError, match=r"\[batch, num_patches, 768\].*got \[1, 4, 1024\]"):
-        model(**_prompt(3), curr_vis=curr_vis, ref_vis=ref_vis)
+        model(**_prompt(3), current_image_features=curr_vis, prior_image_features=ref_vis)
 
 
 def test_features_must_be_three_dimensional(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
-    with pytest.raises(ValueError, match=r"`ref_vis` must be patch tokens.*got \[4, 768\]"):
-        model(**_prompt(3), curr_vis=curr_vis, ref_vis=ref_vis[0])
+    with pytest.raises(ValueError, match=r"`prior_image_features` must be patch tokens.*got \[4, 768\]"):
+        model(**_prompt(3), current_image_features=curr_vis, prior_image_features=ref_vis[0])
 
 
-def test_current_and_reference_batches_must_match(model):
+def test_prior_and_current_batches_must_match(model):
     curr_vis, _ = visual_features(2, 4, 4, 768)
     _, ref_vis = visual_features(3, 4, 4, 768)
-    with pytest.raises(ValueError, match="same number of samples, got 2 and 3"):
-        model.generate(**_prompt(3), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=2)
+    with pytest.raises(ValueError, match="same number of samples, got 3 and 2"):
+        model.generate(**_prompt(3), current_image_features=curr_vis, prior_image_features=ref_vis, max_new_tokens=2)
 
 
 def test_visual_batch_must_match_text_batch(model):
     curr_vis, ref_vis = visual_features(2, 4, 4, 768)
     with pytest.raises(ValueError, match="visual features hold 2 samples but the text holds 1"):
-        model(**_prompt(3), curr_vis=curr_vis, ref_vis=ref_vis)
+        model(**_prompt(3), current_image_features=curr_vis, prior_image_features=ref_vis)
 
 
-@pytest.mark.parametrize("missing", ["curr_vis", "ref_vis"])
+def test_the_upstream_cards_names_ref_vis_and_curr_vis_are_accepted(model):
+    curr_vis, ref_vis = visual_features(1, 4, 5, 768)
+    prompt = _prompt(3)
+    with torch.no_grad():
+        named = model(**prompt, prior_image_features=ref_vis, current_image_features=curr_vis).logits
+        card_named = model(**prompt, ref_vis=ref_vis, curr_vis=curr_vis).logits
+        swapped = model(**prompt, prior_image_features=curr_vis, current_image_features=ref_vis).logits
+    torch.testing.assert_close(card_named, named, rtol=0, atol=0)
+    assert not torch.allclose(swapped, named)  # the two images are told apart: ref_vis is the prior
+    generated = model.generate(**prompt, ref_vis=ref_vis, curr_vis=curr_vis, max_new_tokens=3, do_sample=False)
+    expected = model.generate(
+        **prompt, prior_image_features=ref_vis, current_image_features=curr_vis, max_new_tokens=3, do_sample=False
+    )
+    assert generated.tolist() == expected.tolist()
+
+
+def test_one_image_under_both_names_is_refused(model):
+    curr_vis, ref_vis = visual_features(1, 4, 4, 768)
+    with pytest.raises(ValueError, match=r"once, as `prior_image_features` \(or the card's `ref_vis`\)"):
+        model(**_prompt(3), prior_image_features=ref_vis, ref_vis=ref_vis, current_image_features=curr_vis)
+
+
+@pytest.mark.parametrize("missing", ["current_image_features", "prior_image_features"])
 def test_visual_features_are_required_on_the_first_step(model, missing):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
-    features = {"curr_vis": curr_vis, "ref_vis": ref_vis}
+    features = {"current_image_features": curr_vis, "prior_image_features": ref_vis}
     del features[missing]
     with pytest.raises(ValueError, match=f"Missing {missing}.*first step"):
         model.generate(**_prompt(3), **features, max_new_tokens=2)
@@ -55,7 +77,7 @@ def test_visual_features_are_required_on_the_first_step(model, missing):
 def test_prompt_longer_than_the_learned_positions(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
     with pytest.raises(ValueError, match="prompt has 205 tokens, 5 more than the 200 learned positions"):
-        model.generate(**_prompt(205), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=2)
+        model.generate(**_prompt(205), current_image_features=curr_vis, prior_image_features=ref_vis, max_new_tokens=2)
 
 
 def test_prompt_plus_new_tokens_longer_than_the_learned_positions(model):
@@ -64,13 +86,18 @@ def test_prompt_plus_new_tokens_longer_than_the_learned_positions(model):
         ValueError,
         match=r"prompt \(150 tokens\) plus 60 new tokens needs 209 positions, 9 more .* max_new_tokens <= 51",
     ):
-        model.generate(**_prompt(150), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=60)
+        model.generate(**_prompt(150), current_image_features=curr_vis, prior_image_features=ref_vis, max_new_tokens=60)
 
 
 def test_exactly_filling_the_positions_is_allowed(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
     out = model.generate(
-        **_prompt(150), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=51, min_new_tokens=51, do_sample=False
+        **_prompt(150),
+        current_image_features=curr_vis,
+        prior_image_features=ref_vis,
+        max_new_tokens=51,
+        min_new_tokens=51,
+        do_sample=False,
     )
     assert out.shape[1] == 201
 
@@ -78,7 +105,7 @@ def test_exactly_filling_the_positions_is_allowed(model):
 def test_forward_refuses_too_many_positions(model):
     curr_vis, ref_vis = visual_features(1, 4, 4, 768)
     with pytest.raises(ValueError, match="needs 201 positions .* 1 more than the 200 learned positions"):
-        model(**_prompt(201), curr_vis=curr_vis, ref_vis=ref_vis)
+        model(**_prompt(201), current_image_features=curr_vis, prior_image_features=ref_vis)
 
 
 # Config validation goes through huggingface_hub's strict dataclasses, which wrap the ValueError.

@@ -12,7 +12,12 @@ def _inputs(batch=2, prompt_length=6, vis_dim=768, num_curr=10, num_ref=8, seed=
     curr_vis, ref_vis = visual_features(batch, num_curr, num_ref, vis_dim, seed=seed)
     input_ids = torch.randint(0, 50256, (batch, prompt_length), generator=torch.Generator().manual_seed(seed))
     input_ids[:, -1] = 50256  # bos
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), curr_vis=curr_vis, ref_vis=ref_vis)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        current_image_features=curr_vis,
+        prior_image_features=ref_vis,
+    )
 
 
 class CallCounter:
@@ -175,7 +180,12 @@ def test_loss_is_cross_entropy_on_answer_tokens_only():
     inputs = _inputs(prompt_length=10)
     labels = inputs["input_ids"].clone()
     labels[:, :6] = -100  # the question and bos are not scored
-    out = model(input_ids=inputs["input_ids"], curr_vis=inputs["curr_vis"], ref_vis=inputs["ref_vis"], labels=labels)
+    out = model(
+        input_ids=inputs["input_ids"],
+        current_image_features=inputs["current_image_features"],
+        prior_image_features=inputs["prior_image_features"],
+        labels=labels,
+    )
     shifted_logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
     expected = torch.nn.functional.cross_entropy(shifted_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.loss, expected, atol=1e-6)

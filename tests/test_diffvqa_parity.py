@@ -25,7 +25,7 @@ def test_logits_match_original(vis_dim, num_curr, num_ref, final_norm, tied, att
     input_ids = torch.randint(0, 50256, (3, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = original(curr_vis, ref_vis, input_ids)
-        found = model(input_ids=input_ids, curr_vis=curr_vis, ref_vis=ref_vis).logits
+        found = model(input_ids=input_ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits
     assert found.shape == expected.shape == (3, 21, 50257)
     assert relative_error(found, expected) < FLOAT32_RELATIVE
 
@@ -39,7 +39,7 @@ def test_logits_match_original_at_real_size(scale):
     input_ids = torch.randint(0, 50256, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = original(curr_vis, ref_vis, input_ids)
-        found = model(input_ids=input_ids, curr_vis=curr_vis, ref_vis=ref_vis).logits
+        found = model(input_ids=input_ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits
         exact = original.double()(curr_vis.double(), ref_vis.double(), input_ids)
     # Weights of std 3 saturate attention, and float32 rounding then costs the original itself up to ~1e-4 of the
     # logits' scale: the converted model must be as precise as the original is, in float32, against float64.
@@ -53,8 +53,10 @@ def test_cached_step_by_step_logits_equal_full_forward(scale):
     curr_vis, ref_vis = visual_features(2, 9, 5, 1024)
     input_ids = torch.randint(0, 50256, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        full = model(input_ids=input_ids, curr_vis=curr_vis, ref_vis=ref_vis).logits
-        out = model(input_ids=input_ids[:, :7], curr_vis=curr_vis, ref_vis=ref_vis, use_cache=True)
+        full = model(input_ids=input_ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits
+        out = model(
+            input_ids=input_ids[:, :7], current_image_features=curr_vis, prior_image_features=ref_vis, use_cache=True
+        )
         steps = [out.logits]
         for t in range(7, 12):
             # The visual features are not needed once their keys/values are cached.
@@ -85,8 +87,8 @@ def test_greedy_answers_identical_including_early_eos(attn_implementation):
     generated = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        curr_vis=curr_vis,
-        ref_vis=ref_vis,
+        current_image_features=curr_vis,
+        prior_image_features=ref_vis,
         max_new_tokens=12,
         do_sample=False,
     )
@@ -110,12 +112,18 @@ def test_left_padded_batch_equals_one_by_one(attn_implementation, scale, gpt2_to
     curr_vis, ref_vis = visual_features(3, 16, 12, 768)
     batch = encode_questions(gpt2_tokenizer, questions)
     assert (batch.attention_mask == 0).any(), "the batch must actually be padded"
-    generated = model.generate(**batch, curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=10, do_sample=False)
+    generated = model.generate(
+        **batch, current_image_features=curr_vis, prior_image_features=ref_vis, max_new_tokens=10, do_sample=False
+    )
     batched = answers_of(generated, batch.input_ids.shape[1], 50256)
     for i, question in enumerate(questions):
         single = encode_questions(gpt2_tokenizer, question)
         alone = model.generate(
-            **single, curr_vis=curr_vis[i : i + 1], ref_vis=ref_vis[i : i + 1], max_new_tokens=10, do_sample=False
+            **single,
+            current_image_features=curr_vis[i : i + 1],
+            prior_image_features=ref_vis[i : i + 1],
+            max_new_tokens=10,
+            do_sample=False,
         )
         assert answers_of(alone, single.input_ids.shape[1], 50256) == [batched[i]]
         question_ids = single.input_ids[:, :-1]
@@ -130,7 +138,12 @@ def test_padded_rows_produce_no_nan_logits():
     input_ids = torch.randint(0, 50256, (2, 6))
     attention_mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, curr_vis=curr_vis, ref_vis=ref_vis).logits
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            current_image_features=curr_vis,
+            prior_image_features=ref_vis,
+        ).logits
     assert torch.isfinite(logits).all()
 
 
@@ -143,7 +156,11 @@ def test_sdpa_equals_eager(scale):
     mask = torch.ones_like(input_ids)
     mask[0, :4] = 0
     with torch.no_grad():
-        a = eager(input_ids=input_ids, attention_mask=mask, curr_vis=curr_vis, ref_vis=ref_vis).logits
-        b = sdpa(input_ids=input_ids, attention_mask=mask, curr_vis=curr_vis, ref_vis=ref_vis).logits
+        a = eager(
+            input_ids=input_ids, attention_mask=mask, current_image_features=curr_vis, prior_image_features=ref_vis
+        ).logits
+        b = sdpa(
+            input_ids=input_ids, attention_mask=mask, current_image_features=curr_vis, prior_image_features=ref_vis
+        ).logits
     assert relative_error(a[1], b[1]) < FLOAT32_RELATIVE
     assert relative_error(a[0, 4:], b[0, 4:]) < FLOAT32_RELATIVE

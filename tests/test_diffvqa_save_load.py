@@ -29,8 +29,8 @@ def test_round_trip_is_bit_exact(saved):
     ids = torch.randint(0, 50256, (2, 7))
     with torch.no_grad():
         assert torch.equal(
-            model(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits,
-            reloaded.eval()(input_ids=ids, curr_vis=curr_vis, ref_vis=ref_vis).logits,
+            model(input_ids=ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits,
+            reloaded.eval()(input_ids=ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits,
         )
 
 
@@ -71,7 +71,11 @@ def test_loading_in_bfloat16_with_a_device_map(saved):
     curr_vis, ref_vis = visual_features(1, 5, 6, 1024)  # fp32 features are cast to the model's dtype
     ids = torch.randint(0, 50256, (1, 4))
     out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), curr_vis=curr_vis, ref_vis=ref_vis, max_new_tokens=3
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        current_image_features=curr_vis,
+        prior_image_features=ref_vis,
+        max_new_tokens=3,
     )
     assert out.shape[0] == 1
 
@@ -87,7 +91,12 @@ def test_remote_code_loads_without_the_package(saved, tmp_path):
     model, path = saved
     curr_vis, ref_vis = visual_features(1, 5, 6, 1024)
     ids = torch.randint(0, 50256, (1, 4))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "curr_vis": curr_vis, "ref_vis": ref_vis}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "current_image_features": curr_vis,
+        "prior_image_features": ref_vis,
+    }
     generate = {"max_new_tokens": 4, "do_sample": False}
     remote = run_with_remote_code(path, inputs, tmp_path, generate=generate, auto_class="AutoModelForCausalLM")
     assert remote["class"] == "LapvqaDiffVQAModel"

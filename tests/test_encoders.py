@@ -74,7 +74,9 @@ def test_a_head_converted_with_a_local_encoder_checkpoint_loads_that_encoder_and
         expected = encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # CLIP: CLS dropped
     assert torch.equal(tokens, expected) and tokens.shape == (2, 4, ENCODER_WIDTHS["clip-vit-l14"])
     question = torch.tensor([[11, 12, 50256]])
-    answer = head.generate(input_ids=question, curr_vis=tokens[:1], ref_vis=tokens[1:], max_new_tokens=3)
+    answer = head.generate(
+        input_ids=question, current_image_features=tokens[:1], prior_image_features=tokens[1:], max_new_tokens=3
+    )
     assert answer.shape[1] > question.shape[1]
 
 

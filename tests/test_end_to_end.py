@@ -47,8 +47,8 @@ def test_prior_png_and_current_dicom_to_an_answer(tmp_path, gpt2_tokenizer):
     generated = head.generate(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
-        curr_vis=curr_vis,
-        ref_vis=ref_vis,
+        current_image_features=curr_vis,
+        prior_image_features=ref_vis,
         max_new_tokens=8,
         do_sample=False,
     )

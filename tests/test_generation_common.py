@@ -42,8 +42,8 @@ MEMORY_LENGTH = {"diffvqa": 5 + 3, "vqa": 6, "captioning": 4 * 4}  # visual toke
 def _visual_inputs(kind: str, batch: int, generator: torch.Generator) -> dict:
     if kind == "diffvqa":
         return {
-            "curr_vis": torch.randn(batch, 5, 24, generator=generator),
-            "ref_vis": torch.randn(batch, 3, 24, generator=generator),
+            "current_image_features": torch.randn(batch, 5, 24, generator=generator),
+            "prior_image_features": torch.randn(batch, 3, 24, generator=generator),
         }
     if kind == "vqa":
         return {"image_features": torch.randn(batch, 6, 24, generator=generator)}

@@ -393,6 +393,10 @@ def test_processor_refuses_mismatched_or_missing_inputs(lapvqa_processor):
         lapvqa_processor(images=image, text=["a", "b"])
     with pytest.raises(
         ValueError,
-        match=r"report 0 has 300 tokens; with 2 special token\(s\) it needs 302 of the model's 200 learned positions \(102 too many\)",
+        match=r"report 0 has 300 tokens; with bos and eos it needs 302 of the model's 200 learned positions \(102 too many\)",
     ):
         lapvqa_processor(images=image, text=" a" * 300)
+    with pytest.raises(
+        ValueError, match=r"question 1: The question has 300 tokens; .* 200 learned positions hold at most 199"
+    ):
+        lapvqa_processor(prior_images=[image, image], current_images=[image, image], text=["what changed?", " a" * 300])

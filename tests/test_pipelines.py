@@ -114,7 +114,9 @@ def test_diffvqa_pipeline_answers_as_the_manual_path_one_by_one_and_batched(diff
     for row in rows:
         ref = manual_tokens(diffvqa_folder, [row["prior_image"]])
         curr = manual_tokens(diffvqa_folder, [row["current_image"]])
-        expected += manual_answers(pipe.model, {"ref_vis": ref, "curr_vis": curr}, [row["question"]])
+        expected += manual_answers(
+            pipe.model, {"prior_image_features": ref, "current_image_features": curr}, [row["question"]]
+        )
     assert pipe(rows[0], max_new_tokens=6) == {"answer": expected[0]}
     assert pipe(rows, max_new_tokens=6) == [{"answer": a} for a in expected]
     assert pipe(rows, max_new_tokens=6, batch_size=3) == [{"answer": a} for a in expected]  # left-padded batch
@@ -262,7 +264,7 @@ def test_a_coca_head_answers_from_images_with_transformers_alone(tmp_path, xrays
     assert lapvqa(["convert", "diffvqa", str(tmp_path / "coca_best.pt"), *arguments, "--output", folder]) == 0
     row = {"prior_image": xrays[4], "current_image": xrays[1], "question": QUESTIONS[0]}  # DICOM, 16-bit PNG
     curr, ref = manual_tokens(folder, [row["current_image"]]), manual_tokens(folder, [row["prior_image"]])
-    expected = manual_answers(pipeline(model=folder, trust_remote_code=True).model, {"curr_vis": curr, "ref_vis": ref},
+    expected = manual_answers(pipeline(model=folder, trust_remote_code=True).model, {"current_image_features": curr, "prior_image_features": ref},
                               [row["question"]])  # fmt: skip
     result = run_without_lapvqa_hf(REMOTE_PIPELINE, [folder, json.dumps(row)], tmp_path)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": expected[0]}

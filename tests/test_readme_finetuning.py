@@ -90,7 +90,10 @@ def test_the_fine_tuning_section_runs_end_to_end(tmp_path):
     assert result.stdout.count("| overall |") >= 1 and "| reports |" in result.stdout, result.stdout[-2000:]
 
     for task, inputs in (
-        ("diffvqa", {"curr_vis": torch.randn(1, 16, 1024), "ref_vis": torch.randn(1, 16, 1024)}),
+        (
+            "diffvqa",
+            {"current_image_features": torch.randn(1, 16, 1024), "prior_image_features": torch.randn(1, 16, 1024)},
+        ),
         ("captioning", {"image_features": torch.randn(1, 16, 1024)}),
     ):
         best = tmp_path / "runs" / task / "best"

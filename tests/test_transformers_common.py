@@ -87,8 +87,12 @@ class DecoderModelTester:
         attention_mask[0, :2] = 0  # one left-padded row
         inputs_dict = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.two_images:
-            inputs_dict["curr_vis"] = floats_tensor([self.batch_size, self.num_visual_tokens, self.vis_dim])
-            inputs_dict["ref_vis"] = floats_tensor([self.batch_size, self.num_visual_tokens + 2, self.vis_dim])
+            inputs_dict["current_image_features"] = floats_tensor(
+                [self.batch_size, self.num_visual_tokens, self.vis_dim]
+            )
+            inputs_dict["prior_image_features"] = floats_tensor(
+                [self.batch_size, self.num_visual_tokens + 2, self.vis_dim]
+            )
         else:
             inputs_dict["image_features"] = floats_tensor([self.batch_size, self.num_visual_tokens, self.vis_dim])
         return self.get_config(), inputs_dict
@@ -251,7 +255,7 @@ class GenerativeModelTest(ModelTesterMixin):
 
 class LapvqaDiffVQAModelTest(GenerativeModelTest, unittest.TestCase):
     all_model_classes = (LapvqaDiffVQAModel,)
-    additional_model_inputs = ["curr_vis", "ref_vis"]
+    additional_model_inputs = ["current_image_features", "prior_image_features"]
 
     def setUp(self):
         self.model_tester = DecoderModelTester(self, two_images=True)

@@ -84,7 +84,7 @@ class LapvqaCocaVisionPreTrainedModel(CLIPPreTrainedModel):
 
 class LapvqaCocaVisionModel(LapvqaCocaVisionPreTrainedModel):
     """CoCa's image tower. `last_hidden_state` holds the image tokens the LAPVQA CoCa heads take as
-    `curr_vis` / `ref_vis` (`[batch, 255, 768]` for ViT-L/14); `image_embeds` is CoCa's contrastive embedding."""
+    `image_features` / `prior_image_features` / `current_image_features` (`[batch, 255, 768]` for ViT-L/14); `image_embeds` is CoCa's contrastive embedding."""
 
     def __init__(self, config: LapvqaCocaVisionConfig):
         super().__init__(config)

@@ -70,6 +70,21 @@ def resolve_cache_argument(
     return cache if cache is not None else past_key_values
 
 
+# The upstream model card's names for the DiffVQA head's two images, accepted beside this package's.
+CARD_IMAGE_FEATURE_NAMES = {"ref_vis": "prior_image_features", "curr_vis": "current_image_features"}
+
+
+def take_card_image_features(kwargs: dict, **features: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """`features` (by this package's names), with any given under the upstream card's names (`ref_vis`,
+    `curr_vis`) taken out of `kwargs` in their place; one image under both names is an error."""
+    for card_name, name in CARD_IMAGE_FEATURE_NAMES.items():
+        if card_name in kwargs:
+            if features.get(name) is not None:
+                raise ValueError(f"Pass the image's features once, as `{name}` (or the card's `{card_name}`).")
+            features[name] = kwargs.pop(card_name)
+    return features
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -529,6 +544,7 @@ class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
 
 __all__ = [
     "CACHE_OUTPUT_FIELD",
+    "CARD_IMAGE_FEATURE_NAMES",
     "LapvqaAttention",
     "LapvqaCrossAttentionGenerationMixin",
     "LapvqaDecoderLayer",
@@ -539,4 +555,5 @@ __all__ = [
     "LapvqaTransformerEncoderLayer",
     "eager_attention_forward",
     "resolve_cache_argument",
+    "take_card_image_features",
 ]

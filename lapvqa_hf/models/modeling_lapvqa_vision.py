@@ -111,7 +111,7 @@ class LapvqaVisionModel(LapvqaVisionPreTrainedModel):
     """The ViT-L/14 encoder alone.
 
     `last_hidden_state` holds the patch tokens after the final norm, CLS dropped (`[B, grid², hidden]`): the
-    features the downstream LAPVQA heads take as `curr_vis` / `ref_vis`. `pooler_output` is the normed CLS token.
+    features the downstream LAPVQA heads take as `image_features` (or `prior_image_features` / `current_image_features`). `pooler_output` is the normed CLS token.
     """
 
     def __init__(self, config: LapvqaVisionConfig):

@@ -10,6 +10,7 @@ Images may be file paths (PNG, JPEG, DICOM), PIL images or arrays; X-rays are re
 transformers' batching treats a key named `pixel_values` as feature-extractor output, which these pipelines lack.
 """
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -18,6 +19,7 @@ from transformers.utils import logging
 
 from .encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from .image_processing_lapvqa import LapvqaImageProcessor
+from .processing_lapvqa import left_padded, question_prompt
 
 logger = logging.get_logger(__name__)
 
@@ -50,10 +52,20 @@ def fitted_generate_kwargs(model: PreTrainedModel, prompt_length: int, generate_
     return {**generate_kwargs, "max_new_tokens": room}
 
 
-def _generated_answers(generated: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
+def _generated_per_input(generated: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
     """The new tokens `[batch, num_return_sequences, new_tokens]`, so that batched outputs split per input."""
-    answers = generated[:, prompt_length:]
-    return answers.reshape(batch_size, -1, answers.shape[-1])
+    new_tokens = generated[:, prompt_length:]
+    return new_tokens.reshape(batch_size, -1, new_tokens.shape[-1])
+
+
+@dataclass
+class GeneratedTexts:
+    """What `generate_texts` gives for a batch: the decoded texts (one per prompt and returned sequence), the whole
+    sequences `generate()` returned (prompt + new tokens) and the prompts' left-padded attention mask."""
+
+    texts: list[str]
+    sequences: torch.Tensor
+    prompt_attention_mask: torch.Tensor
 
 
 class LapvqaPipeline(Pipeline):
@@ -63,6 +75,31 @@ class LapvqaPipeline(Pipeline):
         if isinstance(inputs, list) and not inputs:
             return []
         return super().__call__(inputs, *args, **kwargs)
+
+    def prompt_ids(self, question: str | None = None) -> list[int]:
+        """The prompt `generate()` continues: `question + [bos]` for the question-answering heads, `[bos]` alone for
+        report generation (`question=None`); see `question_prompt`."""
+        if question is None:
+            return [self.model.config.bos_token_id]
+        return question_prompt(self.tokenizer, question, self.model.config.max_position_embeddings)
+
+    def generate_texts(self, prompts: list[list[int]], visual_inputs: dict, **generate_kwargs) -> GeneratedTexts:
+        """Generates for a batch of prompts (from `prompt_ids`), left-padded together, with the model's visual
+        inputs (`image_features`, `prior_image_features` / `current_image_features`, `pixel_values`: one row per
+        prompt); `max_new_tokens` is capped to the room the longest prompt leaves in the learned positions. The
+        batch entry point for callers that encode images themselves (`lapvqa answer` caches them)."""
+        inputs = left_padded(prompts, self.model.config.pad_token_id).to(self.model.device)
+        sequences = self._generate(inputs, visual_inputs, generate_kwargs)
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return GeneratedTexts(texts=texts, sequences=sequences, prompt_attention_mask=inputs["attention_mask"])
+
+    def _generate(self, prompts: dict, visual_inputs: dict, generate_kwargs: dict) -> torch.Tensor:
+        input_ids = prompts["input_ids"]
+        generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=prompts["attention_mask"], **visual_inputs, **generate_kwargs
+        )
 
 
 class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
@@ -87,11 +124,11 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
         self.recipe = EncoderRecipe(**recorded)
         self.encoder = (encoder if encoder is not None else load_encoder(self.recipe)).to(self.device).eval()
         self.encoder_image_processor = encoder_image_processor or load_encoder_image_processor(self.recipe)
-        self.xray_reader = LapvqaImageProcessor()
+        self.xray_image_processor = LapvqaImageProcessor()
 
     def pixel_values(self, images: list) -> torch.Tensor:
         """Images as the encoder's own processor prepares them."""
-        return self.xray_reader.encoder_pixel_values(images, self.encoder_image_processor)
+        return self.xray_image_processor.encoder_pixel_values(images, self.encoder_image_processor)
 
     def prepare_image(self, image) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """One image as the model takes it (`[1, C, H, W]`), and the original's (height, width) where the outputs
@@ -103,37 +140,15 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
         dtype = next(self.encoder.parameters()).dtype
         return patch_tokens(self.recipe, self.encoder, pixel_values.to(self.device, dtype))
 
-    def question_ids(self, question: str) -> list[int]:
-        """`question_ids + [bos]`, as the heads were trained; a question that leaves no room for an answer in the
-        learned positions is refused in one line."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"A question must be a non-empty string, got {question!r}.")
-        try:
-            ids = self.tokenizer(question, add_special_tokens=False, verbose=False)["input_ids"]
-        except UnicodeEncodeError:
-            raise ValueError("The question is not valid Unicode text (it holds a lone surrogate).") from None
-        ids = ids + [self.model.config.bos_token_id]
-        limit = self.model.config.max_position_embeddings
-        if len(ids) > limit:
-            raise ValueError(
-                f"The question has {len(ids) - 1} tokens; this model's {limit} learned positions hold at most "
-                f"{limit - 1} (with the bos token that starts the answer): shorten it."
-            )
-        return ids
-
     def _question_prompt(self, question: str) -> dict[str, torch.Tensor]:
-        """`question_ids + [bos]` as model inputs (left-padded in a batch)."""
-        ids = self.question_ids(question)
-        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        """`question + [bos]` as model inputs (transformers' batching left-pads them with the attention mask)."""
+        return dict(left_padded([self.prompt_ids(question)], self.model.config.pad_token_id))
 
-    def _answer(self, model_inputs: dict, generate_kwargs: dict, **visual_features) -> dict[str, torch.Tensor]:
+    def _answer(self, model_inputs: dict, generate_kwargs: dict, **visual_inputs) -> dict[str, torch.Tensor]:
         """`generate()` from the question prompts and the encoded images; the answers without the prompts."""
-        input_ids = model_inputs["input_ids"]
-        generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
-        generated = self.model.generate(
-            input_ids=input_ids, attention_mask=model_inputs["attention_mask"], **visual_features, **generate_kwargs
-        )
-        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+        generated = self._generate(model_inputs, visual_inputs, generate_kwargs)
+        prompt_length = model_inputs["input_ids"].shape[1]
+        return {"generated_ids": _generated_per_input(generated, prompt_length, len(model_inputs["input_ids"]))}
 
     def _sanitize_parameters(self, **generate_kwargs):
         return {}, {"generate_kwargs": generate_kwargs}, {}
@@ -141,7 +156,7 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
     def postprocess(self, model_outputs: dict) -> dict | list[dict]:
         answers = [
             {"answer": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
-            for ids in model_outputs["answer_ids"][0]
+            for ids in model_outputs["generated_ids"][0]
         ]
         return answers[0] if len(answers) == 1 else answers
 
@@ -164,9 +179,9 @@ class LapvqaDiffVQAPipeline(LapvqaFrozenEncoderPipeline):
             inputs["question"])}  # fmt: skip
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
-        ref_vis = self.encode(model_inputs["prior_pixel_values"])
-        curr_vis = self.encode(model_inputs["current_pixel_values"])
-        return self._answer(model_inputs, generate_kwargs, ref_vis=ref_vis, curr_vis=curr_vis)
+        prior = self.encode(model_inputs["prior_pixel_values"])
+        current = self.encode(model_inputs["current_pixel_values"])
+        return self._answer(model_inputs, generate_kwargs, prior_image_features=prior, current_image_features=current)
 
 
 class LapvqaVQAPipeline(LapvqaFrozenEncoderPipeline):
@@ -216,19 +231,51 @@ class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
         return {"logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "target_size": model_inputs["target_size"]}
 
     def postprocess(self, model_outputs: dict, threshold: float = 0.5, top_k: int | None = None) -> list[dict]:
-        outputs = SimpleNamespace(logits=model_outputs["logits"], pred_boxes=model_outputs["pred_boxes"])
-        (detections,) = self.image_processor.post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=model_outputs["target_size"].tolist(), top_k=top_k
+        (boxes,) = self._boxes(
+            model_outputs["logits"],
+            model_outputs["pred_boxes"],
+            model_outputs["target_size"].tolist(),
+            threshold,
+            top_k,
         )
-        labels = self.model.config.id2label
-        return [
-            {
-                "score": score.item(),
-                "label": labels[int(label)],
-                "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(v, 2) for v in box.tolist()), strict=True)),
-            }
-            for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"], strict=True)
-        ]
+        if boxes is None:
+            raise ValueError("The model gave non-finite scores or boxes (NaN or inf) for this image.")
+        return boxes
+
+    def detect(
+        self,
+        image_features: torch.Tensor,
+        target_sizes: list[tuple[int, int]],
+        threshold: float = 0.5,
+        top_k: int | None = None,
+    ) -> list[list[dict] | None]:
+        """Boxes for a batch of encoded images (from `encode`), in their original pixels (`target_sizes`, the
+        (height, width) `prepare_image` gives), best first; None for an image whose scores or boxes are not finite.
+        The batch entry point for callers that encode images themselves (`lapvqa answer` caches them)."""
+        outputs = self.model(image_features=image_features)
+        return self._boxes(outputs.logits, outputs.pred_boxes, [list(size) for size in target_sizes], threshold, top_k)
+
+    def _boxes(self, logits, pred_boxes, target_sizes: list, threshold: float, top_k: int | None) -> list:
+        detections = self.image_processor.post_process_object_detection(
+            SimpleNamespace(logits=logits, pred_boxes=pred_boxes),
+            threshold=threshold,
+            target_sizes=target_sizes,
+            top_k=top_k,
+        )
+        labels, found = self.model.config.id2label, []
+        for image_logits, image_boxes, image in zip(logits, pred_boxes, detections, strict=True):
+            if not (torch.isfinite(image_logits).all() and torch.isfinite(image_boxes).all()):
+                found.append(None)
+                continue
+            found.append([
+                {
+                    "score": score.item(),
+                    "label": labels[int(label)],
+                    "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(v, 2) for v in box.tolist()), strict=True)),
+                }
+                for score, label, box in zip(image["scores"], image["labels"], image["boxes"], strict=True)
+            ])  # fmt: skip
+        return found
 
 
 class LapvqaCaptioningPipeline(LapvqaPipeline):
@@ -253,28 +300,20 @@ class LapvqaCaptioningPipeline(LapvqaPipeline):
         return model.vision_model(pixel_values.to(model.device, model.dtype)).last_hidden_state
 
     def preprocess(self, image) -> dict[str, torch.Tensor]:
-        bos = self.model.config.bos_token_id
-        return {
-            "image_pixel_values": self.prepare_image(image)[0],
-            "input_ids": torch.tensor([[bos]]),
-            "attention_mask": torch.ones(1, 1, dtype=torch.long),
-        }
+        prompt = left_padded([self.prompt_ids()], self.model.config.pad_token_id)  # [bos]
+        return {"image_pixel_values": self.prepare_image(image)[0], **prompt}
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
-        input_ids = model_inputs["input_ids"]
-        generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
-        generated = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=model_inputs["attention_mask"],
-            pixel_values=model_inputs["image_pixel_values"].to(self.model.dtype),
-            **generate_kwargs,
-        )
-        return {"answer_ids": _generated_answers(generated, input_ids.shape[1], len(input_ids))}
+        pixel_values = model_inputs["image_pixel_values"].to(self.model.dtype)
+        generated = self._generate(model_inputs, {"pixel_values": pixel_values}, generate_kwargs)
+        prompt_length = model_inputs["input_ids"].shape[1]
+        return {"generated_ids": _generated_per_input(generated, prompt_length, len(model_inputs["input_ids"]))}
 
     def postprocess(self, model_outputs: dict) -> list[dict]:
+        # transformers' image-to-text output names the report `generated_text`; `lapvqa answer` writes it as `report`.
         return [
             {"generated_text": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
-            for ids in model_outputs["answer_ids"][0]
+            for ids in model_outputs["generated_ids"][0]
         ]
 
 

@@ -8,6 +8,39 @@ from .image_processing_lapvqa import LapvqaImageProcessor
 from .xray_reading import ImageSource
 
 
+def question_prompt(tokenizer, question: str, max_positions: int | None = None) -> list[int]:
+    """`question + [bos]`: the prompt the question-answering heads were trained on, which `generate()` continues
+    with the answer. The one prompt builder of the package (processor, pipelines, `lapvqa answer`, training).
+
+    A question that is not a non-empty string is refused; so is one that, with its bos, fills more than
+    `max_positions` learned positions (None: not checked, as training cuts whole sequences to the positions)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"A question must be a non-empty string, got {question!r}.")
+    try:
+        ids = tokenizer(question, add_special_tokens=False, verbose=False)["input_ids"]
+    except UnicodeEncodeError:
+        raise ValueError("The question is not valid Unicode text (it holds a lone surrogate).") from None
+    if max_positions is not None and len(ids) + 1 > max_positions:
+        raise ValueError(
+            f"The question has {len(ids)} tokens; this model's {max_positions} learned positions hold at most "
+            f"{max_positions - 1} (with the bos token that starts the answer): shorten it."
+        )
+    return ids + [tokenizer.bos_token_id]
+
+
+def left_padded(prompts: list[list[int]], pad_token_id: int, return_tensors: str | None = "pt") -> BatchFeature:
+    """Prompts of different lengths as one batch for `generate()`: `input_ids` padded on the left (so that every
+    prompt ends where generation starts) and the `attention_mask` that is 0 on the padding."""
+    if not prompts:
+        raise ValueError("No prompts to batch.")
+    width = max(len(prompt) for prompt in prompts)
+    data = {
+        "input_ids": [[pad_token_id] * (width - len(p)) + list(p) for p in prompts],
+        "attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+    }
+    return BatchFeature(data=data, tensor_type=return_tensors)
+
+
 class LapvqaProcessor(ProcessorMixin):
     r"""
     Pairs [`LapvqaImageProcessor`] with the GPT-2 tokenizer (bos = eos = pad = `<|endoftext|>`).
@@ -20,7 +53,7 @@ class LapvqaProcessor(ProcessorMixin):
     - DiffVQA: `processor(prior_images=..., current_images=..., text=questions)` gives `prior_pixel_values`,
       `current_pixel_values` and the same prompts.
     The pixel values of the question-answering heads go through their frozen encoder (e.g. `LapvqaVisionModel`)
-    to become `image_features` / `ref_vis` / `curr_vis`. Text longer than the model's learned positions
+    to become `image_features` / `prior_image_features` / `current_image_features`. Text longer than the model's learned positions
     (`tokenizer.model_max_length`) is refused.
 
     Args:
@@ -63,15 +96,14 @@ class LapvqaProcessor(ProcessorMixin):
     def _pixel_values(self, images, return_tensors: str) -> torch.Tensor:
         return self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
 
-    def _token_ids(self, texts: list[str], reserved: int, role: str) -> list[list[int]]:
+    def _report_ids(self, reports: list[str]) -> list[list[int]]:
         limit = self.tokenizer.model_max_length
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in reports]
         for i, sample in enumerate(ids):
-            if len(sample) + reserved > limit:
+            if len(sample) + 2 > limit:
                 raise ValueError(
-                    f"{role} {i} has {len(sample)} tokens; with {reserved} special token(s) it needs "
-                    f"{len(sample) + reserved} of the model's {limit} learned positions "
-                    f"({len(sample) + reserved - limit} too many). Shorten it."
+                    f"report {i} has {len(sample)} tokens; with bos and eos it needs {len(sample) + 2} of the "
+                    f"model's {limit} learned positions ({len(sample) + 2 - limit} too many). Shorten it."
                 )
         return ids
 
@@ -87,7 +119,7 @@ class LapvqaProcessor(ProcessorMixin):
         reports = [reports] if isinstance(reports, str) else list(reports)
         if len(reports) != batch:
             raise ValueError(f"Got {batch} images but {len(reports)} reports; pass one report per image.")
-        sequences = [[bos, *ids, eos] for ids in self._token_ids(reports, reserved=2, role="report")]
+        sequences = [[bos, *ids, eos] for ids in self._report_ids(reports)]
         width = max(len(s) for s in sequences)
         input_ids = [s + [eos] * (width - len(s)) for s in sequences]
         attention_mask = [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
@@ -100,20 +132,20 @@ class LapvqaProcessor(ProcessorMixin):
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _question_prompts(self, questions: str | list[str] | None, batch: int, what: str) -> dict[str, list]:
+    def _question_prompts(self, questions: str | list[str] | None, batch: int, what: str) -> BatchFeature:
         """`question + [bos]` per sample, left-padded, with the attention mask."""
         if questions is None:
             raise ValueError(f"Questions are needed: pass text= (one question per {what}).")
         questions = [questions] if isinstance(questions, str) else list(questions)
         if len(questions) != batch:
             raise ValueError(f"Got {batch} {what}s but {len(questions)} questions; pass one question per {what}.")
-        bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
-        prompts = [ids + [bos] for ids in self._token_ids(questions, reserved=1, role="question")]
-        width = max(len(p) for p in prompts)
-        return {
-            "input_ids": [[pad] * (width - len(p)) + p for p in prompts],
-            "attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-        }
+        prompts = []
+        for i, question in enumerate(questions):
+            try:
+                prompts.append(question_prompt(self.tokenizer, question, self.tokenizer.model_max_length))
+            except ValueError as error:
+                raise ValueError(f"question {i}: {error}") from None
+        return left_padded(prompts, self.tokenizer.pad_token_id, return_tensors=None)
 
     def _vqa_inputs(self, images, questions, return_tensors: str) -> BatchFeature:
         pixel_values = self._pixel_values(images, return_tensors)
@@ -141,4 +173,4 @@ class LapvqaProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["LapvqaProcessor"]
+__all__ = ["LapvqaProcessor", "left_padded", "question_prompt"]
