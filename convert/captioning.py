@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.messages import counted, run_reporting_errors, summary
+from lapvqa_hf.messages import counted, run_reporting_errors
 from lapvqa_hf.models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.models.modeling_lapvqa_captioning import LapvqaCaptioningModel
@@ -25,6 +25,7 @@ from .common import (
     DECODER_ASSUMPTIONS,
     add_common_arguments,
     check_special_tokens,
+    command_line,
     default_generation_config,
     expected_shapes,
     folder_verifier,
@@ -33,6 +34,7 @@ from .common import (
     read_text_decoder_fields,
     strip_answer,
     tensor_shape,
+    verify_and_write_options,
     write_verified,
 )
 from .original import CaptioningModel
@@ -177,15 +179,7 @@ def convert_captioning(
         float32_budget,
         assumed,
     )
-    return write_verified(
-        model,
-        output,
-        verify if run_verify else None,
-        source=checkpoint,
-        overwrite=overwrite,
-        extra_files=save_processor,
-        log=log,
-    )
+    return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, save_processor, log)
 
 
 def convert_entry(entry, source: Path, output: Path, log) -> Path:
@@ -213,18 +207,12 @@ def run(args: argparse.Namespace) -> int:
             num_attention_heads=args.num_heads,
             hidden_act=args.activation,
             vision_num_attention_heads=args.vision_num_heads,
-            run_verify=args.verify,
-            overwrite=args.overwrite,
-            tolerance=args.tolerance,
-            float32_budget=args.float32_budget,
+            **verify_and_write_options(args),
         )
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.captioning", description=summary(__doc__))
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = command_line("lapvqa_hf.convert.captioning", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessorPil
 
-from lapvqa_hf.messages import counted, run_reporting_errors, summary
+from lapvqa_hf.messages import counted, run_reporting_errors
 from lapvqa_hf.models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from lapvqa_hf.models.encoders import CLIP_MEAN, CLIP_STD
 from lapvqa_hf.models.modeling_lapvqa_coca import LapvqaCocaVisionModel
@@ -26,10 +26,12 @@ from lapvqa_hf.models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (
     add_common_arguments,
+    command_line,
     expected_shapes,
     folder_verifier,
     numbered_blocks,
     tensor_shape,
+    verify_and_write_options,
     write_verified,
 )
 from .original import CocaVisionTower
@@ -212,15 +214,10 @@ def convert_coca_encoder(
         tower.load_state_dict(state_dict, strict=True)
         return tower
 
+    processor = coca_image_processor(config)
     verify = folder_verifier(original, LapvqaCocaVisionModel, CocaProbe(config), tolerance, float32_budget, assumed)
     return write_verified(
-        model,
-        output,
-        verify if run_verify else None,
-        source=checkpoint,
-        overwrite=overwrite,
-        extra_files=lambda folder: coca_image_processor(config).save_pretrained(folder),
-        log=log,
+        model, output, verify if run_verify else None, checkpoint, overwrite, processor.save_pretrained, log
     )
 
 
@@ -251,18 +248,12 @@ def run(args: argparse.Namespace) -> int:
             args.output,
             num_attention_heads=args.num_heads,
             pooler_num_attention_heads=args.pooler_num_heads,
-            run_verify=args.verify,
-            overwrite=args.overwrite,
-            tolerance=args.tolerance,
-            float32_budget=args.float32_budget,
+            **verify_and_write_options(args),
         )
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.coca_encoder", description=summary(__doc__))
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = command_line("lapvqa_hf.convert.coca_encoder", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from lapvqa_hf.compatibility import untested_release_note
 from lapvqa_hf.files import atomic_output_dir
 from lapvqa_hf.kinds import save_pretrained_with_pipeline
-from lapvqa_hf.messages import counted, run_reporting_errors
+from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.model_folders import looks_like_a_local_path
 from lapvqa_hf.models.encoders import ENCODER_WIDTHS, RECIPES
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
@@ -415,7 +415,7 @@ class AnsweringHeadConverter:
         model.load_state_dict(self.convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
         model.tie_weights()
         model.generation_config = default_generation_config(config)
-
+        tokenizer = save_gpt2_tokenizer(config.max_position_embeddings)
         verify = folder_verifier(
             lambda: self.original_from_state_dict(state_dict, config),
             self.model_class,
@@ -424,15 +424,13 @@ class AnsweringHeadConverter:
             float32_budget,
             assumed,
         )
-        return write_verified(
-            model,
-            output,
-            verify if run_verify else None,
-            source=checkpoint,
-            overwrite=overwrite,
-            extra_files=save_gpt2_tokenizer(config.max_position_embeddings),
-            log=log,
-        )
+        return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, tokenizer, log)
+
+    def module_functions(self, module: str, doc: str) -> tuple[Callable, ...]:
+        """What a converter module offers (see `lapvqa_hf.convert`): `convert`, `add_arguments`, `run`,
+        `convert_entry` and `main` (`python -m MODULE`, described by the module's `doc`)."""
+        main = command_line(module, doc, self.add_arguments, self.run)
+        return self.convert, self.add_arguments, self.run, self.convert_entry, main
 
     def convert_entry(self, entry, source: Path, output: Path, log: Callable[[str], None]) -> Path:
         """`lapvqa push`'s conversion of a collection entry (`lapvqa_hf.collection.CollectionModel`)."""
@@ -455,16 +453,34 @@ class AnsweringHeadConverter:
                 args.output,
                 num_attention_heads=args.num_heads,
                 hidden_act=args.activation,
-                run_verify=args.verify,
-                overwrite=args.overwrite,
-                tolerance=args.tolerance,
-                encoder_checkpoint=args.encoder_checkpoint,
-                encoder_revision=args.encoder_revision,
-                float32_budget=args.float32_budget,
+                **encoder_options(args),
+                **verify_and_write_options(args),
             )
         )
 
-    def main(self, prog: str, description: str, argv: list[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=prog, description=description)
-        self.add_arguments(parser)
-        return self.run(parser.parse_args(argv))
+
+def verify_and_write_options(args: argparse.Namespace) -> dict:
+    """What every converter's command line passes on (`add_common_arguments`): verify or not, the tolerances,
+    overwrite."""
+    return {
+        "run_verify": args.verify,
+        "tolerance": args.tolerance,
+        "float32_budget": args.float32_budget,
+        "overwrite": args.overwrite,
+    }
+
+
+def encoder_options(args: argparse.Namespace) -> dict:
+    """Where the frozen encoder of a head comes from (`add_encoder_arguments`)."""
+    return {"encoder_checkpoint": args.encoder_checkpoint, "encoder_revision": args.encoder_revision}
+
+
+def command_line(module: str, doc: str, add_arguments: Callable, run: Callable) -> Callable[[list[str] | None], int]:
+    """The `python -m MODULE` entry point of a converter: its arguments, parsed, then `run`."""
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=f"python -m {module}", description=summary(doc))
+        add_arguments(parser)
+        return run(parser.parse_args(argv))
+
+    return main

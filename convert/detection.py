@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lapvqa_hf.features import detection_image_processor
-from lapvqa_hf.messages import counted, run_reporting_errors, summary
+from lapvqa_hf.messages import counted, run_reporting_errors
 from lapvqa_hf.models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from lapvqa_hf.models.encoders import RECIPES
 from lapvqa_hf.models.image_processing_lapvqa import RESIZE_MODES, LapvqaImageProcessor
@@ -30,11 +30,14 @@ from .common import (
     add_common_arguments,
     add_encoder_arguments,
     check_encoder_width,
+    command_line,
+    encoder_options,
     encoder_record,
     expected_shapes,
     folder_verifier,
     numbered_blocks,
     tensor_shape,
+    verify_and_write_options,
     write_verified,
 )
 from .original import DetectionHead
@@ -307,13 +310,7 @@ def convert_detection(
         assumed,
     )
     return write_verified(
-        model,
-        output,
-        verify if run_verify else None,
-        source=checkpoint,
-        overwrite=overwrite,
-        extra_files=image_processor.save_pretrained,
-        log=log,
+        model, output, verify if run_verify else None, checkpoint, overwrite, image_processor.save_pretrained, log
     )
 
 
@@ -360,20 +357,13 @@ def run(args: argparse.Namespace) -> int:
             decoder_norm_first=args.decoder_norm_first,
             layer_norm_eps=args.layer_norm_eps,
             resize_mode=args.resize_mode,
-            run_verify=args.verify,
-            overwrite=args.overwrite,
-            tolerance=args.tolerance,
-            encoder_checkpoint=args.encoder_checkpoint,
-            encoder_revision=args.encoder_revision,
-            float32_budget=args.float32_budget,
+            **verify_and_write_options(args),
+            **encoder_options(args),
         )
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.detection", description=summary(__doc__))
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = command_line("lapvqa_hf.convert.detection", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

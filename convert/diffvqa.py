@@ -12,7 +12,6 @@ import sys
 
 import torch
 
-from lapvqa_hf.messages import summary
 from lapvqa_hf.models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from lapvqa_hf.models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
 
@@ -95,14 +94,9 @@ CONVERTER = AnsweringHeadConverter(
     probe=probe,
     assumptions=ASSUMPTIONS,
 )
-convert_diffvqa = CONVERTER.convert
-add_arguments = CONVERTER.add_arguments
-run = CONVERTER.run
-convert_entry = CONVERTER.convert_entry
-
-
-def main(argv: list[str] | None = None) -> int:
-    return CONVERTER.main("python -m lapvqa_hf.convert.diffvqa", summary(__doc__), argv)
+convert_diffvqa, add_arguments, run, convert_entry, main = CONVERTER.module_functions(
+    "lapvqa_hf.convert.diffvqa", __doc__
+)
 
 
 if __name__ == "__main__":

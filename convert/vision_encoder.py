@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lapvqa_hf.messages import counted, run_reporting_errors, summary
+from lapvqa_hf.messages import counted, run_reporting_errors
 from lapvqa_hf.models.configuration_lapvqa_vision import LapvqaVisionConfig
 from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
 from lapvqa_hf.models.modeling_lapvqa_vision import LapvqaVisionModel
@@ -22,10 +22,12 @@ from lapvqa_hf.models.modeling_lapvqa_vision import LapvqaVisionModel
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_state_dict, local_checkpoint
 from .common import (
     add_common_arguments,
+    command_line,
     expected_shapes,
     folder_verifier,
     numbered_blocks,
     tensor_shape,
+    verify_and_write_options,
     write_verified,
 )
 from .original import VisionTransformer
@@ -153,17 +155,12 @@ def convert_vision_encoder(
         encoder.load_state_dict(state_dict, strict=True)
         return encoder
 
+    processor = LapvqaImageProcessor.for_encoder(config)
     verify = folder_verifier(
         original, LapvqaVisionModel, VisionEncoderProbe(config), tolerance, float32_budget, assumed
     )
     return write_verified(
-        model,
-        output,
-        verify if run_verify else None,
-        source=checkpoint,
-        overwrite=overwrite,
-        extra_files=lambda folder: LapvqaImageProcessor.for_encoder(config).save_pretrained(folder),
-        log=log,
+        model, output, verify if run_verify else None, checkpoint, overwrite, processor.save_pretrained, log
     )
 
 
@@ -187,18 +184,12 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint,
             args.output,
             num_attention_heads=args.num_heads,
-            run_verify=args.verify,
-            overwrite=args.overwrite,
-            tolerance=args.tolerance,
-            float32_budget=args.float32_budget,
+            **verify_and_write_options(args),
         )
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lapvqa_hf.convert.vision_encoder", description=summary(__doc__))
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = command_line("lapvqa_hf.convert.vision_encoder", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-from lapvqa_hf.messages import summary
 from lapvqa_hf.models.configuration_lapvqa_vqa import LapvqaVQAConfig
 from lapvqa_hf.models.modeling_lapvqa_vqa import LapvqaVQAModel
 
@@ -90,14 +89,7 @@ CONVERTER = AnsweringHeadConverter(
     probe=probe,
     assumptions=ASSUMPTIONS,
 )
-convert_vqa = CONVERTER.convert
-add_arguments = CONVERTER.add_arguments
-run = CONVERTER.run
-convert_entry = CONVERTER.convert_entry
-
-
-def main(argv: list[str] | None = None) -> int:
-    return CONVERTER.main("python -m lapvqa_hf.convert.vqa", summary(__doc__), argv)
+convert_vqa, add_arguments, run, convert_entry, main = CONVERTER.module_functions("lapvqa_hf.convert.vqa", __doc__)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--encoder", required=True, help="recipe name, e.g. siglip or lapvqa-vit-l14")
     source = extract.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--mimic-root",
+        "--data-root",
+        "--mimic-root",  # its earlier name
+        dest="data_root",
         type=Path,
         help="a MIMIC-Diff-VQA release, or with --task detection a VinDr-CXR one (or `lapvqa data synthesize` output)",
     )
@@ -88,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--task",
         default="diffvqa",
-        choices=["diffvqa", "captioning", "detection"],
-        help="with --mimic-root: the images of the DiffVQA question pairs, the frontal image of every MIMIC-CXR "
+        choices=[name for name, kind in KINDS.items() if kind.training_task is not None],
+        help="with --data-root: the images of the DiffVQA question pairs, the frontal image of every MIMIC-CXR "
         "report (captioning), or every VinDr-CXR image, prepared as a detection head's image processor does "
         "(detection)",
     )
@@ -111,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", help="a DiffVQA, captioning or detection model folder or Hub id")
     evaluate.add_argument(
-        "--mimic-root", type=Path, required=True, help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR)"
+        "--data-root",
+        "--mimic-root",  # its earlier name
+        dest="data_root",
+        type=Path,
+        required=True,
+        help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR)",
     )
     evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
     evaluate.add_argument(
@@ -139,19 +146,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .model_folders import load_config, load_model
     from .processes import leave_processes, process_state
     from .tokenization import build_gpt2_tokenizer
-    from .train import check_feature_width, predict_across_processes, task_for_model
+    from .train.tasks import check_feature_width, predict_across_processes, task_for_model
 
     state = process_state()  # under `accelerate launch`, each process generates its share of the split
 
     def evaluate() -> None:
         task = task_for_model(load_config(args.model))
         model = load_model(task.model_class, args.model).eval().to(state.device)
-        splits = task.load_splits(args.mimic_root)
+        splits = task.load_splits(args.data_root)
         if args.split not in splits:
-            raise DataError(f"{args.mimic_root} has no {args.split} split; it has {sorted(splits)}.")
+            raise DataError(f"{args.data_root} has no {args.split} split; it has {sorted(splits)}.")
         features = FeatureStore(args.features)
         check_feature_width(args.model, task.feature_width(model), features)
-        examples = task.examples(splits[args.split], features, Path(os.path.abspath(args.mimic_root)))
+        examples = task.examples(splits[args.split], features, Path(os.path.abspath(args.data_root)))
         tokenizer = build_gpt2_tokenizer() if task.generates_text else None
         answers = predict_across_processes(task, model, tokenizer, examples, args.batch_size, args.max_new_tokens)
         if not state.is_main_process:
@@ -174,21 +181,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_extract_features(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, load_pairs, load_reports
-    from .detection_data import load_vindr_cxr
+    from .data import DataError, load_pairs, load_reports
     from .features import (
-        DETECTION_IMAGE_PREPARATION,
         FAILURES,
-        IMAGE_PREPARATION,
         FeatureError,
-        detection_image_processor,
         extract_features,
         images_of,
         read_failures,
         recipe_for,
         resolve_device,
     )
-    from .models.encoders import EncoderError, load_encoder, load_encoder_image_processor
+    from .models.encoders import EncoderError, load_encoder
     from .processes import leave_processes, process_state
 
     state = process_state(args.device)  # under `accelerate launch`, each process encodes its share
@@ -201,20 +204,17 @@ def run_extract_features(args: argparse.Namespace) -> int:
         recipe = recipe_for(args.encoder)
         if args.checkpoint:  # recorded with the features: training completes a captioning model with this encoder
             recipe = dataclasses.replace(recipe, checkpoint=args.checkpoint)
-        loaders = {"diffvqa": load_mimic_diff_vqa, "captioning": load_mimic_cxr_reports, "detection": load_vindr_cxr}
-        if args.mimic_root is not None:
-            splits = loaders[args.task](args.mimic_root)
-            rows, root = [row for split in splits.values() for row in split], args.mimic_root
+        task = KINDS[args.task].training_task_class()()  # what its training reads, and how it prepares images
+        if args.data_root is not None:
+            splits = task.load_splits(args.data_root)
+            rows, root = [row for split in splits.values() for row in split], args.data_root
         elif args.reports is not None:
             rows, root = list(load_reports(args.reports)), None
         else:
             rows, root = list(load_pairs(args.pairs)), None
         images = images_of(rows, root=Path(os.path.abspath(root)) if root else None)
         encoder = load_encoder(recipe, args.checkpoint)
-        if args.task == "detection":  # as the detection heads' own image processor prepares images
-            image_processor, preparation = detection_image_processor(recipe), DETECTION_IMAGE_PREPARATION
-        else:
-            image_processor, preparation = load_encoder_image_processor(recipe, args.checkpoint), IMAGE_PREPARATION
+        image_processor, preparation = task.feature_image_processor(recipe, args.checkpoint), task.image_preparation
         extract_features(
             images,
             recipe,

@@ -201,7 +201,7 @@ register_kind(ModelKind(
     ),
     converter="lapvqa_hf.convert.diffvqa",
     converter_help="a DiffVQAHead state dict ({encoder}_best.pt)",
-    training_task="lapvqa_hf.train:DiffVQATask",
+    training_task="lapvqa_hf.train.tasks:DiffVQATask",
     card=CardText(
         description=(
             "Differential visual question answering on chest X-rays: given the frozen {encoder} encoder's patch "
@@ -270,7 +270,7 @@ register_kind(ModelKind(
     answering=Answering(columns=("image",), images={"image": "image_features"}, field="report"),
     converter="lapvqa_hf.convert.captioning",
     converter_help="the captioning model (model_best.pt: ViT-L/14 + report decoder)",
-    training_task="lapvqa_hf.train:CaptioningTask",
+    training_task="lapvqa_hf.train.tasks:CaptioningTask",
     card=CardText(
         description=(
             "Radiology report generation: a ViT-L/14 encoder and a 6-layer causal transformer decoder trained from "
@@ -363,7 +363,7 @@ register_kind(ModelKind(
     answering=Answering(columns=("image",), images={"image": "image_features"}, field="boxes", picture="boxes"),
     converter="lapvqa_hf.convert.detection",
     converter_help="a DETR-style DetectionHead checkpoint ({encoder}.pt, VinDr-CXR)",
-    training_task="lapvqa_hf.train:DetectionTask",
+    training_task="lapvqa_hf.train.tasks:DetectionTask",
     card=CardText(
         description=(
             "Abnormality detection on chest X-rays: a DETR-style head (2 encoder layers, 20 object queries, 3 "

@@ -307,7 +307,7 @@ def prepare_training_release(base: Path) -> Path:
 def training_config_values(base: Path, output: Path, **changes) -> dict:
     """A short DiffVQA training run of the tiny decoder on `prepare_training_release(base)`."""
     values = dict(
-        mimic_root=str(base / "mimic"),
+        data_root=str(base / "mimic"),
         features_dir=str(base / "features"),
         output_dir=str(output),
         model=TINY_DECODER,
@@ -346,7 +346,7 @@ def kill_after_the_first_checkpoint(run, monkeypatch) -> None:
     disk, as a kill between steps would; the next run of the same config resumes from that checkpoint."""
     from accelerate.state import AcceleratorState
 
-    import lapvqa_hf.train as training
+    import lapvqa_hf.train.loop as training
 
     save_checkpoint = training.save_checkpoint
 

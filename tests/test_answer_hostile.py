@@ -513,7 +513,7 @@ def test_evaluate_refuses_a_damaged_model_folder_in_one_line(diffvqa_folder, tmp
     model = tmp_path / "model"
     shutil.copytree(diffvqa_folder, model)
     (model / "model.safetensors").write_bytes(b"")
-    result = run_lapvqa("evaluate", model, "--mimic-root", tmp_path, "--features", tmp_path / "features")
+    result = run_lapvqa("evaluate", model, "--data-root", tmp_path, "--features", tmp_path / "features")
     assert_one_line_error(result, f"{model}: the model could not be loaded")
 
 
@@ -521,5 +521,5 @@ def test_evaluate_names_a_missing_model_folder(tmp_path, capsys):
     from lapvqa_hf.cli import main as lapvqa
 
     missing = str(tmp_path / "no-such-model")
-    assert lapvqa(["evaluate", missing, "--mimic-root", str(tmp_path), "--features", str(tmp_path)]) == 1
+    assert lapvqa(["evaluate", missing, "--data-root", str(tmp_path), "--features", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such model folder."

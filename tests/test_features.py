@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,7 +229,7 @@ def test_cli_extracts_from_a_release_with_a_local_checkpoint(release, tmp_path, 
         "extract-features",
         "--encoder",
         "lapvqa-vit-l14",
-        "--mimic-root",
+        "--data-root",
         str(root),
         "--output",
         str(tmp_path / "f"),
@@ -289,7 +290,7 @@ def test_coca_features_come_from_the_converted_image_tower_without_open_clip(rel
     root, images = release
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` would raise ImportError
     folder = converted_tiny_coca(tmp_path / "coca")
-    args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
+    args = ["extract-features", "--encoder", "coca", "--data-root", str(root), "--output", str(tmp_path / "f")]
     assert lapvqa([*args, "--checkpoint", str(folder)]) == 0
     assert f"{len(images)} images encoded with coca" in capsys.readouterr().out
     image_id, path = next(iter(images.items()))
@@ -306,7 +307,7 @@ def test_the_coca_recipe_without_its_encoder_repo_says_what_it_needed(release, t
     from lapvqa_hf.cli import main as lapvqa
 
     root, _ = release  # offline, with an empty Hugging Face cache: dmusingu/lapvqa-coca-vit-l14 cannot be fetched
-    args = ["extract-features", "--encoder", "coca", "--mimic-root", str(root), "--output", str(tmp_path / "f")]
+    args = ["extract-features", "--encoder", "coca", "--data-root", str(root), "--output", str(tmp_path / "f")]
     assert lapvqa(args) == 1
     err = capsys.readouterr().err
     assert "dmusingu/lapvqa-coca-vit-l14" in err and err.count("\n") == 1, err
@@ -323,10 +324,20 @@ def test_cli_extracts_the_frontal_image_of_every_report(release, tmp_path, capsy
     LapvqaVisionModel(config).save_pretrained(tmp_path / "encoder")
     stretch(224).save_pretrained(tmp_path / "encoder")
     args = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", str(tmp_path / "encoder")]
-    assert lapvqa([*args, "--mimic-root", str(root), "--task", "captioning", "--output", str(tmp_path / "f")]) == 0
+    assert lapvqa([*args, "--data-root", str(root), "--task", "captioning", "--output", str(tmp_path / "f")]) == 0
     reports = [row for split in load_mimic_cxr_reports(root).values() for row in split]
     assert set(FeatureStore(tmp_path / "f")._tensors) == set(images_of(reports, root=root.resolve()))
     assert len(reports) == len(images) == 10, "in the synthetic release, every study is in a pair and has a report"
     (tmp_path / "reports.csv").write_text(f"image,report\n{reports[0]['image']},No effusion.\n")
     assert lapvqa([*args, "--reports", str(tmp_path / "reports.csv"), "--output", str(tmp_path / "g")]) == 0
     assert list(FeatureStore(tmp_path / "g")._tensors) == [reports[0]["image"]], "absolute paths as ids"
+
+
+@pytest.mark.parametrize("option", ["--data-root", "--mimic-root"])
+@pytest.mark.parametrize(
+    "command", [["extract-features", "--encoder", "coca", "--output", "f"], ["evaluate", "m", "--features", "x"]]
+)
+def test_the_data_folder_option_keeps_its_earlier_name_mimic_root(command, option):
+    from lapvqa_hf.cli import build_parser
+
+    assert build_parser().parse_args([*command, option, "release"]).data_root == Path("release")

@@ -36,7 +36,7 @@ def release(tmp_path_factory):
 def launch(release, output, processes: int, returncode: int = 0) -> subprocess.CompletedProcess:
     """`lapvqa extract-features` under `accelerate launch` with `processes` CPU processes (DDP over gloo)."""
     root, encoder = release
-    arguments = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", encoder, "--mimic-root", root]
+    arguments = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", encoder, "--data-root", root]
     arguments += ["--output", output, "--shard-size", "2", "--batch-size", "1"]
     result = accelerate_launch("lapvqa_hf.cli", arguments, processes=processes, timeout=300)
     assert result.returncode == returncode, result.stderr[-3000:]

@@ -91,7 +91,7 @@ def test_evaluate_cli_scores_a_split_per_question_type(prepared, tmp_path, capsy
     args = [
         "evaluate",
         str(tmp_path / "run" / "best"),
-        "--mimic-root",
+        "--data-root",
         str(prepared / "mimic"),
         "--features",
         str(prepared / "features"),

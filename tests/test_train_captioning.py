@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator_stat
 
 def config_for(base: Path, output: Path, **changes) -> TrainConfig:
     values = dict(
-        mimic_root=str(base / "mimic"),
+        data_root=str(base / "mimic"),
         features_dir=str(base / "features"),
         output_dir=str(output),
         task="captioning",
@@ -161,7 +161,7 @@ def test_evaluate_cli_scores_a_captioning_model(prepared, tmp_path, capsys):
     args = [
         "evaluate",
         str(tmp_path / "run" / "best"),
-        "--mimic-root",
+        "--data-root",
         str(prepared / "mimic"),
         "--features",
         str(prepared / "features"),
@@ -197,3 +197,94 @@ def test_captioning_needs_features_of_its_own_encoder(prepared, tmp_path):
         train(config_for(prepared, tmp_path / "w", eval_max_new_tokens=100))
     with pytest.raises(ValueError, match="task='segmentation': expected one of"):
         train(config_for(prepared, tmp_path / "v", task="segmentation"))
+
+
+# --- from pixels: the encoder in the loop -----------------------------------------------------------------------
+
+
+def pixel_config(base: Path, output: Path, **changes) -> TrainConfig:
+    values = dict(inputs="pixels", features_dir=None, vision_encoder=str(base / "encoder"), max_steps=6, batch_size=3)
+    return config_for(base, output, **(values | changes))
+
+
+def saved_weights(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("train_encoder", [False, True], ids=["encoder frozen", "encoder trained"])
+def test_captioning_trains_from_pixels_with_its_encoder_in_the_loop(prepared, tmp_path, train_encoder):
+    result = train(pixel_config(prepared, tmp_path / "run", train_encoder=train_encoder, eval_every=6))
+    assert result["steps"] == 6 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["losses"][-1] < result["losses"][0]
+    best = tmp_path / "run" / "best"
+    encoder = {
+        f"vision_model.{k}": v for k, v in LapvqaVisionModel.from_pretrained(prepared / "encoder").state_dict().items()
+    }
+    saved = saved_weights(best, "vision_model.")
+    unchanged = [k for k, v in encoder.items() if torch.equal(saved[k], v)]
+    if train_encoder:
+        assert len(unchanged) < len(encoder) / 2, "the encoder learned"
+    else:
+        assert len(unchanged) == len(encoder), "the frozen encoder is saved as it was"
+    model, processor = AutoModel.from_pretrained(best).eval(), AutoProcessor.from_pretrained(best)
+    assert model.config.feature_recipe is None and model.config.report_sections == ["findings", "impression"]
+    rows = load_mimic_cxr_reports(prepared / "mimic")["validation"]
+    generated = model.generate(**processor(images=list(rows["image"])), max_new_tokens=4, do_sample=False)
+    assert generated.shape[0] == len(rows)
+
+
+def test_gradient_checkpointing_trains_to_the_same_losses(prepared, tmp_path):
+    plain = train(pixel_config(prepared, tmp_path / "a", train_encoder=True, max_steps=3))
+    AcceleratorState._reset_state(True)
+    checkpointed = train(
+        pixel_config(prepared, tmp_path / "b", train_encoder=True, max_steps=3, gradient_checkpointing=True)
+    )
+    torch.testing.assert_close(torch.tensor(checkpointed["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=0)
+
+
+def test_a_killed_pixel_run_resumes_to_the_uninterrupted_result(prepared, tmp_path, monkeypatch):
+    settings = dict(train_encoder=True, max_steps=4, checkpoint_every=2)
+    uninterrupted = train(pixel_config(prepared, tmp_path / "a", **settings))
+    AcceleratorState._reset_state(True)
+    kill_after_the_first_checkpoint(lambda: train(pixel_config(prepared, tmp_path / "b", **settings)), monkeypatch)
+    resumed = train(pixel_config(prepared, tmp_path / "b", **settings))
+    assert resumed["losses"] == uninterrupted["losses"][2:]
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-4" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-4" / "model.safetensors")
+    assert any(k.startswith("vision_model.") for k in a), "the trained encoder is part of the checkpoints"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pixel_inputs_are_refused_where_they_cannot_work(prepared, tmp_path):
+    from lapvqa_hf.train import TrainConfigError, config_problems
+
+    with pytest.raises(TrainConfigError) as raised:
+        pixel_config(prepared, tmp_path / "run", vision_encoder=None)
+    assert raised.value.problems == [
+        "inputs=pixels: name the encoder to train from: vision_encoder (a LapvqaVisionModel) or init_from."
+    ]
+    assert config_problems({"task": "diffvqa", "inputs": "pixels"}) == [
+        "inputs=pixels: task diffvqa trains on stored features only (its frozen encoder is not part of its model); "
+        "set inputs to features."
+    ]
+    assert config_problems({"task": "captioning", "train_encoder": True}) == [
+        "train_encoder: only used with inputs pixels (stored features have no encoder to train)."
+    ]
+    with pytest.raises(TrainConfigError) as raised:
+        config_for(prepared, tmp_path / "run", features_dir=None)
+    assert raised.value.problems == [
+        "features_dir: required with inputs features; run `lapvqa extract-features` and name its folder."
+    ]
+
+
+def test_an_unreadable_training_image_stops_training_naming_it(prepared, tmp_path):
+    import shutil
+
+    from lapvqa_hf.data import DataError
+
+    release = tmp_path / "mimic"
+    shutil.copytree(prepared / "mimic", release)
+    image = load_mimic_cxr_reports(release)["train"][0]["image"]
+    Path(image).write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"{image}: cannot be read"):
+        train(pixel_config(prepared, tmp_path / "run", data_root=str(release)))

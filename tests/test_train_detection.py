@@ -68,7 +68,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def config_values(base: Path, output: Path, **changes) -> dict:
     values = dict(
-        task="detection", mimic_root=str(base / "vindr"), features_dir=str(base / "features"), output_dir=str(output),
+        task="detection", data_root=str(base / "vindr"), features_dir=str(base / "features"), output_dir=str(output),
         model=TINY_HEAD, learning_rate=3e-3, warmup_steps=5, max_steps=8, batch_size=8, checkpoint_every=4,
         eval_every=1000, best_metric="map50",
     )  # fmt: skip
@@ -299,7 +299,7 @@ def assert_same_scores(found: dict, expected: dict) -> None:
 
 def test_evaluate_on_two_processes_equals_one_process(prepared, tmp_path, capsys):
     train(TrainConfig(**config_values(prepared, tmp_path / "run", max_steps=60, eval_every=60, checkpoint_every=60)))
-    evaluate = ["evaluate", str(tmp_path / "run" / "best"), "--mimic-root", str(prepared / "vindr")]
+    evaluate = ["evaluate", str(tmp_path / "run" / "best"), "--data-root", str(prepared / "vindr")]
     evaluate += ["--features", str(prepared / "features"), "--batch-size", "4"]
     # The validation scores of training are those `lapvqa evaluate` gives the best model.
     assert lapvqa([*evaluate, "--split", "validation", "--output", str(tmp_path / "validation.json")]) == 0
@@ -335,7 +335,7 @@ def test_extract_features_for_detection_prepares_images_as_the_heads_image_proce
     )
     encoder.save_pretrained(tmp_path / "encoder")
     extract = ["extract-features", "--encoder", "lapvqa-vit-l14", "--checkpoint", str(tmp_path / "encoder")]
-    extract += ["--mimic-root", str(tmp_path / "vindr"), "--task", "detection", "--output", str(tmp_path / "f")]
+    extract += ["--data-root", str(tmp_path / "vindr"), "--task", "detection", "--output", str(tmp_path / "f")]
     assert lapvqa(extract) == 0
     store = FeatureStore(tmp_path / "f")
     assert len(store) == 5 and store.image_preparation == DETECTION_IMAGE_PREPARATION

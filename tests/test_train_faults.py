@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,17 +29,8 @@ from transformers import get_cosine_schedule_with_warmup
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 from lapvqa_hf.data import load_mimic_diff_vqa
 from lapvqa_hf.features import FeatureError, image_id
-from lapvqa_hf.train import (
-    NonFiniteError,
-    TrainConfig,
-    TrainConfigError,
-    config_problems,
-    latest_checkpoint,
-    main,
-    recover_interrupted_saves,
-    save_best,
-    train,
-)
+from lapvqa_hf.train import NonFiniteError, TrainConfig, TrainConfigError, config_problems, main, train
+from lapvqa_hf.train.checkpoints import latest_checkpoint, recover_interrupted_saves, save_best
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator_state")
 config_values = training_config_values
@@ -339,7 +331,7 @@ BAD_VALUES = [
     ),
     ({"task": "segmentation"}, "task='segmentation': expected one of diffvqa, captioning, detection."),
     ({"report_sections": []}, "report_sections=[]: expected a non-empty list of report section names."),
-    ({"mimic_root": NOWHERE}, f"mimic_root: no folder {NOWHERE}; set it to the MIMIC release's folder."),
+    ({"data_root": NOWHERE}, f"data_root: no folder {NOWHERE}; set it to the dataset release's folder."),
     (
         {"features_dir": NOWHERE},
         f"features_dir: {NOWHERE} has no features.json; run `lapvqa extract-features` first, or fix the path.",
@@ -509,3 +501,50 @@ def test_any_config_document_is_accepted_or_refused_one_line_per_problem(tmp_pat
         assert error.problems and all(problem and "\n" not in problem for problem in error.problems)
     else:
         assert isinstance(config, TrainConfig) and not config_problems(dataclasses.asdict(config))
+
+
+# --- renamed fields and checking once ---------------------------------------------------------------------------
+
+
+def test_a_config_is_checked_when_it_is_made_so_that_every_train_config_is_a_valid_one(prepared, tmp_path):
+    with pytest.raises(TrainConfigError) as raised:
+        TrainConfig(**config_values(prepared, tmp_path / "run", max_steps=0, radiologists="all"))
+    assert raised.value.problems == [
+        "max_steps=0: expected an integer >= 1.",
+        "radiologists: only used with task detection; remove it.",
+    ]
+
+
+def test_the_data_folder_under_its_earlier_name_mimic_root_is_read_with_a_warning(prepared, tmp_path):
+    values = config_values(prepared, tmp_path / "run")
+    values["mimic_root"] = values.pop("data_root")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(values))
+    with pytest.warns(FutureWarning, match="'mimic_root' is now called 'data_root'; rename it"):
+        assert TrainConfig.from_file(path).data_root == values["mimic_root"]
+    del values["mimic_root"]
+    path.write_text(json.dumps(values))
+    with pytest.warns(FutureWarning, match="'mimic_root' is now called 'data_root'"):
+        assert TrainConfig.from_file(path, [f"mimic_root={prepared / 'mimic'}"]).data_root == str(prepared / "mimic")
+    both = [f"data_root={prepared / 'mimic'}", f"mimic_root={prepared / 'mimic'}"]
+    with pytest.raises(TrainConfigError) as raised:
+        TrainConfig.from_file(path, both)
+    assert raised.value.problems == [
+        f"{path} (or --set): 'mimic_root' is the earlier name of 'data_root'; keep only 'data_root'."
+    ]
+
+
+def test_a_checkpoint_that_recorded_mimic_root_resumes_and_still_refuses_other_data(prepared, tmp_path, capsys):
+    train(TrainConfig(**config_values(prepared, tmp_path / "run", max_steps=2)))
+    record = tmp_path / "run" / "checkpoints" / "step-2" / "train_config.json"
+    recorded = json.loads(record.read_text())
+    recorded["mimic_root"] = recorded.pop("data_root")  # as lapvqa-hf 0.4 recorded it
+    record.write_text(json.dumps(recorded))
+    AcceleratorState._reset_state(True)
+    other = tmp_path / "other-release"
+    shutil.copytree(prepared / "mimic", other)
+    capsys.readouterr()
+    assert main(["--config", str(config_file(prepared, tmp_path / "run", max_steps=4, data_root=str(other)))]) == 1
+    assert capsys.readouterr().err.startswith(f"error: data_root: {str((prepared / 'mimic').resolve())!r} in ")
+    AcceleratorState._reset_state(True)
+    assert train(TrainConfig(**config_values(prepared, tmp_path / "run", max_steps=4)))["steps"] == 4

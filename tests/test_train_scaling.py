@@ -14,19 +14,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import TINY_DECODER, accelerate_launch, prepare_training_release, training_config_values
 
-import lapvqa_hf.train as training
+import lapvqa_hf.train.loop as training
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
 from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.processes import leave_processes
-from lapvqa_hf.train import (
-    PARTIAL,
-    TrainConfig,
-    config_problems,
-    main,
-    parameter_groups,
-    rotate_checkpoints,
-    train,
-)
+from lapvqa_hf.train import TrainConfig, config_problems, main, parameter_groups, train
+from lapvqa_hf.train.checkpoints import PARTIAL, rotate_checkpoints
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md"
 
@@ -57,7 +50,7 @@ def test_validation_and_evaluate_on_two_processes_equal_one_process(prepared, tm
     summary = json.loads((tmp_path / "run" / "result.json").read_text())
     assert summary["num_processes"] == 2
 
-    evaluate = ["evaluate", str(tmp_path / "run" / "best"), "--mimic-root", str(prepared / "mimic")]
+    evaluate = ["evaluate", str(tmp_path / "run" / "best"), "--data-root", str(prepared / "mimic")]
     evaluate += ["--features", str(prepared / "features"), "--max-new-tokens", "16", "--batch-size", "4"]
     # The best model's validation scores, generated on 2 processes in training, are those of 1 process.
     assert lapvqa([*evaluate, "--split", "validation", "--output", str(tmp_path / "one-validation.json")]) == 0

@@ -28,6 +28,10 @@ class LapvqaCaptioningConfig(LapvqaTextDecoderConfig):
         use_final_layer_norm: the decoder, as in `LapvqaDiffVQAConfig`. Heads and activation are not recorded
         in the upstream weights (pinned: 8, relu; converter options).
         conversion_info (`dict`, *optional*): source file and assumptions recorded by `lapvqa convert`.
+        feature_recipe (`dict`, *optional*): the encoder features the decoder was trained on, where training read
+            stored features (`lapvqa_hf.train`, inputs "features"); None when trained from pixels or converted.
+        report_sections (`list[str]`, *optional*): the MIMIC-CXR report sections the decoder was trained to write,
+            set by `lapvqa_hf.train`; `lapvqa evaluate` scores against the same.
     """
 
     model_type = "lapvqa_captioning"
@@ -35,6 +39,8 @@ class LapvqaCaptioningConfig(LapvqaTextDecoderConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     max_position_embeddings: int = 256
+    feature_recipe: dict | None = None
+    report_sections: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

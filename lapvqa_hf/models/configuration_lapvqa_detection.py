@@ -81,6 +81,8 @@ class LapvqaDetectionConfig(PreTrainedConfig):
         feature_recipe (`dict`, *optional*): the frozen encoder that feeds the head and how its features are taken
             (`lapvqa_hf.encoders.EncoderRecipe`), recorded by `lapvqa convert`.
         conversion_info (`dict`, *optional*): where the weights came from and which conventions were assumed.
+        radiologists (`str`, *optional*): how VinDr-CXR's radiologists' boxes were combined for training
+            (`"fused"` or `"all"`), set by `lapvqa_hf.train`; `lapvqa evaluate` scores against the same.
         training_results (`dict`, *optional*): the upstream checkpoint's own record (`epoch`, `val_map40`,
             `val_map50`: validation mAP at IoU 0.4 / 0.5 at the saved epoch).
         id2label / label2id: the 14 VinDr-CXR classes in VinDr's `class_id` order (default).
@@ -124,6 +126,7 @@ class LapvqaDetectionConfig(PreTrainedConfig):
     encoder_name: str | None = None
     feature_recipe: dict | None = None
     conversion_info: dict | None = None
+    radiologists: str | None = None
     training_results: dict | None = None
     is_encoder_decoder: bool = True  # as DETR: outputs carry `encoder_*` and `decoder_*` hidden states / attentions
     # Training (`labels`): transformers' DetrConfig defaults, since the upstream values are unpublished.

@@ -1,0 +1,680 @@
+"""The training tasks: what differs between kinds in training (data, examples and batches, the model, validation
+predictions, scores, saving). `train` runs any object with the `TrainingTask` interface; a kind names its task
+in the registry (`ModelKind.training_task`)."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import DatasetDict
+from torch.utils.data import Subset
+from transformers import AutoImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import REPORT_SECTIONS, DataError, load_mimic_cxr_reports, load_mimic_diff_vqa
+from ..detection_data import load_vindr_cxr
+from ..features import (
+    DETECTION_IMAGE_PREPARATION,
+    IMAGE_PREPARATION,
+    FeatureError,
+    FeatureStore,
+    detection_image_processor,
+    image_id,
+)
+from ..kinds import KINDS, kind_of, save_pretrained_with_pipeline
+from ..messages import first_line
+from ..metrics import score_answers
+from ..metrics.detection import score_detections
+from ..model_folders import load_model
+from ..models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
+from ..models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
+from ..models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from ..models.configuration_lapvqa_vision import LapvqaVisionConfig
+from ..models.encoders import ENCODER_WIDTHS, EncoderRecipe, load_encoder_image_processor
+from ..models.image_processing_lapvqa import LapvqaImageProcessor
+from ..models.modeling_lapvqa_captioning import LapvqaCaptioningModel
+from ..models.modeling_lapvqa_detection import LapvqaDetectionModel
+from ..models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from ..models.modeling_lapvqa_vision import LapvqaVisionModel
+from ..models.processing_lapvqa import LapvqaProcessor, question_prompt
+from ..tokenization import encode_questions
+from .config import DETECTION_METRICS, TASKS, TEXT_METRICS, CaptioningOptions, DetectionOptions, TrainConfig
+
+
+class TaskDefaults:
+    """What a task inherits unless it says otherwise: it trains on stored features only."""
+
+    trains_from_pixels: ClassVar[bool] = False  # whether inputs "pixels" can train it (its model holds its encoder)
+
+    @classmethod
+    def pixel_input_problems(cls, values: dict) -> list[str]:
+        """What in training config `values` keeps inputs "pixels" from working for this task (one line each)."""
+        return []
+
+
+class TrainingTask(Protocol):
+    """What `train` and `lapvqa evaluate` need of a task."""
+
+    name: ClassVar[str]
+    model_class: ClassVar[type[PreTrainedModel]]
+    options_class: ClassVar[type | None]  # the task's own config fields (a dataclass), or None
+    derived_fields: ClassVar[tuple[str, ...]]  # model config fields set from the features, not by the user
+    group_label: ClassVar[str]  # what the per-group scores are grouped by
+    metrics: ClassVar[tuple[str, ...]]
+    generates_text: ClassVar[bool]
+    image_preparation: ClassVar[str]  # how the images of its features were prepared (recorded with them)
+    trains_from_pixels: ClassVar[bool]
+
+    @classmethod
+    def pixel_input_problems(cls, values: dict) -> list[str]: ...
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "TrainingTask": ...
+    @classmethod
+    def from_model_config(cls, model_config) -> "TrainingTask": ...
+    def load_splits(self, data_root: str | Path) -> DatasetDict: ...
+    def examples(self, rows, features: FeatureStore, root: Path) -> torch.utils.data.Dataset: ...
+    def feature_width(self, model: PreTrainedModel) -> int: ...
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None): ...
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> PreTrainedModel: ...
+    def collate(self, tokenizer, max_positions: int | None) -> Callable[[list[dict]], dict]: ...
+    def predict(self, model, tokenizer, dataset, batch_size: int, max_new_tokens: int) -> list: ...
+    def references(self, dataset) -> list: ...
+    def score(self, predictions: list, dataset) -> dict[str, dict[str, float]]: ...
+    def save(self, model: PreTrainedModel, tokenizer, features: FeatureStore, target: Path) -> None: ...
+
+
+# --- what the tasks share ---------------------------------------------------------------------------------------
+
+
+def _right_padded(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Token sequences and their labels, right-padded (pad ids, mask 0, label -100)."""
+    width = max(len(s) for s in sequences)
+    return {
+        "input_ids": torch.tensor([s + [pad_token_id] * (width - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def require_features(features: FeatureStore, ids: list[str]) -> None:
+    """Checks that every image of a split has stored features, before any training or generation starts."""
+    missing = sorted({i for i in ids if i not in features})
+    if missing:
+        raise FeatureError(
+            f"{features.output_dir} has no features for {len(missing)} image(s) of the data, e.g. {missing[0]!r}; "
+            "extract them with `lapvqa extract-features` (it adds the missing ones)."
+        )
+
+
+@torch.no_grad()
+def _generate_split(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    max_new_tokens: int,
+    inputs_of: Callable[[list[dict]], dict[str, torch.Tensor]],
+) -> list[str]:
+    """Greedy continuations of `inputs_of(examples)` (prompt + visual inputs) for every example, decoded."""
+    texts = []
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        inputs = {key: value.to(model.device) for key, value in inputs_of(examples).items()}
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        texts += tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def predict_across_processes(
+    task: TrainingTask,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list:
+    """`task.predict` for every example of `dataset`, shared among the processes (process R of W predicts examples
+    R, R+W, ...) and gathered, in the dataset's order, on every process."""
+    state = PartialState()
+    indices = list(range(state.process_index, len(dataset), state.num_processes))
+    predictions = task.predict(model, tokenizer, Subset(dataset, indices), batch_size, max_new_tokens)
+    gathered = gather_object(list(zip(indices, predictions, strict=True)))
+    return [prediction for _, prediction in sorted(gathered, key=lambda pair: pair[0])]
+
+
+def batch_tokens(batch: dict) -> torch.Tensor:
+    """The tokens a training batch feeds the model (for tokens/s): its text tokens, or its visual tokens (detection)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["image_features"].shape[:2].numel(), device=batch["image_features"].device)
+
+
+# --- DiffVQA ----------------------------------------------------------------------------------------------------
+
+
+class DiffVQAExamples(torch.utils.data.Dataset):
+    """Rows of a split with their stored features: (prior and current image features, question, answer, question type)."""
+
+    def __init__(self, rows, features: FeatureStore, root: Path):
+        self.rows = list(rows)
+        self.features = features
+        self.ids = [(image_id(row["prior_image"], root), image_id(row["current_image"], root)) for row in self.rows]
+        require_features(features, [i for pair in self.ids for i in pair])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        prior_id, current_id = self.ids[index]
+        return {
+            "prior_image_features": self.features[prior_id].float(),
+            "current_image_features": self.features[current_id].float(),
+            "question": row["question"],
+            "answer": row["answer"],
+            "question_type": row["question_type"],
+        }
+
+
+def training_collate(tokenizer, max_positions: int):
+    """question + [bos] + answer + [eos], right-padded; labels only on the answer and its eos."""
+
+    def collate(examples: list[dict]) -> dict:
+        eos = tokenizer.eos_token_id
+        sequences, labels = [], []
+        for example in examples:
+            prompt = question_prompt(tokenizer, example["question"])  # question + [bos]
+            answer = tokenizer(example["answer"], add_special_tokens=False)["input_ids"]
+            sequences.append((prompt + answer + [eos])[:max_positions])
+            labels.append(([-100] * len(prompt) + answer + [eos])[:max_positions])
+        return {
+            **_right_padded(sequences, labels, eos),
+            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
+            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
+        }
+
+    return collate
+
+
+def answer_split(model, tokenizer, dataset: DiffVQAExamples, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers for every row of `dataset`."""
+
+    def inputs_of(examples: list[dict]) -> dict[str, torch.Tensor]:
+        return {
+            **encode_questions(tokenizer, [e["question"] for e in examples]),
+            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
+            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
+        }
+
+    return _generate_split(model, tokenizer, dataset, batch_size, max_new_tokens, inputs_of)
+
+
+class DiffVQATask(TaskDefaults):
+    """A DiffVQA head on MIMIC-Diff-VQA questions about (prior, current) pairs, scored per question type."""
+
+    name = "diffvqa"
+    model_class = LapvqaDiffVQAModel
+    options_class = None
+    image_preparation = IMAGE_PREPARATION  # the encoder's own processor
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
+    group_label = "question type"
+    metrics = TEXT_METRICS
+    generates_text = True
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "DiffVQATask":
+        return cls()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DiffVQATask":
+        return cls()
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_mimic_diff_vqa(data_root)
+
+    def examples(self, rows, features: FeatureStore, root: Path) -> DiffVQAExamples:
+        require_image_preparation(features, self.image_preparation)
+        return DiffVQAExamples(rows, features, root)
+
+    def feature_width(self, model: LapvqaDiffVQAModel) -> int:
+        return model.config.vis_dim
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
+        return load_encoder_image_processor(recipe, checkpoint)
+
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDiffVQAModel:
+        if config.init_from:
+            return model_to_init_from(self, config.init_from, features)
+        recipe = features.recipe
+        return LapvqaDiffVQAModel(
+            LapvqaDiffVQAConfig(vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model)
+        )
+
+    def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
+        return training_collate(tokenizer, max_positions)
+
+    def predict(self, model, tokenizer, dataset: DiffVQAExamples, batch_size: int, max_new_tokens: int) -> list[str]:
+        return answer_split(model, tokenizer, dataset, batch_size, max_new_tokens)
+
+    def references(self, dataset: DiffVQAExamples) -> list[str]:
+        return [row["answer"] for row in dataset.rows]
+
+    def score(self, predictions: list[str], dataset: DiffVQAExamples) -> dict[str, dict[str, float]]:
+        return score_answers(predictions, self.references(dataset), [row["question_type"] for row in dataset.rows])
+
+    def save(self, model: LapvqaDiffVQAModel, tokenizer, features: FeatureStore, target: Path) -> None:
+        save_pretrained_with_pipeline(model, target)
+        tokenizer.save_pretrained(target)
+
+
+# --- captioning -------------------------------------------------------------------------------------------------
+
+
+class OneImageExamples(torch.utils.data.Dataset):
+    """Rows of a split that each name one image (`row["image"]`), with its stored features."""
+
+    def __init__(self, rows, features: FeatureStore, root: Path):
+        self.rows = list(rows)
+        self.features = features
+        self.ids = [image_id(row["image"], root) for row in self.rows]
+        require_features(features, self.ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class ReportExamples(OneImageExamples):
+    """Rows of a split with the stored features of their image: (image_features, report)."""
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image_features": self.features[self.ids[index]].float(), "report": self.rows[index]["report"]}
+
+
+class ReportImageExamples(torch.utils.data.Dataset):
+    """Rows of a split with their image, read and prepared when taken (inputs "pixels"): (pixel_values, report).
+    An image that cannot be read stops training with an error naming it."""
+
+    def __init__(self, rows, root: Path, image_processor):
+        self.rows = list(rows)
+        self.paths = [str(root / row["image"]) for row in self.rows]
+        missing = [path for path in self.paths if not Path(path).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) of the data do not exist, e.g. {missing[0]}; fix data_root.")
+        self.image_processor = image_processor
+        self.xray_image_processor = LapvqaImageProcessor()  # reads X-rays (16-bit, DICOM) for the encoder's processor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            (pixels,) = self.xray_image_processor.encoder_pixel_values([self.paths[index]], self.image_processor)
+        except (ValueError, OSError) as error:
+            raise DataError(f"{self.paths[index]}: cannot be read ({first_line(error)}); fix or remove it.") from None
+        return {"pixel_values": pixels, "report": self.rows[index]["report"]}
+
+
+def _visual_inputs(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The examples' stored features (`image_features`) or prepared images (`pixel_values`), stacked."""
+    key = "pixel_values" if "pixel_values" in examples[0] else "image_features"
+    return {key: torch.stack([e[key] for e in examples])}
+
+
+def report_collate(tokenizer, max_positions: int):
+    """[bos] + report + [eos] (cut to the model's positions), right-padded; labels on the report and its eos."""
+
+    def collate(examples: list[dict]) -> dict:
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        sequences = [
+            ([bos] + tokenizer(e["report"], add_special_tokens=False)["input_ids"] + [eos])[:max_positions]
+            for e in examples
+        ]
+        # Labels are aligned with the inputs and shifted inside the loss: bos is never a target.
+        return {**_right_padded(sequences, sequences, eos), **_visual_inputs(examples)}
+
+    return collate
+
+
+def report_split(model, tokenizer, dataset: ReportExamples, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy reports, from `[bos]`, for every image of `dataset`."""
+
+    def inputs_of(examples: list[dict]) -> dict[str, torch.Tensor]:
+        bos = torch.full((len(examples), 1), tokenizer.bos_token_id)
+        return {"input_ids": bos, "attention_mask": torch.ones_like(bos), **_visual_inputs(examples)}
+
+    return _generate_split(model, tokenizer, dataset, batch_size, max_new_tokens, inputs_of)
+
+
+class CaptioningTask(TaskDefaults):
+    """`LapvqaCaptioningModel` on MIMIC-CXR reports.
+
+    On stored features (inputs "features"), the model trains without its `vision_model` (frozen, never run: the
+    features are its output); the encoder the features were extracted with (`vision_encoder`) is loaded once, on the
+    CPU, when the best model is saved. On images (inputs "pixels"), the encoder (from `init_from`, else
+    `vision_encoder`) runs in the loop, frozen or, with `train_encoder`, trained, and is saved with the decoder.
+    """
+
+    name = "captioning"
+    model_class = LapvqaCaptioningModel
+    options_class = CaptioningOptions
+    trains_from_pixels = True
+    image_preparation = IMAGE_PREPARATION
+    derived_fields = ("vision_config", "feature_recipe")  # model config fields set from the features' encoder
+    group_label = "reports"
+    metrics = TEXT_METRICS
+    generates_text = True
+
+    def __init__(self, options: CaptioningOptions | None = None):
+        options = options or CaptioningOptions()
+        if not options.report_sections:
+            raise ValueError(f"report_sections is empty; name the report sections to learn, e.g. {REPORT_SECTIONS}.")
+        self.report_sections = list(options.report_sections)
+        self.vision_encoder = options.vision_encoder
+        self._encoder: LapvqaVisionModel | None = None
+        self.image_processor = None  # inputs "pixels": the encoder's own, which prepares the images
+
+    @classmethod
+    def pixel_input_problems(cls, values: dict) -> list[str]:
+        if values.get("init_from") or values.get("vision_encoder"):
+            return []
+        return ["inputs=pixels: name the encoder to train from: vision_encoder (a LapvqaVisionModel) or init_from."]
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "CaptioningTask":
+        return cls(config.options(CaptioningOptions))
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "CaptioningTask":
+        return cls(CaptioningOptions(report_sections=model_config.report_sections or list(REPORT_SECTIONS)))
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_mimic_cxr_reports(data_root, sections=self.report_sections)
+
+    def examples(self, rows, features: FeatureStore | None, root: Path) -> ReportExamples | ReportImageExamples:
+        if features is None:  # inputs "pixels"
+            return ReportImageExamples(rows, root, self.image_processor)
+        require_image_preparation(features, self.image_preparation)
+        return ReportExamples(rows, features, root)
+
+    def feature_width(self, model: LapvqaCaptioningModel) -> int:
+        return model.config.vision_config.hidden_size
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
+        return load_encoder_image_processor(recipe, checkpoint)
+
+    def _encoder_config(self, features: FeatureStore) -> LapvqaVisionConfig:
+        """The config of the encoder that made the features; checks that it is a `LapvqaVisionModel` that fits them."""
+        recipe = features.recipe
+        if recipe.library != "lapvqa":
+            raise FeatureError(
+                f"{features.output_dir} holds {recipe.name} features, but the captioning model's encoder is a "
+                "LapvqaVisionModel: extract features with `lapvqa extract-features --encoder lapvqa-vit-l14`."
+            )
+        self.vision_encoder = self.vision_encoder or recipe.checkpoint
+        try:
+            encoder_config = LapvqaVisionConfig.from_pretrained(self.vision_encoder)
+        except OSError as error:
+            raise OSError(
+                f"Cannot load the encoder the features were extracted with ({self.vision_encoder}): {error} Set "
+                "`vision_encoder` to that LapvqaVisionModel's folder or Hub id."
+            ) from None
+        found = (encoder_config.hidden_size, encoder_config.image_size)
+        if found != (recipe.vis_dim, recipe.image_size):
+            raise FeatureError(
+                f"{self.vision_encoder} gives {found[0]}-dim tokens of {found[1]} px images, but the features in "
+                f"{features.output_dir} are {recipe.vis_dim}-dim tokens of {recipe.image_size} px images; set "
+                "`vision_encoder` to the encoder they were extracted with."
+            )
+        return encoder_config
+
+    def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaCaptioningModel:
+        if features is None:
+            model = self._model_with_its_encoder(config)
+        else:
+            model = self._decoder_on_features(config, features)
+        if config.eval_max_new_tokens > model.config.max_position_embeddings:
+            raise ValueError(
+                f"eval_max_new_tokens={config.eval_max_new_tokens} exceeds the model's "
+                f"{model.config.max_position_embeddings} learned positions; lower it."
+            )
+        model.config.report_sections = self.report_sections  # what `lapvqa evaluate` scores against
+        return model
+
+    def _model_with_its_encoder(self, config: TrainConfig) -> LapvqaCaptioningModel:
+        """Inputs "pixels": the whole model, its encoder frozen unless `train_encoder`, with the encoder's own image
+        processor for the images."""
+        source = config.init_from or self.vision_encoder
+        if config.init_from:
+            model = load_model(LapvqaCaptioningModel, config.init_from)
+        else:
+            try:
+                encoder = LapvqaVisionModel.from_pretrained(self.vision_encoder)
+            except OSError as error:
+                raise OSError(
+                    f"Cannot load the encoder {self.vision_encoder} ({first_line(error)}); set `vision_encoder` to a "
+                    "LapvqaVisionModel's folder or Hub id."
+                ) from None
+            model = LapvqaCaptioningModel(LapvqaCaptioningConfig(vision_config=encoder.config, **config.model))
+            model.vision_model.load_state_dict(encoder.state_dict())
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(source)
+        except OSError as error:
+            raise OSError(f"{source} has no image processor to prepare the images ({first_line(error)}).") from None
+        model.vision_model.requires_grad_(config.train_encoder)
+        return model
+
+    def _decoder_on_features(self, config: TrainConfig, features: FeatureStore) -> LapvqaCaptioningModel:
+        encoder_config = self._encoder_config(features)
+        if config.init_from:
+            model = model_to_init_from(self, config.init_from, features)
+        else:
+            model = LapvqaCaptioningModel(LapvqaCaptioningConfig(vision_config=encoder_config, **config.model))
+        model.config.vision_config = encoder_config
+        model.vision_model = None  # trained on its stored output: no encoder in the optimizer or the checkpoints
+        return model
+
+    def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
+        return report_collate(tokenizer, max_positions)
+
+    def predict(self, model, tokenizer, dataset: ReportExamples, batch_size: int, max_new_tokens: int) -> list[str]:
+        return report_split(model, tokenizer, dataset, batch_size, max_new_tokens)
+
+    def references(self, dataset: ReportExamples) -> list[str]:
+        return [row["report"] for row in dataset.rows]
+
+    def score(self, predictions: list[str], dataset: ReportExamples) -> dict[str, dict[str, float]]:
+        return score_answers(predictions, self.references(dataset))
+
+    def save(self, model: LapvqaCaptioningModel, tokenizer, features: FeatureStore | None, target: Path) -> None:
+        """The whole captioning model (decoder + the features' encoder, or its own trained one) with the processor
+        of its encoder."""
+        if features is None:  # inputs "pixels": the model holds its encoder
+            save_pretrained_with_pipeline(model, target)
+            LapvqaProcessor(self.image_processor, tokenizer).save_pretrained(target)
+            return
+        if self._encoder is None:
+            self._encoder = LapvqaVisionModel.from_pretrained(self.vision_encoder).eval()
+        model.vision_model = self._encoder.to(model.device)
+        try:
+            save_pretrained_with_pipeline(model, target)
+        finally:
+            model.vision_model = None
+            self._encoder.to("cpu")
+        # The encoder's own image processor, so that the model reports from pixels as it learned from the features.
+        image_processor = load_encoder_image_processor(features.recipe, self.vision_encoder)
+        LapvqaProcessor(image_processor, tokenizer).save_pretrained(target)
+
+
+# --- detection --------------------------------------------------------------------------------------------------
+
+
+class DetectionExamples(OneImageExamples):
+    """Images of a split with their stored features and boxes: (image_features, class_labels, boxes)."""
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "image_features": self.features[self.ids[index]].float(),
+            "class_labels": torch.tensor(row["class_labels"], dtype=torch.long),
+            "boxes": torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4),
+        }
+
+
+def detection_collate(examples: list[dict]) -> dict:
+    """Stacked features and transformers' DETR `labels`: a dict of `class_labels` and `boxes` per image."""
+    return {
+        "image_features": torch.stack([e["image_features"] for e in examples]),
+        "labels": [{"class_labels": e["class_labels"], "boxes": e["boxes"]} for e in examples],
+    }
+
+
+@torch.no_grad()
+def detect_split(model: LapvqaDetectionModel, dataset: DetectionExamples, batch_size: int) -> list[dict]:
+    """Every query's detection for every image of `dataset`, as DETR is evaluated: its most likely class (not
+    no-object) and that class's probability, and its box (x0, y0, x1, y1) normalised to the image."""
+    post_processor = LapvqaImageProcessor()  # without target sizes, its post-processing keeps boxes normalised
+    detections = []
+    for start in range(0, len(dataset), batch_size):
+        examples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        outputs = model(image_features=torch.stack([e["image_features"] for e in examples]).to(model.device))
+        for found in post_processor.post_process_object_detection(outputs, threshold=0.0):
+            detections.append({key: found[key].tolist() for key in ("boxes", "scores", "labels")})
+    return detections
+
+
+def corners(boxes: list[list[float]]) -> list[list[float]]:
+    """(cx, cy, w, h) boxes -> (x0, y0, x1, y1)."""
+    return [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for cx, cy, w, h in boxes]
+
+
+class DetectionTask(TaskDefaults):
+    """A DETR-style detection head (`LapvqaDetectionModel`) on VinDr-CXR boxes, scored by mAP at IoU 0.4 and 0.5
+    overall and per class. The radiologists' boxes are combined by `radiologists` (`lapvqa_hf.detection_data`), for
+    the training targets and the validation ground truth alike."""
+
+    name = "detection"
+    model_class = LapvqaDetectionModel
+    options_class = DetectionOptions
+    image_preparation = DETECTION_IMAGE_PREPARATION  # the detection head's own processor (stretched: boxes fit)
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
+    group_label = "class"
+    metrics = DETECTION_METRICS
+    generates_text = False
+
+    def __init__(
+        self, options: DetectionOptions | None = None, classes: list[str] | tuple[str, ...] = VINDR_CXR_CLASSES
+    ):
+        self.radiologists = (options or DetectionOptions()).radiologists
+        self.classes = list(classes)  # the model's, once it is built
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "DetectionTask":
+        return cls(config.options(DetectionOptions))
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DetectionTask":
+        classes = [model_config.id2label[index] for index in range(model_config.num_labels)]
+        return cls(DetectionOptions(radiologists=model_config.radiologists or "fused"), classes)
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_vindr_cxr(data_root, radiologists=self.radiologists, classes=self.classes)
+
+    def examples(self, rows, features: FeatureStore, root: Path) -> DetectionExamples:
+        require_image_preparation(features, self.image_preparation)
+        return DetectionExamples(rows, features, root)
+
+    def feature_width(self, model: LapvqaDetectionModel) -> int:
+        return model.config.vis_dim
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: as the detection head's own image processor
+        does (stretched to the encoder's size, so that the boxes map back)."""
+        return detection_image_processor(recipe)
+
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDetectionModel:
+        recipe = features.recipe
+        if config.init_from:
+            model = model_to_init_from(self, config.init_from, features)
+        else:
+            model = LapvqaDetectionModel(
+                LapvqaDetectionConfig(
+                    vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model
+                )
+            )
+        self.classes = [model.config.id2label[index] for index in range(model.config.num_labels)]
+        model.config.radiologists = self.radiologists  # what `lapvqa evaluate` scores against
+        return model
+
+    def collate(self, tokenizer, max_positions: int | None) -> Callable[[list[dict]], dict]:
+        return detection_collate
+
+    def predict(self, model, tokenizer, dataset: DetectionExamples, batch_size: int, max_new_tokens: int) -> list[dict]:
+        return detect_split(model, dataset, batch_size)
+
+    def references(self, dataset: DetectionExamples) -> list[dict]:
+        return [{"boxes": corners(row["boxes"]), "labels": row["class_labels"]} for row in dataset.rows]
+
+    def score(self, predictions: list[dict], dataset: DetectionExamples) -> dict[str, dict[str, float]]:
+        return score_detections(predictions, self.references(dataset), dict(enumerate(self.classes)))
+
+    def save(self, model: LapvqaDetectionModel, tokenizer, features: FeatureStore, target: Path) -> None:
+        """The model with the image processor its features were prepared by, so that it detects from pixels."""
+        save_pretrained_with_pipeline(model, target)
+        detection_image_processor(features.recipe).save_pretrained(target)
+
+
+def task_for(config: TrainConfig) -> TrainingTask:
+    """The training task of `config.task`, a kind of `lapvqa_hf.kinds` that has one."""
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}: expected one of {TASKS}.")
+    return KINDS[config.task].training_task_class().from_config(config)
+
+
+def task_for_model(model_config) -> TrainingTask:
+    """The task of a saved model (for `lapvqa evaluate`), from its config."""
+    kind = kind_of(model_config.model_type)
+    if kind is None or kind.training_task is None:
+        raise ValueError(
+            f"model_type {model_config.model_type!r} has no training task; expected one of "
+            f"{', '.join(KINDS[name].model_type for name in TASKS)}."
+        )
+    return kind.training_task_class().from_model_config(model_config)
+
+
+def require_image_preparation(features: FeatureStore, expected: str) -> None:
+    """Refuse features whose images were prepared otherwise than the task's model takes them: a detection head needs
+    its own stretched images (so that the boxes fit), the text heads the encoder's own processor."""
+    found = features.image_preparation
+    if found == expected or (found is None and expected == IMAGE_PREPARATION):  # lapvqa-hf 0.1.x: text tasks only
+        return
+    task, option = ("detection", " --task detection") if expected == DETECTION_IMAGE_PREPARATION else ("text", "")
+    raise FeatureError(
+        f"{features.output_dir} holds features of images prepared otherwise ({found or 'by lapvqa-hf 0.1.x'}); a "
+        f"{task} head needs {expected!r}: extract with `lapvqa extract-features{option}` into another folder."
+    )
+
+
+def registered_encoder_name(recipe) -> str | None:
+    """The recipe's encoder name for a new head's config; a recipe resized for experiments (other width) keeps its
+    record in `feature_recipe` instead."""
+    return recipe.name if ENCODER_WIDTHS.get(recipe.name) == recipe.vis_dim else None
+
+
+def model_to_init_from(task, init_from: str, features: FeatureStore):
+    """The task's model saved at `init_from`, checked to take the width of `features`."""
+    model = load_model(task.model_class, init_from)
+    check_feature_width(init_from, task.feature_width(model), features)
+    return model
+
+
+def check_feature_width(model_source: str, width: int, features: FeatureStore) -> None:
+    if width != features.recipe.vis_dim:
+        raise FeatureError(
+            f"{model_source} takes {width}-dim features but {features.output_dir} holds {features.recipe.vis_dim}-dim "
+            f"ones ({features.recipe.name})."
+        )
