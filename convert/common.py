@@ -378,7 +378,7 @@ class AnsweringHeadConverter:
     model_class: type[PreTrainedModel]
     infer_config: Callable[[dict, str, int, str], PreTrainedConfig]
     convert_state_dict: Callable[[dict, PreTrainedConfig], dict]
-    original_from_state_dict: Callable[[dict, PreTrainedConfig], torch.nn.Module]
+    original_class: type[torch.nn.Module]  # the faithful upstream head (`original.DiffVQAHead`, `VQAHead`)
     probe: Callable[[PreTrainedConfig], Probe]  # the verify inputs for a config
     assumptions: tuple[str, ...]
 
@@ -425,6 +425,14 @@ class AnsweringHeadConverter:
             assumed,
         )
         return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, tokenizer, log)
+
+    def original_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], config: PreTrainedConfig
+    ) -> torch.nn.Module:
+        """The faithful upstream head, loaded strictly from the same state dict."""
+        head = self.original_class(vis_dim=config.vis_dim, **original_decoder_arguments(config))
+        head.load_state_dict(state_dict, strict=True)
+        return head.eval()
 
     def module_functions(self, module: str, doc: str) -> tuple[Callable, ...]:
         """What a converter module offers (see `lapvqa_hf.convert`): `convert`, `add_arguments`, `run`,

@@ -23,7 +23,6 @@ from .common import (
     check_encoder_width,
     expected_shapes,
     map_text_decoder,
-    original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
 )
@@ -67,13 +66,6 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQ
     return mapper.finish(expected_shapes(LapvqaDiffVQAModel(config)))
 
 
-def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQAConfig) -> DiffVQAHead:
-    """The faithful upstream module, loaded strictly from the same state dict."""
-    head = DiffVQAHead(vis_dim=config.vis_dim, **original_decoder_arguments(config))
-    head.load_state_dict(state_dict, strict=True)
-    return head.eval()
-
-
 def probe(
     config: LapvqaDiffVQAConfig, num_patches: tuple[int, int] = (49, 37), batch_size: int = 3, seed: int = 0
 ) -> QuestionAnsweringProbe:
@@ -90,7 +82,7 @@ CONVERTER = AnsweringHeadConverter(
     model_class=LapvqaDiffVQAModel,
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,
-    original_from_state_dict=original_from_state_dict,
+    original_class=DiffVQAHead,
     probe=probe,
     assumptions=ASSUMPTIONS,
 )

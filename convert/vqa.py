@@ -24,7 +24,6 @@ from .common import (
     check_encoder_width,
     expected_shapes,
     map_text_decoder,
-    original_decoder_arguments,
     read_text_decoder_fields,
     tensor_shape,
 )
@@ -65,13 +64,6 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQACon
     return mapper.finish(expected_shapes(LapvqaVQAModel(config)))
 
 
-def original_from_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQAConfig) -> VQAHead:
-    """The faithful upstream module, loaded strictly from the same state dict."""
-    head = VQAHead(vis_dim=config.vis_dim, **original_decoder_arguments(config))
-    head.load_state_dict(state_dict, strict=True)
-    return head.eval()
-
-
 def probe(config: LapvqaVQAConfig, num_patches: int = 49, batch_size: int = 3, seed: int = 0) -> QuestionAnsweringProbe:
     """The verify inputs: random features of one image and random prompts."""
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +77,7 @@ CONVERTER = AnsweringHeadConverter(
     model_class=LapvqaVQAModel,
     infer_config=infer_config,
     convert_state_dict=convert_state_dict,
-    original_from_state_dict=original_from_state_dict,
+    original_class=VQAHead,
     probe=probe,
     assumptions=ASSUMPTIONS,
 )
