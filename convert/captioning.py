@@ -188,12 +188,8 @@ def convert_entry(entry, source: Path, output: Path, log) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint",
-        type=Path,
-        help="upstream CaptioningModel state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/model_best.pt",
-    )
-    add_common_arguments(parser, default_heads=8)
+    example = "dmusingu/lapvqa-pretrain-captioning/model_best.pt"
+    add_common_arguments(parser, "upstream CaptioningModel state dict", example, default_heads=8)
     parser.add_argument(
         "--vision-num-heads", type=int, default=16, help="encoder attention heads (not in the weights; default 16)"
     )

@@ -227,12 +227,8 @@ def convert_entry(entry, source: Path, output: Path, log) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint",
-        type=Path,
-        help=f"open_clip CoCa weights (.bin, .pt or .safetensors): a local file, or OWNER/REPO/FILE on the Hub, e.g. {EXAMPLE}",
-    )
-    add_common_arguments(parser, default_heads=16, with_activation=False)
+    what = "open_clip CoCa weights (.bin, .pt or .safetensors)"
+    add_common_arguments(parser, what, EXAMPLE, default_heads=16, with_activation=False)
     parser.add_argument(
         "--pooler-num-heads",
         type=int,

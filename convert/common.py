@@ -335,7 +335,14 @@ def save_gpt2_tokenizer(max_length: int) -> Callable[[Path], None]:
     return lambda folder: build_gpt2_tokenizer(max_length).save_pretrained(folder)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_heads: int, with_activation: bool = True) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, what: str, example: str, default_heads: int, with_activation: bool = True
+) -> None:
+    """What every converter's command line takes: the checkpoint (`what`, e.g. `example` on the Hub), the output,
+    the options the weights do not record, and verify's."""
+    parser.add_argument(
+        "checkpoint", type=Path, help=f"{what}: a local file, or OWNER/REPO/FILE on the Hub, e.g. {example}"
+    )
     parser.add_argument("--output", required=True, type=Path, help="model folder to write (atomically)")
     parser.add_argument(
         "--num-heads",
@@ -445,13 +452,8 @@ class AnsweringHeadConverter:
         return self.convert(source, entry.encoder, output, overwrite=True, log=log)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "checkpoint",
-            type=Path,
-            help=f"upstream {self.what} state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. {self.example}",
-        )
+        add_common_arguments(parser, f"upstream {self.what} state dict", self.example, default_heads=8)
         add_encoder_arguments(parser)
-        add_common_arguments(parser, default_heads=8)
 
     def run(self, args: argparse.Namespace) -> int:
         return run_reporting_errors(

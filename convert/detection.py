@@ -320,15 +320,10 @@ def convert_entry(entry, source: Path, output: Path, log) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint",
-        type=Path,
-        help="upstream DetectionHead checkpoint: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-ad/siglip.pt",
-    )
+    add_common_arguments(parser, "upstream DetectionHead checkpoint", "dmusingu/lapvqa-ad/siglip.pt", default_heads=8)
     add_encoder_arguments(
         parser, required=False, help_suffix=" (required for a plain state dict; otherwise read from the checkpoint)"
     )
-    add_common_arguments(parser, default_heads=8)
     parser.add_argument(
         "--decoder-post-norm",
         dest="decoder_norm_first",

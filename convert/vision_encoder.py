@@ -170,12 +170,8 @@ def convert_entry(entry, source: Path, output: Path, log) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint",
-        type=Path,
-        help="upstream encoder state dict: a local file, or OWNER/REPO/FILE on the Hub, e.g. dmusingu/lapvqa-pretrain-captioning/encoder_final.pt",
-    )
-    add_common_arguments(parser, default_heads=16, with_activation=False)
+    example = "dmusingu/lapvqa-pretrain-captioning/encoder_final.pt"
+    add_common_arguments(parser, "upstream encoder state dict", example, default_heads=16, with_activation=False)
 
 
 def run(args: argparse.Namespace) -> int:

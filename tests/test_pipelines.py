@@ -124,6 +124,31 @@ def test_diffvqa_pipeline_answers_as_the_manual_path_one_by_one_and_batched(diff
     assert len(beams) == 2 and all(set(b) == {"answer"} for b in beams)
 
 
+def test_the_pipelines_batch_methods_answer_as_the_pipeline_does(diffvqa_folder, detection_folder, xrays):
+    pipe = pipeline(model=diffvqa_folder, trust_remote_code=True)
+    rows = [{"prior_image": xrays[i], "current_image": xrays[i + 1], "question": q} for i, q in enumerate(QUESTIONS)]
+    encoded = {
+        name: pipe.encode(torch.cat([pipe.prepare_image(row[column])[0] for row in rows]))
+        for column, name in (("prior_image", "prior_image_features"), ("current_image", "current_image_features"))
+    }
+    prompts = [pipe.prompt_ids(row["question"]) for row in rows]
+    generated = pipe.generate_texts(prompts, encoded, max_new_tokens=6, do_sample=False)
+    assert generated.texts == [answer["answer"] for answer in pipe(rows, max_new_tokens=6)]
+    width = max(map(len, prompts))
+    assert generated.prompt_attention_mask.tolist() == [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    assert generated.sequences.shape[1] <= width + 6
+    with pytest.raises(ValueError, match="A question must be a non-empty string"):
+        pipe.prompt_ids("  ")
+
+    detector = pipeline(model=detection_folder, trust_remote_code=True)
+    pixels, size = detector.prepare_image(xrays[0])
+    features = detector.encode(pixels)
+    (boxes,) = detector.detect(features, [size], threshold=0.0)
+    assert boxes == detector(xrays[0], threshold=0.0)
+    (nothing,) = detector.detect(torch.full_like(features, float("nan")), [size])
+    assert nothing is None, "non-finite outputs are no boxes, never silently"
+
+
 def test_vqa_pipeline_answers_as_the_manual_path(vqa_folder, xrays):
     pipe = pipeline(model=vqa_folder, trust_remote_code=True)
     rows = [{"image": image, "question": q} for image, q in zip(xrays[1:], QUESTIONS, strict=True)]
