@@ -548,3 +548,14 @@ def test_a_checkpoint_that_recorded_mimic_root_resumes_and_still_refuses_other_d
     assert capsys.readouterr().err.startswith(f"error: data_root: {str((prepared / 'mimic').resolve())!r} in ")
     AcceleratorState._reset_state(True)
     assert train(TrainConfig(**config_values(prepared, tmp_path / "run", max_steps=4)))["steps"] == 4
+
+
+def test_a_row_without_a_question_is_an_error_before_training(prepared):
+    from lapvqa_hf.data import DataError
+    from lapvqa_hf.features import FeatureStore
+    from lapvqa_hf.train import DiffVQAExamples
+
+    rows = [dict(row) for row in load_mimic_diff_vqa(prepared / "mimic")["train"]]
+    rows[1]["question"] = "  "
+    with pytest.raises(DataError, match=r"1 row\(s\) of the data have no question, e.g. row 1 \(images .*\); remove"):
+        DiffVQAExamples(rows, FeatureStore(prepared / "features"), (prepared / "mimic").resolve())

@@ -163,6 +163,14 @@ class DiffVQAExamples(torch.utils.data.Dataset):
         self.features = features
         self.ids = [(image_id(row["prior_image"], root), image_id(row["current_image"], root)) for row in self.rows]
         require_features(features, [i for pair in self.ids for i in pair])
+        empty = [
+            i for i, row in enumerate(self.rows) if not isinstance(row["question"], str) or not row["question"].strip()
+        ]
+        if empty:  # refused now, not by the prompt builder in the middle of training
+            raise DataError(
+                f"{len(empty)} row(s) of the data have no question, e.g. row {empty[0]} (images "
+                f"{self.rows[empty[0]]['prior_image']}, {self.rows[empty[0]]['current_image']}); remove or fill them."
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
