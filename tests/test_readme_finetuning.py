@@ -1,5 +1,6 @@
 """The fine-tuning guide's section (docs/fine-tuning.md), run as written on the synthetic release: data, features, `accelerate launch`
-training of a DiffVQA head and of the captioning decoder, evaluation, and a saved folder ready to publish.
+training of a DiffVQA head and of the captioning decoder (from features, and from images with its encoder),
+evaluation, and a saved folder ready to publish.
 
 Only the scale is shrunk (fewer subjects, a few steps, a tiny DiffVQA decoder, tiny converted models standing in
 for `lapvqa-pretrain-captioning[-encoder]`); every command line of the guide runs unchanged otherwise."""
@@ -33,12 +34,12 @@ SMALL_RUN = [
 
 def shrunk_script() -> str:
     script = "\n".join(re.findall(r"```bash\n(.*?)```", SECTION, re.S))
-    assert script.count("accelerate launch -m lapvqa_hf.train") == 2 and "lapvqa evaluate" in script
+    assert script.count("accelerate launch -m lapvqa_hf.train") == 3 and "lapvqa evaluate" in script
     script = script.replace("--subjects 40", "--subjects 8")
 
     def shrink(match: re.Match) -> str:
         overrides = list(SMALL_RUN)
-        if "captioning.json" not in match.group(0):
+        if "captioning" not in match.group(0):  # the DiffVQA run: a tiny decoder
             overrides.append(f"model={json.dumps(TINY_DIFFVQA, separators=(',', ':'))}")
         return match.group(0) + "".join(f" --set '{o}'" for o in overrides)
 
@@ -104,3 +105,8 @@ def test_the_fine_tuning_section_runs_end_to_end(tmp_path):
         (tmp_path / task).mkdir()
         remote = run_with_remote_code(best, {"input_ids": torch.tensor([[50256]]), **inputs}, tmp_path / task)
         assert remote["outputs"]["logits"].shape == (1, 1, 50257)
+
+    # From images, the encoder trained too: the saved model holds it, with the processor that prepared the images.
+    best = tmp_path / "runs" / "captioning-pixels" / "best"
+    assert json.loads((best / "config.json").read_text())["feature_recipe"] is None
+    assert {"model.safetensors", "processor_config.json", "tokenizer.json"} <= {p.name for p in best.iterdir()}

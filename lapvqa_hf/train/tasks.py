@@ -2,6 +2,7 @@
 predictions, scores, saving). `train` runs any object with the `TrainingTask` interface; a kind names its task
 in the registry (`ModelKind.training_task`)."""
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -308,7 +309,7 @@ class ReportImageExamples(torch.utils.data.Dataset):
 
     def __init__(self, rows, root: Path, image_processor):
         self.rows = list(rows)
-        self.paths = [str(root / row["image"]) for row in self.rows]
+        self.paths = [os.path.abspath(row["image"]) for row in self.rows]  # as the loaders give them
         missing = [path for path in self.paths if not Path(path).is_file()]
         if missing:
             raise DataError(f"{len(missing)} image(s) of the data do not exist, e.g. {missing[0]}; fix data_root.")
