@@ -307,7 +307,7 @@ class ReportImageExamples(torch.utils.data.Dataset):
     """Rows of a split with their image, read and prepared when taken (inputs "pixels"): (pixel_values, report).
     An image that cannot be read stops training with an error naming it."""
 
-    def __init__(self, rows, root: Path, image_processor):
+    def __init__(self, rows, image_processor):
         self.rows = list(rows)
         self.paths = [os.path.abspath(row["image"]) for row in self.rows]  # as the loaders give them
         missing = [path for path in self.paths if not Path(path).is_file()]
@@ -405,7 +405,7 @@ class CaptioningTask(TaskDefaults):
 
     def examples(self, rows, features: FeatureStore | None, root: Path) -> ReportExamples | ReportImageExamples:
         if features is None:  # inputs "pixels"
-            return ReportImageExamples(rows, root, self.image_processor)
+            return ReportImageExamples(rows, self.image_processor)
         require_image_preparation(features, self.image_preparation)
         return ReportExamples(rows, features, root)
 
