@@ -114,6 +114,18 @@ def make_pair(
     return original, model.eval()
 
 
+# Two float32 computations of the same logits by different kernels differ by float32 rounding: ~1e-6 of the logits'
+# scale. The bound is relative, so it holds for small logits and for trained-like logits of tens alike.
+FLOAT32_RELATIVE = 1e-5
+
+
+def float32_bound(original_float32: torch.Tensor, original_float64: torch.Tensor) -> float:
+    """The error a converted float32 model may have against the float64 original: float32 rounding relative to the
+    logits' scale, or 10x the original's own float32 error where weights saturate attention (std 3) and rounding
+    costs the original itself more."""
+    return max(FLOAT32_RELATIVE, 10 * relative_error(original_float32, original_float64))
+
+
 def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     """max |found - expected| / max |expected|, in float64: a difference judged against the outputs' scale."""
     found, expected = found.detach().double(), expected.detach().double()
