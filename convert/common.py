@@ -198,6 +198,26 @@ def map_text_decoder(mapper: StateDictMapper, config: PreTrainedConfig) -> None:
             mapper.rename_prefix(layer + old, layer + new)
 
 
+_ENCODER_LAYER_RENAMES = {
+    "self_attn.out_proj.": "self_attn.out_proj.",
+    "linear1.": "mlp.fc1.",
+    "linear2.": "mlp.fc2.",
+    "norm1.": "self_attn_layer_norm.",
+    "norm2.": "final_layer_norm.",
+}
+
+
+def map_torch_encoder_layers(mapper: StateDictMapper, source: str, target: str, num_layers: int) -> None:
+    """`torch.nn.TransformerEncoderLayer`s under `source` (`{source}{i}.`) -> `LapvqaTransformerEncoderLayer`s under
+    `target`; the fused attention projection split into q/k/v."""
+    for i in range(num_layers):
+        layer, renamed = f"{source}{i}.", f"{target}{i}."
+        for kind in ("weight", "bias"):
+            mapper.split(f"{layer}self_attn.in_proj_{kind}", [f"{renamed}self_attn.{p}_proj.{kind}" for p in "qkv"])
+        for old, new in _ENCODER_LAYER_RENAMES.items():
+            mapper.rename_prefix(layer + old, renamed + new)
+
+
 def expected_shapes(model: PreTrainedModel) -> dict[str, torch.Size]:
     """Target names and shapes of `model`, leaving out a tied `lm_head.weight` (stored once, as the embedding)."""
     shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}

@@ -35,6 +35,7 @@ from .common import (
     encoder_record,
     expected_shapes,
     folder_verifier,
+    map_torch_encoder_layers,
     numbered_blocks,
     tensor_shape,
     verify_and_write_options,
@@ -54,13 +55,6 @@ ASSUMPTIONS = (
     "box_head = Sequential(Linear, ReLU, Linear) + sigmoid -> (cx, cy, w, h) in [0, 1] of the encoder's input image",
 )
 
-_ENCODER_LAYER_RENAMES = {
-    "self_attn.out_proj.": "self_attn.out_proj.",
-    "linear1.": "mlp.fc1.",
-    "linear2.": "mlp.fc2.",
-    "norm1.": "self_attn_layer_norm.",
-    "norm2.": "final_layer_norm.",
-}
 _DECODER_LAYER_RENAMES = {
     "self_attn.out_proj.": "self_attn.out_proj.",
     "multihead_attn.out_proj.": "encoder_attn.out_proj.",
@@ -169,23 +163,18 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDetect
     mapper = StateDictMapper(state_dict)
     mapper.rename_prefix("vis_proj.", "visual_projection.")
     mapper.rename("object_queries", "object_queries")
-    for stack, num_layers, renames, final_norm in (
-        ("encoder", config.encoder_layers, _ENCODER_LAYER_RENAMES, config.encoder_final_layer_norm),
-        ("decoder", config.decoder_layers, _DECODER_LAYER_RENAMES, config.decoder_final_layer_norm),
-    ):
-        for i in range(num_layers):
-            layer = f"{stack}.layers.{i}."
-            attentions = [("self_attn", "self_attn")] + ([("multihead_attn", "encoder_attn")] * (stack == "decoder"))
-            for attention, renamed in attentions:
-                for kind in ("weight", "bias"):
-                    mapper.split(
-                        f"{layer}{attention}.in_proj_{kind}",
-                        [f"{layer}{renamed}.{p}_proj.{kind}" for p in ("q", "k", "v")],
-                    )
-            for old, new in renames.items():
-                mapper.rename_prefix(layer + old, layer + new)
-        if final_norm:
-            mapper.rename_prefix(f"{stack}.norm.", f"{stack}.layer_norm.")
+    map_torch_encoder_layers(mapper, "encoder.layers.", "encoder.layers.", config.encoder_layers)
+    if config.encoder_final_layer_norm:
+        mapper.rename_prefix("encoder.norm.", "encoder.layer_norm.")
+    for i in range(config.decoder_layers):
+        layer = f"decoder.layers.{i}."
+        for attention, renamed in (("self_attn", "self_attn"), ("multihead_attn", "encoder_attn")):
+            for kind in ("weight", "bias"):
+                mapper.split(f"{layer}{attention}.in_proj_{kind}", [f"{layer}{renamed}.{p}_proj.{kind}" for p in "qkv"])
+        for old, new in _DECODER_LAYER_RENAMES.items():
+            mapper.rename_prefix(layer + old, layer + new)
+    if config.decoder_final_layer_norm:
+        mapper.rename_prefix("decoder.norm.", "decoder.layer_norm.")
     mapper.rename_prefix("class_head.", "class_labels_classifier.")
     mapper.rename_prefix("box_head.0.", "bbox_predictor.layers.0.")
     mapper.rename_prefix("box_head.2.", "bbox_predictor.layers.1.")

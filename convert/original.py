@@ -215,10 +215,14 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[TimmBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, CLS first: `[B, 1 + grid², dim]`."""
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.norm(self.blocks(x))[:, 1:]
+        return self.norm(self.blocks(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(images)[:, 1:]
 
 
 class CaptioningModel(nn.Module):
@@ -424,3 +428,110 @@ class DetectionHead(nn.Module):
         memory = self.encoder(self.vis_proj(vis))
         hidden = self.decoder(self.object_queries.expand(vis.shape[0], -1, -1), memory)
         return self.class_head(hidden), self.box_head(hidden).sigmoid()
+
+
+class ContrastiveTextEncoder(nn.Module):
+    """The two-tower models' text encoder as pinned: token + learned positions 0..T-1, PyTorch's pre-norm
+    `TransformerEncoder` (bidirectional, padding masked), optional final norm."""
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 2048,
+        max_len: int = 77,
+        activation: str = "gelu",
+        final_norm: bool = True,
+    ):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout=0.1, activation=activation, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers, norm=nn.LayerNorm(d_model) if final_norm else None, enable_nested_tensor=False
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tok_emb(input_ids) + self.pos_emb(positions)
+        return self.encoder(x, src_key_padding_mask=attention_mask == 0)
+
+
+class ContrastiveModel(nn.Module):
+    """`ContrastiveModel` of `lapvqa-pretrain-contrastive` / `-sigmoid` as pinned: the captioning ViT, the text
+    encoder, bias-free projections into a shared space, `logit_scale` (and `logit_bias` for the sigmoid model).
+
+    Image embedding: the normed CLS token (`image_pooling="cls"`) or the mean patch token; text embedding: the final
+    hidden state at the eot token, the last non-padding one (`text_pooling="eot"`), or the mean over non-padding.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        vision_width: int = 1024,
+        vision_depth: int = 24,
+        vision_heads: int = 16,
+        vision_mlp_ratio: float = 4.0,
+        text_width: int = 512,
+        text_heads: int = 8,
+        text_depth: int = 6,
+        text_ffn: int = 2048,
+        text_max_len: int = 77,
+        text_activation: str = "gelu",
+        text_final_norm: bool = True,
+        vocab_size: int = 50257,
+        embed_dim: int = 512,
+        sigmoid: bool = False,
+        image_pooling: str = "cls",
+        text_pooling: str = "eot",
+    ):
+        super().__init__()
+        self.image_pooling, self.text_pooling = image_pooling, text_pooling
+        self.vision_encoder = VisionTransformer(
+            img_size, patch_size, 3, vision_width, vision_depth, vision_heads, vision_mlp_ratio
+        )
+        self.text_encoder = ContrastiveTextEncoder(
+            vocab_size, text_width, text_heads, text_depth, text_ffn, text_max_len, text_activation, text_final_norm
+        )
+        self.image_proj = nn.Linear(vision_width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if sigmoid else None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vision_encoder.tokens(images)
+        pooled = tokens[:, 0] if self.image_pooling == "cls" else tokens[:, 1:].mean(dim=1)
+        return self.image_proj(pooled)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids, attention_mask)
+        if self.text_pooling == "eot":
+            last = attention_mask.sum(dim=1) - 1  # texts are right-padded: eot is the last real token
+            pooled = hidden[torch.arange(hidden.shape[0]), last]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+        return self.text_proj(pooled)
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image and text embeddings (L2-normalised), logits per image `[images, texts]`, and the loss of matching
+        pairs (row i with row i): SigLIP's pairwise sigmoid with `logit_bias`, CLIP's symmetric cross-entropy
+        without."""
+        image = nn.functional.normalize(self.encode_image(images), dim=-1)
+        text = nn.functional.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        logits = self.logit_scale.exp() * image @ text.T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+            signs = 2 * torch.eye(len(logits), dtype=logits.dtype, device=logits.device) - 1
+            loss = -nn.functional.logsigmoid(signs * logits).sum() / len(logits)
+        else:
+            targets = torch.arange(len(logits), device=logits.device)
+            loss = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
+        return image, text, logits, loss

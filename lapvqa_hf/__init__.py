@@ -11,6 +11,7 @@ from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
 from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig, LapvqaTwoTowerTextConfig
 from .models.configuration_lapvqa_vision import LapvqaVisionConfig
 from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
 from .models.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe
@@ -19,9 +20,10 @@ from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .models.modeling_lapvqa_detection import LapvqaDetectionModel
 from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, LapvqaTwoTowerTextModel
 from .models.modeling_lapvqa_vision import LapvqaVisionModel
 from .models.modeling_lapvqa_vqa import LapvqaVQAModel
-from .models.processing_lapvqa import LapvqaProcessor
+from .models.processing_lapvqa import LapvqaProcessor, LapvqaTwoTowerProcessor
 
 __version__ = "0.4.0"
 
@@ -40,6 +42,11 @@ __all__ = [
     "LapvqaDiffVQAModel",
     "LapvqaImageProcessor",
     "LapvqaProcessor",
+    "LapvqaTwoTowerConfig",
+    "LapvqaTwoTowerModel",
+    "LapvqaTwoTowerProcessor",
+    "LapvqaTwoTowerTextConfig",
+    "LapvqaTwoTowerTextModel",
     "LapvqaVisionConfig",
     "LapvqaVisionModel",
     "LapvqaVQAConfig",

@@ -407,8 +407,7 @@ class Answerer:
         self.pipe = load_pipeline(model, trust_remote_code, revision, device, dtype, options)
         self.model = self.pipe.model
         self.answering = answerable_kind(str(model), self.model.config.model_type).answering
-        batch_method = "generate_texts" if self.answering.generates_text else "detect"
-        if not all(hasattr(self.pipe, method) for method in ("prepare_image", "encode", batch_method)):
+        if not all(hasattr(self.pipe, method) for method in ("prepare_image", "encode", self.answering.batch_method)):
             raise AnswerError(
                 f"{model}: its own pipeline code predates lapvqa-hf 0.5 (no batch methods); run without "
                 "--trust-remote-code (the package's classes serve it), or convert the folder again."
@@ -445,7 +444,7 @@ class Answerer:
             "generate": generation,
             "maps": str(self.maps.resolve()) if self.maps is not None else None,
         }
-        if not self.answering.generates_text:
+        if self.answering.mode == "detect":
             identity["threshold"] = self.threshold
         return identity
 
@@ -516,8 +515,10 @@ class Answerer:
     def _answer_ready(self, rows: list[tuple[int, dict]], images: dict) -> dict[int, dict]:
         """The model's fields (or an `error`) of each row whose images were read; rows are generated together where
         their prompts leave the same room for new tokens."""
-        if not self.answering.generates_text:
+        if self.answering.mode == "detect":
             return self._rows_answered(rows, lambda batch: self._detect(batch, images))
+        if self.answering.mode == "score":
+            return self._rows_answered(rows, lambda batch: self._score(batch, images))
         outputs, groups = {}, {}
         for index, row in rows:
             try:
@@ -624,6 +625,18 @@ class Answerer:
         save_atomically(captioned(panels, titles, caption), path)
         return {"map": str(path)}
 
+    def _score(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
+        """Each row's candidate findings (`labels`, separated by ";") ranked by the model's scores for its image."""
+        embeddings = torch.stack([images[row["image"]][0] for _, row in rows])
+        labels = [[label.strip() for label in row["labels"].split(";") if label.strip()] for _, row in rows]
+        results = []
+        for found in self.pipe.score(embeddings, labels):
+            if found is None:
+                results.append({"error": "the model gave non-finite scores (NaN or inf) for this image"})
+            else:
+                results.append({"scores": [{"label": s["label"], "score": round(s["score"], 4)} for s in found]})
+        return results
+
     def _detect(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
         features = torch.stack([images[row["image"]][0] for _, row in rows])
         sizes = [images[row["image"]][1] for _, row in rows]
@@ -715,7 +728,7 @@ def answer_dataset(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection)")
+    parser.add_argument("model", help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection, zero-shot findings)")
     parser.add_argument("--input", required=True, type=Path, help="CSV or JSON Lines file of the model's columns")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines file to write (appears when complete)")
     parser.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the input's)")

@@ -34,6 +34,7 @@ from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
 from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig, LapvqaTwoTowerTextConfig
 from .models.configuration_lapvqa_vision import LapvqaVisionConfig
 from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
 from .models.image_processing_lapvqa import LapvqaImageProcessor
@@ -41,15 +42,18 @@ from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .models.modeling_lapvqa_detection import LapvqaDetectionModel
 from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, LapvqaTwoTowerTextModel
 from .models.modeling_lapvqa_vision import LapvqaVisionModel
 from .models.modeling_lapvqa_vqa import LapvqaVQAModel
 from .models.pipeline_lapvqa import (
     LapvqaCaptioningPipeline,
     LapvqaDetectionPipeline,
     LapvqaDiffVQAPipeline,
+    LapvqaImageEmbeddingPipeline,
     LapvqaVQAPipeline,
+    LapvqaZeroShotFindingsPipeline,
 )
-from .models.processing_lapvqa import LapvqaProcessor
+from .models.processing_lapvqa import LapvqaProcessor, LapvqaTwoTowerProcessor
 
 AUTO_CLASSES = {
     cls.__name__: cls
@@ -72,9 +76,22 @@ class Answering:
     prompt_column: str | None = None
     picture: str | None = None
 
+    # What a row's answer is, by output field: boxes are detected, scores ranked, everything else generated text.
+    MODES = {"boxes": "detect", "scores": "score"}
+    # The pipeline method that answers a batch of encoded images, per mode.
+    BATCH_METHODS = {"generate": "generate_texts", "detect": "detect", "score": "score"}
+
+    @property
+    def mode(self) -> str:
+        return self.MODES.get(self.field, "generate")
+
+    @property
+    def batch_method(self) -> str:
+        return self.BATCH_METHODS[self.mode]
+
     @property
     def generates_text(self) -> bool:
-        return self.field != "boxes"
+        return self.mode == "generate"
 
 
 @dataclass(frozen=True)
@@ -101,15 +118,23 @@ class ModelKind:
     card: CardText
     auto_classes: tuple[str, ...] = ("AutoModel",)
     image_processor: bool = True  # AutoImageProcessor serves LapvqaImageProcessor for this model type
-    processor: bool = False  # AutoProcessor serves LapvqaProcessor (image processor + tokenizer)
+    processor: type | None = None  # what AutoProcessor serves (image processor + tokenizer), if anything
     pipeline_task: str | None = None
     pipeline_class: type | None = None
+    more_pipelines: tuple[tuple[str, type], ...] = ()  # further (task, class) pipelines the folders ship
+    tower_models: tuple[tuple[type[PreTrainedConfig], type[PreTrainedModel]], ...] = ()  # towers AutoModel serves alone
     answering: Answering | None = None
     converter: str | object | None = None  # a module path, or a module-like object: add_arguments, run, convert_entry
     converter_command: str | None = None  # `lapvqa convert <command>` (default: the kind's name)
     converter_help: str = ""
     training_task: str | object | None = None  # "module:Class" (or the class) with from_config / from_model_config
     extra: dict = field(default_factory=dict)
+
+    @property
+    def pipelines(self) -> dict[str, type]:
+        """Every pipeline of the kind, by task: the main one first."""
+        main = {self.pipeline_task: self.pipeline_class} if self.pipeline_class is not None else {}
+        return {**main, **dict(self.more_pipelines)}
 
     @property
     def command(self) -> str:
@@ -143,12 +168,13 @@ def register_kind(kind: ModelKind) -> ModelKind:
         # falls back to it.
         AutoImageProcessor.register(kind.config_class, image_processor_classes={"pil": LapvqaImageProcessor},
                                     exist_ok=True)  # fmt: skip
-    if kind.processor:
-        AutoProcessor.register(kind.config_class, LapvqaProcessor, exist_ok=True)
-    if kind.pipeline_class is not None:
-        PIPELINE_REGISTRY.register_pipeline(
-            kind.pipeline_task, pipeline_class=kind.pipeline_class, pt_model=AutoModel, type="multimodal"
-        )
+    if kind.processor is not None:
+        AutoProcessor.register(kind.config_class, kind.processor, exist_ok=True)
+    for config_class, model_class in kind.tower_models:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+    for task, pipeline_class in kind.pipelines.items():
+        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModel, type="multimodal")
     KINDS[kind.name] = kind
     return kind
 
@@ -163,14 +189,14 @@ def save_pretrained_with_pipeline(model: PreTrainedModel, folder: str | os.PathL
     file (and the files it imports) copied beside it, so that `transformers.pipeline(model=folder,
     trust_remote_code=True)` needs nothing but the folder."""
     kind = kind_of(model.config.model_type)
-    pipeline_class = kind.pipeline_class if kind is not None else None
-    if pipeline_class is not None:
-        module = pipeline_class.__module__.rsplit(".", 1)[-1]
+    pipelines = kind.pipelines if kind is not None else {}
+    if pipelines:
         model.config.custom_pipelines = {
-            kind.pipeline_task: {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"]}
+            task: {"impl": f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}", "pt": ["AutoModel"]}
+            for task, cls in pipelines.items()
         }
     model.save_pretrained(folder)
-    if pipeline_class is not None:
+    for pipeline_class in pipelines.values():
         custom_object_save(pipeline_class, folder)
 
 
@@ -188,7 +214,7 @@ register_kind(ModelKind(
     config_class=LapvqaDiffVQAConfig,
     model_class=LapvqaDiffVQAModel,
     auto_classes=("AutoModel", "AutoModelForCausalLM"),
-    processor=True,
+    processor=LapvqaProcessor,
     pipeline_task="lapvqa-diffvqa",
     pipeline_class=LapvqaDiffVQAPipeline,
     hub_pipeline_tag="image-text-to-text",
@@ -227,7 +253,7 @@ register_kind(ModelKind(
     config_class=LapvqaVQAConfig,
     model_class=LapvqaVQAModel,
     auto_classes=("AutoModel", "AutoModelForCausalLM"),
-    processor=True,
+    processor=LapvqaProcessor,
     pipeline_task="lapvqa-vqa",
     pipeline_class=LapvqaVQAPipeline,
     hub_pipeline_tag="image-text-to-text",
@@ -263,7 +289,7 @@ register_kind(ModelKind(
     config_class=LapvqaCaptioningConfig,
     model_class=LapvqaCaptioningModel,
     auto_classes=("AutoModel", "AutoModelForImageTextToText"),
-    processor=True,
+    processor=LapvqaProcessor,
     pipeline_task="lapvqa-report-generation",
     pipeline_class=LapvqaCaptioningPipeline,
     hub_pipeline_tag="image-text-to-text",
@@ -292,14 +318,15 @@ register_kind(ModelKind(
     model_type=LapvqaVisionConfig.model_type,
     config_class=LapvqaVisionConfig,
     model_class=LapvqaVisionModel,
-    processor=True,
+    processor=LapvqaProcessor,
     hub_pipeline_tag="image-feature-extraction",
     converter="lapvqa_hf.convert.vision_encoder",
     converter_help="the captioning-pretrained ViT-L/14 alone (encoder_final.pt)",
     card=CardText(
         description=(
-            "The ViT-L/14 encoder of the LAPVQA captioning model, the collection's strongest frozen chest X-ray "
-            "feature extractor: its patch tokens (`[batch, 256, 1024]` at 224 px) feed the LAPVQA task heads."
+            "A LAPVQA-pretrained ViT-L/14, {encoder}: a frozen chest X-ray feature extractor whose patch tokens "
+            "(`[batch, 256, 1024]` at 224 px) feed the LAPVQA task heads; the captioning-pretrained one is the "
+            "collection's strongest."
         ),
         training_data="MIMIC-CXR reports (captioning objective)",
         task_tags=("feature-extraction", "vision-transformer"),
@@ -383,8 +410,45 @@ for finding in pipe("chest_xray.png", threshold=0.1):  # boxes in the original i
     ),
 ))  # fmt: skip
 
+register_kind(ModelKind(
+    name="two-tower",
+    model_type=LapvqaTwoTowerConfig.model_type,
+    config_class=LapvqaTwoTowerConfig,
+    model_class=LapvqaTwoTowerModel,
+    processor=LapvqaTwoTowerProcessor,
+    tower_models=((LapvqaTwoTowerTextConfig, LapvqaTwoTowerTextModel),),
+    pipeline_task="lapvqa-zero-shot-findings",
+    pipeline_class=LapvqaZeroShotFindingsPipeline,
+    more_pipelines=(("lapvqa-image-embedding", LapvqaImageEmbeddingPipeline),),
+    hub_pipeline_tag="zero-shot-image-classification",
+    # `labels`: the candidate findings of the row, separated by ";"
+    answering=Answering(columns=("image", "labels"), images={"image": "image_embeds"}, field="scores"),
+    converter="lapvqa_hf.convert.two_tower",
+    converter_help="a two-tower ContrastiveModel (model_best.pt or model_epochXXX.pt: ViT-L/14 + report encoder)",
+    card=CardText(
+        description=(
+            "Image-report pretraining on chest X-rays: a ViT-L/14 image encoder and a 6-layer bidirectional report "
+            "encoder projected into one 512-d space, trained on MIMIC-CXR image/report pairs with the {encoder} "
+            "objective. Zero-shot findings, image/report retrieval and frozen-embedding linear probes."
+        ),
+        training_data="MIMIC-CXR image/report pairs",
+        task_tags=("zero-shot-image-classification", "image-text-retrieval", "contrastive-learning"),
+        datasets=("mimic-cxr",),
+        usage="""from transformers import pipeline
+
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+findings = ["pleural effusion", "cardiomegaly", "pneumothorax", "no acute cardiopulmonary process"]
+print(pipe("chest_xray.png", candidate_labels=findings))
+
+embed = pipeline("lapvqa-image-embedding", model="{repo_id}", trust_remote_code=True)
+print(len(embed("chest_xray.png")))  # the L2-normalised 512-d image embedding""",
+    ),
+))  # fmt: skip
+
 LapvqaImageProcessor.register_for_auto_class("AutoImageProcessor")
 LapvqaProcessor.register_for_auto_class("AutoProcessor")
+LapvqaTwoTowerProcessor.register_for_auto_class("AutoProcessor")
 
 
 __all__ = [

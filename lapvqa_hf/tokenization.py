@@ -34,8 +34,11 @@ def _gpt2_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, tuple(tuple(line.split()) for line in merge_lines[1:] if line.strip())
 
 
-def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
-    """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256)."""
+def build_gpt2_tokenizer(model_max_length: int = 200, append_eot: bool = False) -> GPT2Tokenizer:
+    """GPT-2's byte-level BPE, left-padded with `<|endoftext|>` (the upstream bos = eos = pad, id 50256).
+
+    `append_eot=True` gives the two-tower models' text tokenizer: every text ends in `<|endoftext|>` (kept when
+    truncating; the text embedding is taken there) and batches are padded on the right."""
     vocab, merges = _gpt2_vocabulary()
     return GPT2Tokenizer(
         vocab=dict(vocab),
@@ -44,7 +47,8 @@ def build_gpt2_tokenizer(model_max_length: int = 200) -> GPT2Tokenizer:
         eos_token=END_OF_TEXT,
         unk_token=END_OF_TEXT,
         pad_token=END_OF_TEXT,
-        padding_side="left",
+        padding_side="right" if append_eot else "left",
+        add_eos_token=append_eot,
         split_special_tokens=True,
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,

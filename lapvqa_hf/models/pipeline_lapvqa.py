@@ -317,6 +317,116 @@ class LapvqaCaptioningPipeline(LapvqaPipeline):
         ]
 
 
+class LapvqaTwoTowerPipeline(LapvqaPipeline):
+    """What the two-tower models' pipelines share: the folder's image processor reads the X-ray (PNG/JPEG 8 or 16
+    bit, DICOM, PIL, arrays), the folder's tokenizer appends eot to every text."""
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+
+    def prepare_image(self, image) -> tuple[torch.Tensor, None]:
+        """One image as the image tower takes it (`[1, C, H, W]`)."""
+        return self.image_processor(image)["pixel_values"], None
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected image embeddings (`get_image_features`), not normalised: `[batch, projection_dim]`."""
+        pixel_values = pixel_values.to(self.model.device, self.model.dtype)
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+class LapvqaZeroShotFindingsPipeline(LapvqaTwoTowerPipeline):
+    """`pipe(image, candidate_labels=["pleural effusion", "no acute findings"])` -> `[{"score", "label"}]`, best
+    first (transformers' zero-shot-image-classification output). Scores are a softmax over the candidates for the
+    contrastive model and independent sigmoids for the sigmoid model (the one with `logit_bias`), as CLIP's and
+    SigLIP's are. `hypothesis_template` (default `"{}"`) turns a label into the text the report tower reads."""
+
+    _load_tokenizer = True
+
+    def _sanitize_parameters(self, candidate_labels=None, hypothesis_template: str | None = None):
+        preprocess = {}
+        if candidate_labels is not None:
+            preprocess["candidate_labels"] = candidate_labels
+        forward = {"hypothesis_template": hypothesis_template} if hypothesis_template is not None else {}
+        return preprocess, forward, {}
+
+    def preprocess(self, image, candidate_labels=None) -> dict:
+        if isinstance(candidate_labels, str):
+            candidate_labels = [label.strip() for label in candidate_labels.split(",") if label.strip()]
+        _check_labels(candidate_labels)
+        return {"image_pixel_values": self.prepare_image(image)[0], "candidate_labels": list(candidate_labels)}
+
+    def _forward(self, model_inputs: dict, hypothesis_template: str = "{}") -> dict:
+        embeddings = self.encode(model_inputs["image_pixel_values"])
+        labels = model_inputs["candidate_labels"]
+        return {"scores": self.score(embeddings, [labels], hypothesis_template)[0]}
+
+    def postprocess(self, model_outputs: dict) -> list[dict]:
+        if model_outputs["scores"] is None:
+            raise ValueError("The model gave non-finite scores (NaN or inf) for this image.")
+        return model_outputs["scores"]
+
+    def score(
+        self, image_embeddings: torch.Tensor, candidate_labels: list[list[str]], hypothesis_template: str = "{}"
+    ) -> list[list[dict] | None]:
+        """Each image's candidate findings ranked by score (`[{"score", "label"}]`, best first), for a batch of
+        encoded images (from `encode`); None for an image whose scores are not finite. The batch entry point for
+        callers that encode images themselves (`lapvqa answer` caches them)."""
+        results = []
+        for embedding, labels in zip(image_embeddings, candidate_labels, strict=True):
+            _check_labels(labels)
+            texts = self.tokenizer(
+                [hypothesis_template.format(label) for label in labels], padding=True, truncation=True,
+                return_tensors="pt",
+            ).to(self.model.device)  # fmt: skip
+            text_features = self.model.get_text_features(**texts).pooler_output
+            logits = self.model.similarity(embedding[None], text_features)[0].float()
+            if not torch.isfinite(logits).all():
+                results.append(None)
+                continue
+            scores = logits.sigmoid() if self.model.config.use_logit_bias else logits.softmax(dim=-1)
+            ranked = sorted(zip(scores.tolist(), labels, strict=True), key=lambda pair: -pair[0])
+            results.append([{"score": score, "label": label} for score, label in ranked])
+        return results
+
+
+def _check_labels(candidate_labels) -> None:
+    if not candidate_labels or not all(isinstance(label, str) and label.strip() for label in candidate_labels):
+        raise ValueError(
+            f"candidate_labels must be a non-empty list of findings (non-empty strings), got {candidate_labels!r}."
+        )
+
+
+class LapvqaImageEmbeddingPipeline(LapvqaTwoTowerPipeline):
+    """`pipe(image)` -> the image's embedding in the shared space, as a list of floats (transformers'
+    image-feature-extraction output is nested lists); `normalize=True` (default) L2-normalises it, as retrieval
+    and the logits use it; `return_tensors=True` gives the tensor."""
+
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, normalize: bool | None = None, return_tensors: bool | None = None):
+        postprocess = {}
+        if normalize is not None:
+            postprocess["normalize"] = normalize
+        if return_tensors is not None:
+            postprocess["return_tensors"] = return_tensors
+        return {}, {}, postprocess
+
+    def preprocess(self, image) -> dict:
+        return {"image_pixel_values": self.prepare_image(image)[0]}
+
+    def _forward(self, model_inputs: dict) -> dict:
+        return {"embedding": self.encode(model_inputs["image_pixel_values"])}
+
+    def postprocess(self, model_outputs: dict, normalize: bool = True, return_tensors: bool = False):
+        embedding = model_outputs["embedding"][0].float()
+        if not torch.isfinite(embedding).all():
+            raise ValueError("The model gave a non-finite embedding (NaN or inf) for this image.")
+        if normalize:
+            embedding = torch.nn.functional.normalize(embedding, dim=-1)
+        return embedding if return_tensors else embedding.tolist()
+
+
 __all__ = [
     "fitted_generate_kwargs",
     "room_for_new_tokens",
@@ -324,6 +434,9 @@ __all__ = [
     "LapvqaDetectionPipeline",
     "LapvqaDiffVQAPipeline",
     "LapvqaFrozenEncoderPipeline",
+    "LapvqaImageEmbeddingPipeline",
     "LapvqaPipeline",
+    "LapvqaTwoTowerPipeline",
     "LapvqaVQAPipeline",
+    "LapvqaZeroShotFindingsPipeline",
 ]

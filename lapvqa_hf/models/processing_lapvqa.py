@@ -173,4 +173,39 @@ class LapvqaProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["LapvqaProcessor", "left_padded", "question_prompt"]
+class LapvqaTwoTowerProcessor(ProcessorMixin):
+    r"""
+    Pairs [`LapvqaImageProcessor`] with the two-tower models' GPT-2 tokenizer, which appends `<|endoftext|>` (the
+    text embedding is taken there), pads on the right and masks the padding, as CLIP's processor pairs its own.
+
+    `processor(images=..., text=...)` gives `pixel_values` and/or `input_ids` + `attention_mask`; texts longer than
+    the encoder's learned positions are truncated (their eot kept).
+    """
+
+    def __init__(self, image_processor: LapvqaImageProcessor, tokenizer):
+        super().__init__(image_processor, tokenizer)
+
+    def __call__(
+        self,
+        images: ImageSource | list[ImageSource] | None = None,
+        text: str | list[str] | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("Pass images=, text= or both.")
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"text= must be a string or a non-empty list of strings, got {text!r}.")
+            options = {"padding": True, "truncation": True, **kwargs}
+            data.update(self.tokenizer(texts, return_tensors=return_tensors, **options))
+        elif kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)} (tokenizer options need text=).")
+        if images is not None:
+            data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+__all__ = ["LapvqaProcessor", "LapvqaTwoTowerProcessor", "left_padded", "question_prompt"]
