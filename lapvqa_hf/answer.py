@@ -728,7 +728,10 @@ def answer_dataset(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection, zero-shot findings)")
+    parser.add_argument(
+        "model",
+        help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection, zero-shot findings)",
+    )
     parser.add_argument("--input", required=True, type=Path, help="CSV or JSON Lines file of the model's columns")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines file to write (appears when complete)")
     parser.add_argument("--image-root", type=Path, help="folder of relative image paths (default: the input's)")

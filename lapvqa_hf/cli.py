@@ -56,21 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synthesize = data_commands.add_parser(
         "synthesize",
-        help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports, or a VinDr-CXR one "
-        "(same layouts)",
+        help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports, or a VinDr-CXR, "
+        "NIH ChestX-ray14 or CheXpert one (same layouts)",
     )
     synthesize.add_argument("--output", type=Path, required=True, help="folder to write the release into")
     synthesize.add_argument(
         "--dataset",
         default="mimic",
-        choices=["mimic", "vindr-cxr"],
-        help="mimic (DiffVQA and captioning; default) or vindr-cxr (detection boxes by 3 radiologists per image)",
+        choices=["mimic", "vindr-cxr", "nih-cxr14", "chexpert"],
+        help="mimic (DiffVQA and captioning; default), vindr-cxr (detection boxes by 3 radiologists per image), "
+        "nih-cxr14 or chexpert (image labels with their official splits, for `lapvqa probe`)",
     )
     synthesize.add_argument(
         "--subjects",
         type=int,
         default=12,
-        help="patients (mimic: 3 questions and 2 reports each) or training images (vindr-cxr); default 12",
+        help="patients (mimic: 3 questions and 2 reports each; nih-cxr14, chexpert: a few images each) or training "
+        "images (vindr-cxr); default 12",
     )
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
@@ -136,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     answer_parser = commands.add_parser("answer", help=COMMANDS["answer"])
     answer.add_arguments(answer_parser)
     answer_parser.set_defaults(handler=answer.run)
+
+    from . import probe
+
+    probe_parser = commands.add_parser("probe", help=COMMANDS["probe"], description=summary(probe.__doc__))
+    probe.add_arguments(probe_parser)
+    probe_parser.set_defaults(handler=probe.run)
+
+    from . import retrieve
+
+    retrieve_parser = commands.add_parser("retrieve", help=COMMANDS["retrieve"], description=summary(retrieve.__doc__))
+    retrieve.add_arguments(retrieve_parser)
+    retrieve_parser.set_defaults(handler=retrieve.run)
     return parser
 
 
@@ -145,7 +159,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .files import write_json_atomically
     from .model_folders import load_config, load_model
     from .processes import leave_processes, process_state
-    from .tokenization import build_gpt2_tokenizer
     from .train.tasks import check_feature_width, predict_across_processes, task_for_model
 
     state = process_state()  # under `accelerate launch`, each process generates its share of the split
@@ -159,7 +172,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         features = FeatureStore(args.features)
         check_feature_width(args.model, task.feature_width(model), features)
         examples = task.examples(splits[args.split], features, Path(os.path.abspath(args.data_root)))
-        tokenizer = build_gpt2_tokenizer() if task.generates_text else None
+        tokenizer = task.tokenizer(model)
         answers = predict_across_processes(task, model, tokenizer, examples, args.batch_size, args.max_new_tokens)
         if not state.is_main_process:
             return
@@ -248,6 +261,7 @@ def run_extract_features(args: argparse.Namespace) -> int:
 def run_synthesize(args: argparse.Namespace) -> int:
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
     from .detection_data import load_vindr_cxr, write_synthetic_vindr_cxr
+    from .probe_data import load_probe_dataset, write_synthetic_probe_release
 
     def synthesize() -> None:
         if args.subjects < 1:
@@ -256,6 +270,11 @@ def run_synthesize(args: argparse.Namespace) -> int:
         if args.dataset == "vindr-cxr":
             root = write_synthetic_vindr_cxr(args.output, num_images=args.subjects, seed=args.seed)
             images = {split: len(rows) for split, rows in load_vindr_cxr(root).items()}
+            print(f"wrote {root}: images {images}")
+            return
+        if args.dataset in ("nih-cxr14", "chexpert"):
+            root = write_synthetic_probe_release(args.dataset, args.output, num_patients=args.subjects, seed=args.seed)
+            images = {split: len(rows.images) for split, rows in load_probe_dataset(args.dataset, root).items()}
             print(f"wrote {root}: images {images}")
             return
         root = write_synthetic_mimic_diff_vqa(args.output, num_subjects=args.subjects, seed=args.seed)

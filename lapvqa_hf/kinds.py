@@ -424,6 +424,7 @@ register_kind(ModelKind(
     # `labels`: the candidate findings of the row, separated by ";"
     answering=Answering(columns=("image", "labels"), images={"image": "image_embeds"}, field="scores"),
     converter="lapvqa_hf.convert.two_tower",
+    training_task="lapvqa_hf.train.tasks:TwoTowerTask",
     converter_help="a two-tower ContrastiveModel (model_best.pt or model_epochXXX.pt: ViT-L/14 + report encoder)",
     card=CardText(
         description=(

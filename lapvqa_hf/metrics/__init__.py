@@ -5,6 +5,7 @@ from pathlib import Path
 import evaluate
 
 from .detection import score_detections
+from .retrieval import score_retrieval
 from .scoring import cider, corpus_bleu, mean_rouge, radgraph_f1, score_answers, tokenize
 
 METRIC_MODULES = ("lapvqa_bleu", "lapvqa_rouge")
@@ -25,5 +26,6 @@ __all__ = [
     "radgraph_f1",
     "score_answers",
     "score_detections",
+    "score_retrieval",
     "tokenize",
 ]

@@ -22,6 +22,7 @@ from ..features import MANIFEST
 from ..kinds import KINDS
 from ..messages import first_line
 from ..metrics.detection import IOU_THRESHOLDS, metric_name
+from ..metrics.retrieval import RETRIEVAL_METRICS
 
 
 class TrainConfigError(ValueError):
@@ -177,7 +178,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 INPUTS = ("features", "pixels")
 TEXT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
 DETECTION_METRICS = tuple(metric_name(threshold) for threshold in IOU_THRESHOLDS)  # what `score_detections` reports
-METRICS = TEXT_METRICS + DETECTION_METRICS
+METRICS = TEXT_METRICS + DETECTION_METRICS + RETRIEVAL_METRICS
 TRACKERS = tuple(LoggerType.list())  # accelerate's (`log_with`)
 
 
@@ -264,7 +265,13 @@ def config_problems(values: dict) -> list[str]:
     if "data_root" in valid and not Path(valid["data_root"]).is_dir():
         problems.append(f"data_root: no folder {valid['data_root']}; set it to the dataset release's folder.")
     inputs = valid.get("inputs", "features")
-    if inputs == "features" and "features_dir" in values and values["features_dir"] is None:
+    task = values.get("task", "diffvqa")
+    pixels_only = task in TASKS and not KINDS[task].training_task_class().trains_from_features
+    if inputs == "features" and pixels_only:
+        problems.append(
+            f"inputs=features: task {task} trains from images only (both towers run); set inputs to pixels."
+        )
+    elif inputs == "features" and "features_dir" in values and values["features_dir"] is None:
         problems.append(
             "features_dir: required with inputs features; run `lapvqa extract-features` and name its folder."
         )
@@ -279,7 +286,6 @@ def config_problems(values: dict) -> list[str]:
         problems.append(f"output_dir: {valid['output_dir']} is a file; set it to a folder.")
     if valid.get("log_with") not in (None, "all", *(tracker.value for tracker in get_available_trackers())):
         problems.append(f"log_with: {valid['log_with']} is not installed; install it, or remove log_with.")
-    task = values.get("task", "diffvqa")
     if task not in TASKS:
         return problems
     task_class = KINDS[task].training_task_class()

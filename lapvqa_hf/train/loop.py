@@ -20,7 +20,6 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..features import FeatureStore
-from ..tokenization import build_gpt2_tokenizer
 from .checkpoints import (
     SCHEDULE_FIELDS,
     apply_resume_changes,
@@ -90,8 +89,8 @@ def train(config: TrainConfig) -> dict:
     splits = task.load_splits(config.data_root)
     train_set = task.examples(splits["train"], features, root)
     eval_set = task.examples(splits["validation"], features, root) if "validation" in splits else None
-    max_positions = getattr(model.config, "max_position_embeddings", None)  # none: detection
-    tokenizer = build_gpt2_tokenizer(max_positions) if task.generates_text else None
+    max_positions = getattr(model.config, "max_position_embeddings", None)  # none: detection, two-tower
+    tokenizer = task.tokenizer(model)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
         train_set,
@@ -137,7 +136,7 @@ def train(config: TrainConfig) -> dict:
             epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
             for batch in epoch_loader:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = task.training_loss(model, batch)
                     micro_losses.append(loss.detach())
                     tokens += batch_tokens(batch)
                     accelerator.backward(loss)

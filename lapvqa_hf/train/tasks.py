@@ -9,7 +9,7 @@ from typing import ClassVar, Protocol
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 from datasets import DatasetDict
 from torch.utils.data import Subset
 from transformers import AutoImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
@@ -28,26 +28,41 @@ from ..kinds import KINDS, kind_of, save_pretrained_with_pipeline
 from ..messages import first_line
 from ..metrics import score_answers
 from ..metrics.detection import score_detections
+from ..metrics.retrieval import RETRIEVAL_METRICS, score_retrieval
 from ..model_folders import load_model
 from ..models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from ..models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from ..models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from ..models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig
 from ..models.configuration_lapvqa_vision import LapvqaVisionConfig
 from ..models.encoders import ENCODER_WIDTHS, EncoderRecipe, load_encoder_image_processor
 from ..models.image_processing_lapvqa import LapvqaImageProcessor
 from ..models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from ..models.modeling_lapvqa_detection import LapvqaDetectionModel
 from ..models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from ..models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, contrastive_loss, sigmoid_loss
 from ..models.modeling_lapvqa_vision import LapvqaVisionModel
-from ..models.processing_lapvqa import LapvqaProcessor, question_prompt
-from ..tokenization import encode_questions
+from ..models.processing_lapvqa import LapvqaProcessor, LapvqaTwoTowerProcessor, question_prompt
+from ..tokenization import build_gpt2_tokenizer, encode_questions
 from .config import DETECTION_METRICS, TASKS, TEXT_METRICS, CaptioningOptions, DetectionOptions, TrainConfig
 
 
 class TaskDefaults:
-    """What a task inherits unless it says otherwise: it trains on stored features only."""
+    """What a task inherits unless it says otherwise: it trains on stored features only, its model computes its own
+    loss, and text tasks read GPT-2 tokens as the heads' prompts and answers."""
 
     trains_from_pixels: ClassVar[bool] = False  # whether inputs "pixels" can train it (its model holds its encoder)
+    trains_from_features: ClassVar[bool] = True  # whether stored features can train it
+
+    def tokenizer(self, model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
+        """The tokenizer of the training texts, sized to the model's learned positions; None: no text."""
+        if not self.generates_text:
+            return None
+        return build_gpt2_tokenizer(getattr(model.config, "max_position_embeddings", 200))
+
+    def training_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The loss of one training batch: the model's own."""
+        return model(**batch).loss
 
     @classmethod
     def pixel_input_problems(cls, values: dict) -> list[str]:
@@ -56,7 +71,7 @@ class TaskDefaults:
 
 
 class TrainingTask(Protocol):
-    """What `train` and `lapvqa evaluate` need of a task."""
+    """What `train` and `lapvqa evaluate` need of a task (`TaskDefaults` gives the usual answers)."""
 
     name: ClassVar[str]
     model_class: ClassVar[type[PreTrainedModel]]
@@ -67,9 +82,12 @@ class TrainingTask(Protocol):
     generates_text: ClassVar[bool]
     image_preparation: ClassVar[str]  # how the images of its features were prepared (recorded with them)
     trains_from_pixels: ClassVar[bool]
+    trains_from_features: ClassVar[bool]
 
     @classmethod
     def pixel_input_problems(cls, values: dict) -> list[str]: ...
+    def tokenizer(self, model: PreTrainedModel) -> PreTrainedTokenizerBase | None: ...
+    def training_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor: ...
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "TrainingTask": ...
@@ -635,6 +653,144 @@ class DetectionTask(TaskDefaults):
         """The model with the image processor its features were prepared by, so that it detects from pixels."""
         save_pretrained_with_pipeline(model, target)
         detection_image_processor(features.recipe).save_pretrained(target)
+
+
+# --- two-tower pretraining --------------------------------------------------------------------------------------
+
+
+class _GatherWithGradients(torch.autograd.Function):
+    """All processes' rows of a tensor, concatenated in process order, through which gradients flow back to each
+    process's own rows: the backward sums every process's gradient of the gathered tensor, then keeps its own slice
+    (as open_clip's `gather_with_grad`)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        ctx.rows, ctx.rank = len(tensor), rank
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_gradients(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s rows from every process (every process's batch has the same size), differentiable; the tensor
+    itself in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    return _GatherWithGradients.apply(tensor)
+
+
+class TwoTowerTask(TaskDefaults):
+    """`LapvqaTwoTowerModel` on MIMIC-CXR image/report pairs, from images (both towers run), scored by Recall@1/5/10
+    both ways on the validation split.
+
+    The loss is the one the model's weights select (pairwise sigmoid with `logit_bias`, else the symmetric
+    cross-entropy) over the *global* batch: every process's embeddings are gathered, with gradients, so that each
+    image meets every report of the step as negatives, and N processes of batch B train as one process of batch
+    N x B. The image tower trains with `train_encoder`, else it stays frozen (the report tower and both projections
+    train); `init_from` starts from a converted or trained two-tower folder, else `model` sizes a new one.
+    """
+
+    name = "two-tower"
+    model_class = LapvqaTwoTowerModel
+    options_class = None
+    trains_from_pixels = True
+    trains_from_features = False
+    image_preparation = IMAGE_PREPARATION
+    derived_fields = ()
+    group_label = "pairs"
+    metrics = RETRIEVAL_METRICS
+    generates_text = False
+
+    def __init__(self):
+        self.image_processor = None  # the model folder's (init_from), else one sized for the new model's encoder
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "TwoTowerTask":
+        return cls()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "TwoTowerTask":
+        return cls()
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_mimic_cxr_reports(data_root)
+
+    def examples(self, rows, features: FeatureStore | None, root: Path) -> ReportImageExamples:
+        return ReportImageExamples(rows, self.image_processor)
+
+    def feature_width(self, model: LapvqaTwoTowerModel) -> int:
+        return model.config.vision_config.hidden_size
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        return load_encoder_image_processor(recipe, checkpoint)
+
+    def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaTwoTowerModel:
+        if config.init_from:
+            model = load_model(LapvqaTwoTowerModel, config.init_from)
+            try:
+                self.image_processor = AutoImageProcessor.from_pretrained(config.init_from)
+            except OSError as error:
+                raise OSError(f"{config.init_from} has no image processor ({first_line(error)}).") from None
+        else:
+            model = LapvqaTwoTowerModel(LapvqaTwoTowerConfig(**config.model))
+            self.image_processor = LapvqaImageProcessor.for_encoder(model.config.vision_config)
+        model.vision_model.requires_grad_(config.train_encoder)
+        return model
+
+    def tokenizer(self, model: LapvqaTwoTowerModel) -> PreTrainedTokenizerBase:
+        """GPT-2 tokens + eot, right-padded, cut to the report tower's positions."""
+        return build_gpt2_tokenizer(model.config.text_config.max_position_embeddings, append_eot=True)
+
+    def collate(self, tokenizer, max_positions: int | None) -> Callable[[list[dict]], dict]:
+        def collate(examples: list[dict]) -> dict:
+            texts = tokenizer([e["report"] for e in examples], padding=True, truncation=True, return_tensors="pt")
+            return {**texts, **_visual_inputs(examples)}
+
+        return collate
+
+    def training_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The loss over the global batch: the step's embeddings of every process, gathered with gradients."""
+        outputs = model(**batch)
+        images = gather_with_gradients(outputs.image_embeds.float())
+        reports = gather_with_gradients(outputs.text_embeds.float())
+        two_tower = extract_model_from_parallel(model)
+        logits_per_report = two_tower.similarity(images, reports).T
+        return (
+            sigmoid_loss(logits_per_report) if two_tower.logit_bias is not None else contrastive_loss(logits_per_report)
+        )
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, dataset, batch_size: int, max_new_tokens: int) -> list[dict]:
+        """Each pair's image and report embeddings (projected, normalised), as lists."""
+        collate = self.collate(tokenizer, None)
+        embeddings = []
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            outputs = model(**{key: value.to(model.device) for key, value in batch.items()})
+            for image, report in zip(outputs.image_embeds.float(), outputs.text_embeds.float(), strict=True):
+                embeddings.append({"image": image.tolist(), "report": report.tolist()})
+        return embeddings
+
+    def references(self, dataset) -> list[str]:
+        return [row["report"] for row in dataset.rows]
+
+    def score(self, predictions: list[dict], dataset) -> dict[str, dict[str, float]]:
+        images = torch.tensor([p["image"] for p in predictions])
+        reports = torch.tensor([p["report"] for p in predictions])
+        return score_retrieval(images, reports)
+
+    def save(self, model: LapvqaTwoTowerModel, tokenizer, features: FeatureStore | None, target: Path) -> None:
+        save_pretrained_with_pipeline(model, target)
+        LapvqaTwoTowerProcessor(self.image_processor, tokenizer).save_pretrained(target)
 
 
 def task_for(config: TrainConfig) -> TrainingTask:
