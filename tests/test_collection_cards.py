@@ -36,7 +36,8 @@ def test_manifest_lists_every_upstream_file_once():
         assert f"lapvqa-diffvqa-{encoder}" in names and f"lapvqa-vqa-{encoder}" in names
         assert f"lapvqa-ad-{encoder}" in names
     assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-coca-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
-    assert len(collection.models) == 19
+    assert {"lapvqa-pretrain-contrastive", "lapvqa-pretrain-sigmoid"} <= names
+    assert len(collection.models) == 23
     assert [m.name for m in collection.select(convertible_only=True)] == [
         "lapvqa-diffvqa-clip-vit-l14",
         "lapvqa-diffvqa-coca",
@@ -57,6 +58,10 @@ def test_manifest_lists_every_upstream_file_once():
         "lapvqa-ad-siglip",
         "lapvqa-ad-owlv2",
         "lapvqa-ad-mae-vit-l16",
+        "lapvqa-pretrain-contrastive",
+        "lapvqa-pretrain-contrastive-vit-l14",
+        "lapvqa-pretrain-sigmoid",
+        "lapvqa-pretrain-sigmoid-vit-l14",
     ]
 
 
@@ -70,6 +75,9 @@ def test_manifest_carries_the_reported_results():
     siglip_ad = collection["lapvqa-ad-siglip"].results[0]
     assert (siglip_ad.value, siglip_ad.approximate) == (0.045, True)
     assert collection["lapvqa-ad-mae-vit-l16"].vis_dim == 1024
+    for name, aucs in (("lapvqa-pretrain-contrastive", [0.653, 0.759]), ("lapvqa-pretrain-sigmoid", [0.650, 0.785])):
+        assert [r.value for r in collection[name].results] == aucs  # linear-probe mean AUC: NIH CXR-14, CheXpert-5
+        assert [r.value for r in collection[f"{name}-vit-l14"].results] == aucs
 
 
 @pytest.mark.parametrize(
