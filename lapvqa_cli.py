@@ -18,6 +18,8 @@ COMMANDS = {
     "extract-features": "encode every image once with a frozen encoder (resumable)",
     "evaluate": "answer (DiffVQA) or report on (captioning) a split greedily, BLEU/ROUGE/CIDEr; or detect (mAP)",
     "answer": "answer a CSV / JSON Lines file of images and questions (batched, resumable, heat maps)",
+    "probe": "linear probes of frozen image embeddings (NIH CXR-14, CheXpert): mean AUC",
+    "retrieve": "rank a report corpus for each X-ray (or X-rays for each report) with a two-tower model; Recall@K",
 }
 
 
