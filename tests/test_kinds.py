@@ -136,7 +136,15 @@ def test_a_registered_kind_gets_answer_columns_a_card_and_a_converter_command(to
 
 
 def test_every_kind_of_the_collection_is_one_registered_object():
-    assert list(KINDS) == ["diffvqa", "vqa", "captioning", "vision-encoder", "coca-vision-encoder", "detection", "two-tower"]
+    assert list(KINDS) == [
+        "diffvqa",
+        "vqa",
+        "captioning",
+        "vision-encoder",
+        "coca-vision-encoder",
+        "detection",
+        "two-tower",
+    ]
     for kind in KINDS.values():
         assert kind_of(kind.model_type) is kind
         assert kind.converter_module().convert_entry and kind.card.usage

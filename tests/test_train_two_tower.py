@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator_stat
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    return write_synthetic_mimic_diff_vqa(tmp_path_factory.mktemp("two-tower") / "mimic", num_subjects=12)  # 16 training pairs: whole batches of 4 and 8
+    # 12 subjects: 16 training pairs, whole batches of 4 and 8
+    return write_synthetic_mimic_diff_vqa(tmp_path_factory.mktemp("two-tower") / "mimic", num_subjects=12)
 
 
 def values_for(release, output, **changes) -> dict:
