@@ -21,6 +21,10 @@ from lapvqa_hf import (
     LapvqaDetectionModel,
     LapvqaDiffVQAConfig,
     LapvqaDiffVQAModel,
+    LapvqaTwoTowerConfig,
+    LapvqaTwoTowerModel,
+    LapvqaTwoTowerTextConfig,
+    LapvqaTwoTowerTextModel,
     LapvqaVisionConfig,
     LapvqaVisionModel,
     LapvqaVQAConfig,
@@ -407,3 +411,126 @@ class LapvqaDetectionModelTest(ModelTesterMixin, unittest.TestCase):
                     "encoder_attentions",
                 ],
             )
+
+
+class TwoTowerTextModelTester:
+    """A tiny report encoder (like transformers' CLIP text tester): right-padded texts of random lengths."""
+
+    def __init__(self, parent, batch_size=12, seq_length=7, vocab_size=99, is_training=True):
+        self.parent = parent
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+        self.is_training = is_training
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+
+    def get_config(self):
+        return LapvqaTwoTowerTextConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            bos_token_id=self.vocab_size - 1,
+            eos_token_id=self.vocab_size - 1,
+            pad_token_id=self.vocab_size - 1,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1)
+        lengths = torch.arange(self.batch_size) % (self.seq_length - 1) + 2
+        attention_mask = (torch.arange(self.seq_length)[None] < lengths[:, None]).long()
+        return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class LapvqaTwoTowerTextModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (LapvqaTwoTowerTextModel,)
+
+    def setUp(self):
+        self.model_tester = TwoTowerTextModelTester(self)
+        base_models = patch.dict(common.MODEL_MAPPING_NAMES, {"lapvqa_two_tower_text": "LapvqaTwoTowerTextModel"})
+        base_models.start()
+        self.addCleanup(base_models.stop)
+        self.config_tester = ConfigTester(self, config_class=LapvqaTwoTowerTextConfig, hidden_size=40)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(reason="as CLIP's text model: it does not take inputs_embeds")
+    def test_inputs_embeds(self):
+        pass
+
+
+class TwoTowerModelTester:
+    """The tiny ViT and report encoder above in one space (like transformers' CLIP tester)."""
+
+    def __init__(self, parent, sigmoid: bool = False, is_training=True):
+        self.parent = parent
+        self.sigmoid = sigmoid
+        self.text_model_tester = TwoTowerTextModelTester(parent)
+        self.vision_model_tester = VisionModelTester(parent, batch_size=self.text_model_tester.batch_size)
+        self.batch_size = self.text_model_tester.batch_size
+        self.is_training = is_training
+
+    def get_config(self):
+        return LapvqaTwoTowerConfig(
+            text_config=self.text_model_tester.get_config().to_dict(),
+            vision_config=self.vision_model_tester.get_config().to_dict(),
+            projection_dim=24,
+            use_logit_bias=self.sigmoid,
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        _, text_inputs = self.text_model_tester.prepare_config_and_inputs_for_common()
+        _, vision_inputs = self.vision_model_tester.prepare_config_and_inputs_for_common()
+        return self.get_config(), {**text_inputs, **vision_inputs, "return_loss": True}
+
+
+class LapvqaTwoTowerModelTest(ModelTesterMixin, unittest.TestCase):
+    all_model_classes = (LapvqaTwoTowerModel,)
+    additional_model_inputs = ["pixel_values"]  # as CLIP: both towers run in forward
+    test_resize_embeddings = False  # as CLIP
+    test_attention_outputs = False  # as CLIP: each tower's attentions are tested in its own model test
+    _is_composite = True
+
+    def setUp(self):
+        self.model_tester = TwoTowerModelTester(self)
+        base_models = patch.dict(common.MODEL_MAPPING_NAMES, {"lapvqa_two_tower": "LapvqaTwoTowerModel"})
+        base_models.start()
+        self.addCleanup(base_models.stop)
+        self.config_tester = ConfigTester(
+            self, config_class=LapvqaTwoTowerConfig, has_text_modality=False, common_properties=["projection_dim"]
+        )
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(reason="as CLIP: hidden states are tested in each tower's model test")
+    def test_hidden_states_output(self):
+        pass
+
+    @unittest.skip(reason="as CLIP: inputs_embeds is tested in each tower's model test")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="as CLIP: retain_grad is tested in each tower's model test")
+    def test_retain_grad_hidden_states_attentions(self):
+        pass
+
+    @unittest.skip(reason="as CLIP: the two-tower model has no input/output embeddings of its own")
+    def test_model_get_set_embeddings(self):
+        pass
+
+    def test_logit_scale_and_bias_start_at_their_configured_values(self):
+        # what transformers' CLIP test checks of `logit_scale` in its own test_initialization
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for sigmoid in (False, True):
+            config.use_logit_bias = sigmoid
+            model = LapvqaTwoTowerModel(config)
+            self.assertAlmostEqual(model.logit_scale.item(), config.logit_scale_init_value, delta=1e-6)
+            self.assertEqual(model.logit_bias is not None, sigmoid)
+            if sigmoid:
+                self.assertAlmostEqual(model.logit_bias.item(), config.logit_bias_init_value, delta=1e-6)

@@ -11,6 +11,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_lapvqa_two_tower import LapvqaTwoTowerConfig, LapvqaTwoTowerTextConfig
@@ -196,6 +197,7 @@ class LapvqaTwoTowerModel(LapvqaTwoTowerPreTrainedModel):
         logits = self.logit_scale.exp() * image_embeds @ text_embeds.T
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
+    @can_return_tuple
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -204,6 +206,7 @@ class LapvqaTwoTowerModel(LapvqaTwoTowerPreTrainedModel):
         text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
         return text_outputs
 
+    @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -219,6 +222,7 @@ class LapvqaTwoTowerModel(LapvqaTwoTowerPreTrainedModel):
         vision_outputs.pooler_output = self.visual_projection(pooled)
         return vision_outputs
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
