@@ -4,11 +4,11 @@
     accelerate launch -m lapvqa_hf.answer MODEL --input questions.csv --output answers.jsonl   # one shard per process
 
 The input is CSV or JSON Lines (UTF-8, or UTF-16 with a byte-order mark) with the model's columns (DiffVQA
-`prior_image, current_image, question`; VQA `image, question`; report generation and detection `image`); relative
-image paths are read from `--image-root` (default: the input file's folder). The output has one JSON line per input
-row, in input order: `{"row": N, "input": {...the row as read...}, ...}` with the model's `answer`, `report` or
-`boxes`, or an `error` saying why that row was not answered. A row's problem (a missing image, an empty or too
-long question) is that row's error; the run goes on.
+`prior_image, current_image, question`; VQA `image, question`; report generation and detection `image`; phrase
+grounding `image, phrase`); relative image paths are read from `--image-root` (default: the input file's folder).
+The output has one JSON line per input row, in input order: `{"row": N, "input": {...the row as read...}, ...}`
+with the model's `answer`, `report`, `boxes` or the phrase's `box`, or an `error` saying why that row was not
+answered. A row's problem (a missing image, an empty or too long question) is that row's error; the run goes on.
 
 Each distinct image is encoded once (a cache of `--feature-cache-size` images; rows that share images, such as the
 questions of one study pair, are best kept together), answers are generated in batches, and a progress bar shows
@@ -287,14 +287,14 @@ def captioned(panels: list[Image.Image], titles: list[str], caption: str) -> Ima
 
 def boxes_picture(image: Image.Image, boxes: list[dict]) -> Image.Image:
     """The image, its long side scaled to twice `MAP_SIDE`, with each detection's box (given in the image's own
-    pixels), label and score."""
+    pixels), label and score (a grounded phrase's box has no score: None)."""
     factor = 2 * MAP_SIDE / max(image.size)
     picture = image.convert("RGB").resize((round(image.width * factor), round(image.height * factor)))
     draw = ImageDraw.Draw(picture)
     for found in boxes:
         box = [found["box"][key] * factor for key in ("xmin", "ymin", "xmax", "ymax")]
         draw.rectangle(box, outline="red", width=2)
-        label = f"{found['label']} {found['score']:.2f}"
+        label = found["label"] if found["score"] is None else f"{found['label']} {found['score']:.2f}"
         draw.rectangle(draw.textbbox((box[0] + 3, box[1] + 3), label), fill="black")
         draw.text((box[0] + 3, box[1] + 3), label, fill="yellow")
     return picture
@@ -346,10 +346,10 @@ def load_pipeline(
     name = str(model)
     config = load_config(name, revision, trust_remote_code)
     options = dict(revision=revision, device=device, dtype=dtype, model_kwargs=model_kwargs or {})
+    kind = answerable_kind(name, config.model_type)
     try:
-        if trust_remote_code:
-            return pipeline(model=name, trust_remote_code=True, **options)
-        kind = answerable_kind(name, config.model_type)
+        if trust_remote_code:  # the folder's own pipeline code, for the task `lapvqa answer` runs
+            return pipeline(task=kind.pipeline_task, model=name, trust_remote_code=True, **options)
         check_weights_fit_config(name, config, revision)
         return pipeline(task=kind.pipeline_task, model=name, pipeline_class=kind.pipeline_class,
                         trust_remote_code=False, **options)  # fmt: skip
@@ -425,8 +425,8 @@ class Answerer:
     def identity(self) -> dict:
         """What this answerer's answers depend on, beyond the input: recorded with the part files and the output,
         and compared before anything is resumed or called complete."""
-        encoder = getattr(self.pipe, "encoder", None)
-        modules = [self.model] + ([encoder] if encoder is not None else [])
+        towers = [getattr(self.pipe, name, None) for name in ("encoder", "text_encoder")]  # frozen image / text
+        modules = [self.model] + [tower for tower in towers if tower is not None]
         processors = [getattr(self.pipe, name, None) for name in ("image_processor", "encoder_image_processor")]
         classes = [type(self.model), type(self.pipe)] + [type(m) for m in modules[1:]]
         classes += [type(processor) for processor in processors if processor is not None]
@@ -519,6 +519,8 @@ class Answerer:
             return self._rows_answered(rows, lambda batch: self._detect(batch, images))
         if self.answering.mode == "score":
             return self._rows_answered(rows, lambda batch: self._score(batch, images))
+        if self.answering.mode == "ground":
+            return self._rows_answered(rows, lambda batch: self._ground(batch, images))
         outputs, groups = {}, {}
         for index, row in rows:
             try:
@@ -658,6 +660,29 @@ class Answerer:
         return results
 
 
+    def _ground(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
+        """Each row's phrase grounded in its image: one box in the image's pixels."""
+        features = torch.stack([images[row["image"]][0] for _, row in rows])
+        sizes = [images[row["image"]][1] for _, row in rows]
+        results = []
+        for (index, row), found in zip(rows, self.pipe.ground(features, [row["phrase"] for _, row in rows], sizes),
+                                       strict=True):  # fmt: skip
+            if found is None:
+                results.append({"error": "the model gave a non-finite box (NaN or inf) for this image and phrase"})
+                continue
+            result = {"box": found["box"]}
+            if self.maps is not None:
+                path = self.maps / f"{index:07d}.png"
+                picture = [{"box": found["box"], "label": row["phrase"], "score": None}]
+                try:
+                    save_atomically(boxes_picture(self.pipe.xray_image_processor.load_rgb(row["image"]), picture), path)
+                    result["map"] = str(path)
+                except (ValueError, OSError) as error:
+                    result.update(map=None, map_error=first_line(error))
+            results.append(result)
+        return results
+
+
 def answer_dataset(
     model: str,
     input_path: str | os.PathLike,
@@ -730,7 +755,8 @@ def answer_dataset(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
-        help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection, zero-shot findings)",
+        help="a converted model folder or Hub id (DiffVQA, VQA, report generation, detection, zero-shot findings, "
+        "phrase grounding)",
     )
     parser.add_argument("--input", required=True, type=Path, help="CSV or JSON Lines file of the model's columns")
     parser.add_argument("--output", required=True, type=Path, help="JSON Lines file to write (appears when complete)")

@@ -34,6 +34,8 @@ from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
 from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_grounding import LapvqaGroundingConfig
+from .models.configuration_lapvqa_report_generation import LapvqaReportGenerationConfig
 from .models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig, LapvqaTwoTowerTextConfig
 from .models.configuration_lapvqa_vision import LapvqaVisionConfig
 from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
@@ -42,6 +44,8 @@ from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .models.modeling_lapvqa_detection import LapvqaDetectionModel
 from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_grounding import LapvqaGroundingModel
+from .models.modeling_lapvqa_report_generation import LapvqaReportGenerationModel
 from .models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, LapvqaTwoTowerTextModel
 from .models.modeling_lapvqa_vision import LapvqaVisionModel
 from .models.modeling_lapvqa_vqa import LapvqaVQAModel
@@ -50,9 +54,11 @@ from .models.pipeline_lapvqa import (
     LapvqaDetectionPipeline,
     LapvqaDiffVQAPipeline,
     LapvqaImageEmbeddingPipeline,
+    LapvqaReportGenerationPipeline,
     LapvqaVQAPipeline,
     LapvqaZeroShotFindingsPipeline,
 )
+from .models.pipeline_lapvqa_grounding import LapvqaGroundingPipeline
 from .models.processing_lapvqa import LapvqaProcessor, LapvqaTwoTowerProcessor
 
 AUTO_CLASSES = {
@@ -76,10 +82,11 @@ class Answering:
     prompt_column: str | None = None
     picture: str | None = None
 
-    # What a row's answer is, by output field: boxes are detected, scores ranked, everything else generated text.
-    MODES = {"boxes": "detect", "scores": "score"}
+    # What a row's answer is, by output field: boxes are detected, a phrase's box grounded, scores ranked, everything
+    # else generated text.
+    MODES = {"boxes": "detect", "box": "ground", "scores": "score"}
     # The pipeline method that answers a batch of encoded images, per mode.
-    BATCH_METHODS = {"generate": "generate_texts", "detect": "detect", "score": "score"}
+    BATCH_METHODS = {"generate": "generate_texts", "detect": "detect", "ground": "ground", "score": "score"}
 
     @property
     def mode(self) -> str:
@@ -206,6 +213,10 @@ IMAGES_NOTE = "# Images: PNG or JPEG (8 or 16 bit) or DICOM paths (DICOM needs p
 ENCODER_NOTE = (
     "# The pipeline loads the frozen {encoder} encoder from its own repo (once; the Hugging Face cache serves it "
     "offline)."
+)
+NATIVE_ENCODER_NOTE = (
+    "# This head was trained with its {encoder} encoder fine-tuned, which this repo does not hold: the pipeline\n"
+    '# refuses to run from images until that encoder is named (see "The fine-tuned encoder" below).'
 )
 
 register_kind(ModelKind(
@@ -437,13 +448,78 @@ register_kind(ModelKind(
         datasets=("mimic-cxr",),
         usage="""from transformers import pipeline
 
-pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+pipe = pipeline("lapvqa-zero-shot-findings", model="{repo_id}", trust_remote_code=True)
 {images}
 findings = ["pleural effusion", "cardiomegaly", "pneumothorax", "no acute cardiopulmonary process"]
 print(pipe("chest_xray.png", candidate_labels=findings))
 
 embed = pipeline("lapvqa-image-embedding", model="{repo_id}", trust_remote_code=True)
 print(len(embed("chest_xray.png")))  # the L2-normalised 512-d image embedding""",
+    ),
+))  # fmt: skip
+
+register_kind(ModelKind(
+    name="report-generation",
+    model_type=LapvqaReportGenerationConfig.model_type,
+    config_class=LapvqaReportGenerationConfig,
+    model_class=LapvqaReportGenerationModel,
+    auto_classes=("AutoModel", "AutoModelForCausalLM"),
+    processor=LapvqaProcessor,
+    pipeline_task="lapvqa-rrg",
+    pipeline_class=LapvqaReportGenerationPipeline,
+    hub_pipeline_tag="image-text-to-text",  # transformers 5 has no "image-to-text" task any more
+    answering=Answering(columns=("image",), images={"image": "image_features"}, field="report", picture="attention"),
+    converter="lapvqa_hf.convert.report_generation",
+    converter_help="a ReportGenerationHead checkpoint ({encoder}.pt of lapvqa-rrg / lapvqa-rrg-native)",
+    training_task="lapvqa_hf.train.tasks:ReportGenerationTask",
+    card=CardText(
+        description=(
+            "Radiology report generation on chest X-rays: given the {encoder} encoder's patch tokens of one study, a "
+            "transformer decoder writes its MIMIC-CXR report (findings and impression)."
+        ),
+        training_data="MIMIC-CXR reports",
+        task_tags=("radiology-report-generation", "image-to-text"),
+        datasets=("mimic-cxr",),
+        usage="""from transformers import pipeline
+
+{encoder_note}
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+print(pipe("chest_xray.png", max_new_tokens=128)[0]["generated_text"])""",
+    ),
+))  # fmt: skip
+
+register_kind(ModelKind(
+    name="grounding",
+    model_type=LapvqaGroundingConfig.model_type,
+    config_class=LapvqaGroundingConfig,
+    model_class=LapvqaGroundingModel,
+    pipeline_task="lapvqa-phrase-grounding",
+    pipeline_class=LapvqaGroundingPipeline,
+    hub_pipeline_tag="zero-shot-object-detection",
+    # `phrase`: the text to ground; the output's `box` is in the original image's pixels.
+    answering=Answering(columns=("image", "phrase"), images={"image": "image_features"}, field="box", picture="boxes"),
+    converter="lapvqa_hf.convert.grounding",
+    converter_help="a TransVG-style VisualGroundingHead checkpoint ({encoder}.pt of lapvqa-pg, MS-CXR phrases)",
+    training_task="lapvqa_hf.train.tasks:GroundingTask",
+    card=CardText(
+        description=(
+            "Phrase grounding on chest X-rays: a TransVG-style head reads a learned [REG] token, the frozen {encoder} "
+            "encoder's patch tokens and a phrase's text embedding through a 3-layer transformer encoder and "
+            "regresses one box for the phrase (MS-CXR)."
+        ),
+        training_data="MS-CXR (radiologists' boxes of report phrases on MIMIC-CXR images)",
+        task_tags=("zero-shot-object-detection", "phrase-grounding", "visual-grounding", "ms-cxr"),
+        datasets=("ms-cxr", "mimic-cxr"),
+        usage="""from transformers import pipeline
+
+{encoder_note}
+# Each phrase is embedded by the text tower named in config.json (`text_recipe`), also loaded once.
+pipe = pipeline(model="{repo_id}", trust_remote_code=True)
+{images}
+phrases = ["small left pleural effusion", "enlarged cardiac silhouette"]
+for found in pipe("chest_xray.png", candidate_labels=phrases):  # one box per phrase, in the image's pixels
+    print(found["label"], found["box"])""",
     ),
 ))  # fmt: skip
 

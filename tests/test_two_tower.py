@@ -310,3 +310,14 @@ def test_lapvqa_answer_ranks_each_rows_findings_and_gives_bad_rows_their_own_err
     assert lines[1]["error"].startswith("image: ") and "broken.png" in lines[1]["error"]
     assert "candidate_labels must be a non-empty list" in lines[2]["error"]
     assert sorted(s["label"] for s in lines[3]["scores"]) == ["effusion", "pneumothorax"]
+
+
+def test_lapvqa_answer_runs_the_folders_own_code_with_trust_remote_code(two_tower_folders, upstream_files):
+    """A folder with two pipelines (zero-shot findings, image embedding): `lapvqa answer` names the one it runs."""
+    (upstream_files / "rows.csv").write_text("image,labels\ncxr.png,effusion;no finding\n")
+    output = upstream_files / "remote.jsonl"
+    folder = two_tower_folders["sigmoid"]
+    arguments = ["answer", str(folder), "--input", str(upstream_files / "rows.csv"), "--output", str(output)]
+    assert lapvqa([*arguments, "--trust-remote-code"]) == 0
+    (line,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(s["label"] for s in line["scores"]) == ["effusion", "no finding"]
