@@ -8,7 +8,7 @@ from .detection import score_detections
 from .retrieval import score_retrieval
 from .scoring import cider, corpus_bleu, mean_rouge, radgraph_f1, score_answers, tokenize
 
-METRIC_MODULES = ("lapvqa_bleu", "lapvqa_rouge")
+METRIC_MODULES = ("lapvqa_bleu", "lapvqa_rouge", "lapvqa_bertscore")
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
