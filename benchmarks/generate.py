@@ -37,6 +37,7 @@ from timing import time_calls
 from transformers.generation import CompileConfig
 
 from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
+from lapvqa_hf.models.greedy_decoding import greedy_generate
 
 NEVER = 50257  # an eos id past the vocabulary: every mode checks for it and runs the full length
 
@@ -146,7 +147,8 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         default="naive,dynamic,static-compiled",
-        help="comma-separated, of naive, dynamic, static-compiled, static-compiled-frozen (inductor's freezing)",
+        help="comma-separated, of naive, dynamic, static-compiled, static-compiled-frozen (inductor's freezing), "
+        "fast-greedy (lapvqa_hf.models.greedy_decoding: the step on the device, static cache, no compile)",
     )
     parser.add_argument("--vis-dim", type=int, default=768)
     parser.add_argument("--patches", type=int, default=256, help="patch tokens per image")
@@ -160,6 +162,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     original, model = build_models(args.vis_dim, args.device, dtype, args.attn_implementation)
+    model.generation_config.eos_token_id = NEVER  # fast-greedy reads it there; generate() is given it
     twin = tiny_twin(model)
     compile_config = CompileConfig(
         fullgraph=True, mode="reduce-overhead" if args.device.startswith("cuda") else "default"
@@ -205,6 +208,14 @@ def main() -> None:
                 **common, max_new_tokens=new_tokens, cache_implementation="static", compile_config=compile_config
             ),
             "static-compiled-frozen": lambda new_tokens: frozen(runs["static-compiled"], new_tokens),
+            "fast-greedy": lambda new_tokens: greedy_generate(
+                model,
+                prompt,
+                torch.ones_like(prompt),
+                new_tokens,
+                current_image_features=curr_vis,
+                prior_image_features=ref_vis,
+            ),
         }
         naive_seconds = None
         text_tokens = args.prompt_tokens + args.new_tokens // 2  # the self-attention cache's mean length

@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 "$python" -c "import lapvqa_hf, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 run generate-dynamic generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8,64,256 --modes dynamic --repeats 5 --json "$out/generate-dynamic.json"
+run generate-fast-greedy generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8,64,256 --modes fast-greedy --repeats 5 --json "$out/generate-fast-greedy.json"
 run generate-naive generate.py --device cuda --dtype bfloat16 --batch-sizes 1,8 --modes naive --repeats 1
 run encode encode.py --device cuda --dtype bfloat16 --image-sizes 224,378 --batch-sizes 1,64,256 --caption-batch-sizes 1,64,256 --repeats 3
 for task in diffvqa captioning detection; do
