@@ -16,7 +16,8 @@ COMMANDS = {
     "push": "convert (verified), render cards, upload one commit per repo and fill the collection",
     "data": "datasets for fine-tuning and evaluation",
     "extract-features": "encode every image once with a frozen encoder (resumable)",
-    "evaluate": "answer (DiffVQA) or report on (captioning) a split greedily, BLEU/ROUGE/CIDEr; or detect (mAP)",
+    "evaluate": "answer (DiffVQA) or report on (captioning) a split greedily, BLEU/ROUGE/CIDEr; detect (mAP); "
+    "ground phrases (mIoU)",
     "answer": "answer a CSV / JSON Lines file of images and questions (batched, resumable, heat maps)",
     "probe": "linear probes of frozen image embeddings (NIH CXR-14, CheXpert): mean AUC",
     "retrieve": "rank a report corpus for each X-ray (or X-rays for each report) with a two-tower model; Recall@K",

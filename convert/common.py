@@ -356,10 +356,16 @@ def save_gpt2_tokenizer(max_length: int) -> Callable[[Path], None]:
 
 
 def add_common_arguments(
-    parser: argparse.ArgumentParser, what: str, example: str, default_heads: int, with_activation: bool = True
+    parser: argparse.ArgumentParser,
+    what: str,
+    example: str,
+    default_heads: int | None,
+    with_activation: bool = True,
+    heads_help: str | None = None,
 ) -> None:
     """What every converter's command line takes: the checkpoint (`what`, e.g. `example` on the Hub), the output,
-    the options the weights do not record, and verify's."""
+    the options the weights do not record (`heads_help` says where `--num-heads` comes from when not given), and
+    verify's."""
     parser.add_argument(
         "checkpoint", type=Path, help=f"{what}: a local file, or OWNER/REPO/FILE on the Hub, e.g. {example}"
     )
@@ -368,7 +374,7 @@ def add_common_arguments(
         "--num-heads",
         type=int,
         default=default_heads,
-        help=f"attention heads (not in the weights; default {default_heads})",
+        help=heads_help or f"attention heads (not in the weights; default {default_heads})",
     )
     if with_activation:
         parser.add_argument(

@@ -145,6 +145,44 @@ class VQAHead(nn.Module):
         return greedy_answers(lambda ids: self(vis, ids), prompt_ids, bos_id, eos_id, max_new_tokens)
 
 
+class ReportGenerationHead(nn.Module):
+    """`ReportGenerationHead` of `lapvqa-rrg` / `lapvqa-rrg-native` as pinned (SPEC section 7): `VQAHead` without
+    the question, built as `ReportGenerationHead(vis_dim, d_model, num_layers, nhead)`. A report is
+    `[bos] + report_ids + [eos]`; generation starts from `[bos]`. `lm_head` is tied where the file's tensors are."""
+
+    def __init__(
+        self,
+        vis_dim: int,
+        d_model: int = 512,
+        num_layers: int = 6,
+        nhead: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        vocab_size: int = 50257,
+        max_len: int = 256,
+        final_norm: bool = True,
+        tie_weights: bool = False,
+    ):
+        super().__init__()
+        self.vis_proj = nn.Linear(vis_dim, d_model)
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.decoder = transformer_decoder(d_model, nhead, num_layers, dim_feedforward, dropout, activation, final_norm)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, vis: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return decode(self, input_ids, self.vis_proj(vis))
+
+    @torch.no_grad()
+    def generate(self, vis: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+        """Greedy reports from `[bos]`, one list of ids per image, without bos or eos."""
+        start = torch.empty(vis.shape[0], 0, dtype=torch.long, device=vis.device)
+        return greedy_answers(lambda ids: self(vis, ids), start, bos_id, eos_id, max_new_tokens)
+
+
 class TimmAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -428,6 +466,55 @@ class DetectionHead(nn.Module):
         memory = self.encoder(self.vis_proj(vis))
         hidden = self.decoder(self.object_queries.expand(vis.shape[0], -1, -1), memory)
         return self.class_head(hidden), self.box_head(hidden).sigmoid()
+
+
+class VisualGroundingHead(nn.Module):
+    """`VisualGroundingHead` of `lapvqa-pg` as pinned (SPEC section 7): TransVG-style phrase grounding.
+
+    `vis_proj` Linear(vis_dim -> d_model), `txt_proj` Linear(txt_dim -> d_model), `reg_token` [1, 1, d_model]; the
+    sequence `[reg_token ; vis_proj(vis) ; txt_proj(txt)]` (plus the first 1 + N + 1 rows of `pos_emb` [1, max_len,
+    d_model] where the file has it) passes PyTorch's pre-norm `TransformerEncoder` (8 heads, ReLU, dropout 0.1,
+    LayerNorm eps 1e-5, batch_first; the FFN width and the final `encoder.norm` read from the weights); `box_head`
+    `Sequential(Linear, ReLU, Linear)` + sigmoid at the REG position gives (cx, cy, w, h) in [0, 1].
+    """
+
+    def __init__(
+        self,
+        vis_dim: int,
+        txt_dim: int,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_layers: int = 3,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-5,
+        final_norm: bool = True,
+        max_len: int | None = None,
+    ):
+        super().__init__()
+        self.vis_proj = nn.Linear(vis_dim, d_model)
+        self.txt_proj = nn.Linear(txt_dim, d_model)
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.register_parameter("pos_emb", nn.Parameter(torch.zeros(1, max_len, d_model)) if max_len else None)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer,
+            num_layers,
+            norm=nn.LayerNorm(d_model, eps=layer_norm_eps) if final_norm else None,
+            enable_nested_tensor=False,
+        )
+        self.box_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, 4))
+
+    def forward(self, vis: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """`vis` [B, N, vis_dim] and the phrase features `txt` [B, txt_dim] -> boxes [B, 4]."""
+        reg = self.reg_token.expand(vis.shape[0], -1, -1)
+        x = torch.cat([reg, self.vis_proj(vis), self.txt_proj(txt).unsqueeze(1)], dim=1)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[:, : x.shape[1]]
+        return self.box_head(self.encoder(x)[:, 0]).sigmoid()
 
 
 class ContrastiveTextEncoder(nn.Module):

@@ -39,21 +39,27 @@ WHAT = "VQAHead"
 
 
 def infer_config(
-    state_dict: dict[str, torch.Tensor], encoder: str, num_attention_heads: int = 8, hidden_act: str = "relu"
+    state_dict: dict[str, torch.Tensor],
+    encoder: str,
+    num_attention_heads: int = 8,
+    hidden_act: str = "relu",
+    config_class: type[LapvqaVQAConfig] = LapvqaVQAConfig,
+    what: str = WHAT,
 ) -> LapvqaVQAConfig:
-    """Reads the architecture from the weights; heads and activation are the pinned (or given) assumptions."""
+    """Reads the architecture of a single-image head (`what`: this VQAHead, or the report-generation head of the
+    same layout) from the weights; heads and activation are the pinned (or given) assumptions."""
     if "frame_emb.weight" in state_dict:
         raise ConversionError(
             "this checkpoint has frame_emb.weight, so it is a two-image DiffVQAHead: use `lapvqa convert diffvqa`."
         )
-    decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, WHAT)
-    projection_width, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, WHAT)
+    decoder_fields = read_text_decoder_fields(state_dict, num_attention_heads, hidden_act, what)
+    projection_width, vis_dim = tensor_shape(state_dict, "vis_proj.weight", 2, what)
     if projection_width != decoder_fields["hidden_size"]:
         raise ConversionError(
             f"inconsistent widths: tok_emb {decoder_fields['hidden_size']}, vis_proj {projection_width}."
         )
     check_encoder_width(encoder, vis_dim)
-    return LapvqaVQAConfig(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
+    return config_class(vis_dim=vis_dim, encoder_name=encoder, **decoder_fields)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQAConfig) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from .models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from .models.configuration_lapvqa_coca import LapvqaCocaVisionConfig
 from .models.configuration_lapvqa_detection import LapvqaDetectionConfig
 from .models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from .models.configuration_lapvqa_grounding import LapvqaGroundingConfig
+from .models.configuration_lapvqa_report_generation import LapvqaReportGenerationConfig
 from .models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig, LapvqaTwoTowerTextConfig
 from .models.configuration_lapvqa_vision import LapvqaVisionConfig
 from .models.configuration_lapvqa_vqa import LapvqaVQAConfig
@@ -20,6 +22,8 @@ from .models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from .models.modeling_lapvqa_coca import LapvqaCocaVisionModel
 from .models.modeling_lapvqa_detection import LapvqaDetectionModel
 from .models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from .models.modeling_lapvqa_grounding import LapvqaGroundingModel
+from .models.modeling_lapvqa_report_generation import LapvqaReportGenerationModel
 from .models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, LapvqaTwoTowerTextModel
 from .models.modeling_lapvqa_vision import LapvqaVisionModel
 from .models.modeling_lapvqa_vqa import LapvqaVQAModel
@@ -40,8 +44,12 @@ __all__ = [
     "LapvqaDetectionModel",
     "LapvqaDiffVQAConfig",
     "LapvqaDiffVQAModel",
+    "LapvqaGroundingConfig",
+    "LapvqaGroundingModel",
     "LapvqaImageProcessor",
     "LapvqaProcessor",
+    "LapvqaReportGenerationConfig",
+    "LapvqaReportGenerationModel",
     "LapvqaTwoTowerConfig",
     "LapvqaTwoTowerModel",
     "LapvqaTwoTowerProcessor",

@@ -6,6 +6,8 @@ lapvqa convert captioning model_best.pt --output DIR
 lapvqa convert vision-encoder encoder_final.pt --output DIR
 lapvqa convert coca-encoder open_clip_pytorch_model.bin --output DIR
 lapvqa convert detection siglip.pt --output DIR
+lapvqa convert report-generation mae-vit-l16.pt [--native --encoder-checkpoint DIR] --output DIR
+lapvqa convert grounding siglip.pt --output DIR
 lapvqa answer MODEL --input rows.csv --output answers.jsonl
 """
 
@@ -57,22 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize = data_commands.add_parser(
         "synthesize",
         help="write a small synthetic MIMIC-Diff-VQA + MIMIC-CXR(-JPG) release with reports, or a VinDr-CXR, "
-        "NIH ChestX-ray14 or CheXpert one (same layouts)",
+        "MS-CXR, NIH ChestX-ray14 or CheXpert one (same layouts)",
     )
     synthesize.add_argument("--output", type=Path, required=True, help="folder to write the release into")
     synthesize.add_argument(
         "--dataset",
         default="mimic",
-        choices=["mimic", "vindr-cxr", "nih-cxr14", "chexpert"],
+        choices=["mimic", "vindr-cxr", "ms-cxr", "nih-cxr14", "chexpert"],
         help="mimic (DiffVQA and captioning; default), vindr-cxr (detection boxes by 3 radiologists per image), "
-        "nih-cxr14 or chexpert (image labels with their official splits, for `lapvqa probe`)",
+        "ms-cxr (phrase boxes, for grounding), nih-cxr14 or chexpert (image labels with their official splits, for "
+        "`lapvqa probe`)",
     )
     synthesize.add_argument(
         "--subjects",
         type=int,
         default=12,
-        help="patients (mimic: 3 questions and 2 reports each; nih-cxr14, chexpert: a few images each) or training "
-        "images (vindr-cxr); default 12",
+        help="patients (mimic: 3 questions and 2 reports each; nih-cxr14, chexpert: a few images each), training "
+        "images (vindr-cxr) or images (ms-cxr); default 12",
     )
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(handler=run_synthesize)
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mimic-root",  # its earlier name
         dest="data_root",
         type=Path,
-        help="a MIMIC-Diff-VQA release, or with --task detection a VinDr-CXR one (or `lapvqa data synthesize` output)",
+        help="a MIMIC-Diff-VQA release, or with --task detection a VinDr-CXR one, with --task grounding an MS-CXR one "
+        "(or `lapvqa data synthesize` output)",
     )
     source.add_argument("--pairs", type=Path, help="a CSV/JSONL file of prior_image, current_image, question, answer")
     source.add_argument("--reports", type=Path, help="a CSV/JSONL file of image, report")
@@ -94,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="diffvqa",
         choices=[name for name, kind in KINDS.items() if kind.training_task is not None],
         help="with --data-root: the images of the DiffVQA question pairs, the frontal image of every MIMIC-CXR "
-        "report (captioning), or every VinDr-CXR image, prepared as a detection head's image processor does "
-        "(detection)",
+        "report (captioning), or every VinDr-CXR (detection) or MS-CXR (grounding) image, prepared as a detection "
+        "or grounding head's image processor does",
     )
     extract.add_argument("--output", type=Path, required=True, help="feature folder (re-running resumes)")
     extract.add_argument("--checkpoint", help="encoder checkpoint (Hub id or folder) instead of the recipe's")
@@ -110,17 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help=COMMANDS["evaluate"],
         description="Answers (DiffVQA) or reports on (captioning) a split greedily, or detects its boxes "
-        "(detection), and scores it. Under `accelerate launch -m lapvqa_hf.cli evaluate ...` the processes share "
-        "the split out.",
+        "(detection) or grounds its phrases (grounding), and scores it. Under `accelerate launch -m lapvqa_hf.cli "
+        "evaluate ...` the processes share the split out.",
     )
-    evaluate.add_argument("model", help="a DiffVQA, captioning or detection model folder or Hub id")
+    evaluate.add_argument("model", help="a DiffVQA, captioning, detection or grounding model folder or Hub id")
     evaluate.add_argument(
         "--data-root",
         "--mimic-root",  # its earlier name
         dest="data_root",
         type=Path,
         required=True,
-        help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR)",
+        help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR; grounding: MS-CXR)",
     )
     evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
     evaluate.add_argument(
@@ -261,16 +265,22 @@ def run_extract_features(args: argparse.Namespace) -> int:
 def run_synthesize(args: argparse.Namespace) -> int:
     from .data import DataError, load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
     from .detection_data import load_vindr_cxr, write_synthetic_vindr_cxr
+    from .grounding_data import load_ms_cxr, write_synthetic_ms_cxr
     from .probe_data import load_probe_dataset, write_synthetic_probe_release
 
     def synthesize() -> None:
         if args.subjects < 1:
-            what = "training images" if args.dataset == "vindr-cxr" else "patients"
+            what = {"vindr-cxr": "training images", "ms-cxr": "images"}.get(args.dataset, "patients")
             raise DataError(f"--subjects must be at least 1 ({what}), got {args.subjects}.")
         if args.dataset == "vindr-cxr":
             root = write_synthetic_vindr_cxr(args.output, num_images=args.subjects, seed=args.seed)
             images = {split: len(rows) for split, rows in load_vindr_cxr(root).items()}
             print(f"wrote {root}: images {images}")
+            return
+        if args.dataset == "ms-cxr":
+            root = write_synthetic_ms_cxr(args.output, num_images=args.subjects, seed=args.seed)
+            phrases = {split: len(rows) for split, rows in load_ms_cxr(root).items()}
+            print(f"wrote {root}: phrases {phrases}")
             return
         if args.dataset in ("nih-cxr14", "chexpert"):
             root = write_synthetic_probe_release(args.dataset, args.output, num_patients=args.subjects, seed=args.seed)

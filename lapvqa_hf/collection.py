@@ -46,6 +46,7 @@ class CollectionModel:
     encoder_label: str
     dataset: Dataset
     results: tuple[Metric, ...] = field(default_factory=tuple)
+    encoder_finetuned: bool = False  # trained with its encoder ("native" files): the file holds the head alone
 
     @property
     def name(self) -> str:
@@ -117,6 +118,7 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
             )
         )
     dataset = _require(entry, "dataset", dict, where)
+    encoder_finetuned = _require(entry, "encoder_finetuned", bool, where) if "encoder_finetuned" in entry else False
     return CollectionModel(
         repo_id=repo_id,
         kind=kind,
@@ -131,6 +133,7 @@ def _model_from_dict(entry: dict, index: int) -> CollectionModel:
         encoder_label=_require(entry, "encoder_label", str, where),
         dataset=Dataset(*(_require(dataset, k, str, f"{where} dataset") for k in ("name", "type", "split"))),
         results=tuple(results),
+        encoder_finetuned=encoder_finetuned,
     )
 
 

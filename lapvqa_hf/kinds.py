@@ -14,8 +14,10 @@ and training tasks are named by import path (`"module:attribute"`), imported whe
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -102,6 +104,15 @@ class Answering:
 
 
 @dataclass(frozen=True)
+class ImageEmbedding:
+    """How a kind's model embeds an image as one vector (`lapvqa probe`): `what` it is, in words, and `of(model,
+    pixel_values)` computing it, `[images, width]`, from images prepared by the folder's image processor."""
+
+    what: str
+    of: Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class CardText:
     """What a kind's model card says: its description (`{encoder}` is the encoder's label), training data, tags,
     dataset ids, licence and usage snippet (`{repo_id}`, `{encoder_note}`, `{images}` filled in)."""
@@ -135,6 +146,7 @@ class ModelKind:
     converter_command: str | None = None  # `lapvqa convert <command>` (default: the kind's name)
     converter_help: str = ""
     training_task: str | object | None = None  # "module:Class" (or the class) with from_config / from_model_config
+    image_embedding: ImageEmbedding | None = None  # one vector per image, where the model gives one
     extra: dict = field(default_factory=dict)
 
     @property
@@ -331,6 +343,8 @@ register_kind(ModelKind(
     model_class=LapvqaVisionModel,
     processor=LapvqaProcessor,
     hub_pipeline_tag="image-feature-extraction",
+    image_embedding=ImageEmbedding("the normed CLS token (pooler_output)", lambda model, pixels: model(
+        pixel_values=pixels).pooler_output),
     converter="lapvqa_hf.convert.vision_encoder",
     converter_help="the captioning-pretrained ViT-L/14 alone (encoder_final.pt)",
     card=CardText(
@@ -434,6 +448,10 @@ register_kind(ModelKind(
     hub_pipeline_tag="zero-shot-image-classification",
     # `labels`: the candidate findings of the row, separated by ";"
     answering=Answering(columns=("image", "labels"), images={"image": "image_embeds"}, field="scores"),
+    image_embedding=ImageEmbedding(
+        "the projected image embedding (get_image_features(...).pooler_output)",
+        lambda model, pixels: model.get_image_features(pixel_values=pixels).pooler_output,
+    ),
     converter="lapvqa_hf.convert.two_tower",
     training_task="lapvqa_hf.train.tasks:TwoTowerTask",
     converter_help="a two-tower ContrastiveModel (model_best.pt or model_epochXXX.pt: ViT-L/14 + report encoder)",
@@ -532,6 +550,7 @@ __all__ = [
     "KINDS",
     "Answering",
     "CardText",
+    "ImageEmbedding",
     "ModelKind",
     "kind_of",
     "register_kind",

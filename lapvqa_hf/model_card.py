@@ -5,11 +5,13 @@ from importlib import resources
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .collection import Collection, CollectionModel
-from .kinds import ENCODER_NOTE, IMAGES_NOTE, KINDS
+from .kinds import ENCODER_NOTE, IMAGES_NOTE, KINDS, NATIVE_ENCODER_NOTE
+from .models.encoders import RECIPES
 
 
 def usage_snippet(entry: CollectionModel) -> str:
-    encoder_note = ENCODER_NOTE.format(encoder=entry.encoder_label)
+    note = NATIVE_ENCODER_NOTE if entry.encoder_finetuned else ENCODER_NOTE
+    encoder_note = note.format(encoder=entry.encoder_label)
     card = KINDS[entry.kind].card
     return card.usage.format(repo_id=entry.repo_id, encoder_note=encoder_note, images=IMAGES_NOTE)
 
@@ -95,6 +97,10 @@ def render_model_card(
         training_results=training_results or {},
         training_data=card.training_data,
         kind=entry.kind,
+        encoder_finetuned=entry.encoder_finetuned,
+        encoder_label=entry.encoder_label,
+        encoder_class=RECIPES[entry.encoder].model_class,
+        repo_id=entry.repo_id,
     )
 
 

@@ -41,10 +41,6 @@ PROTOCOL = (
     "frozen image embeddings; per label, LogisticRegression(max_iter=1000) on standardised features fit on the train "
     "split, ROC AUC on the test split; labels with one class in either split skipped and left out of the mean"
 )
-FOLDER_EMBEDDINGS = {
-    "lapvqa_two_tower": "the projected image embedding (get_image_features(...).pooler_output)",
-    "lapvqa_vision": "the normed CLS token (pooler_output)",
-}
 
 
 class ProbeError(ValueError):
@@ -82,21 +78,21 @@ def recipe_embedder(name: str, checkpoint: str | None, device: torch.device) -> 
 
 
 def folder_embedder(name: str, device: torch.device) -> Embedder:
-    """The image embedding of a converted two-tower model or vision encoder (folder or Hub id), its images prepared
-    by the `LapvqaImageProcessor` saved with it."""
+    """The image embedding of a converted model whose kind gives one (`ModelKind.image_embedding`: a two-tower model,
+    a vision encoder), folder or Hub id, its images prepared by the `LapvqaImageProcessor` saved with it."""
+    from .kinds import KINDS, kind_of
     from .model_folders import load_config, load_model
     from .models.image_processing_lapvqa import LapvqaImageProcessor
-    from .models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel
-    from .models.modeling_lapvqa_vision import LapvqaVisionModel
 
     model_type = load_config(name).model_type
-    if model_type not in FOLDER_EMBEDDINGS:
+    kind = kind_of(model_type)
+    if kind is None or kind.image_embedding is None:
+        embedding_kinds = [k.model_type for k in KINDS.values() if k.image_embedding is not None]
         raise ProbeError(
             f"{name} is a {model_type} model; expected an encoder recipe name or a model of type "
-            f"{' or '.join(FOLDER_EMBEDDINGS)} (a two-tower model or a vision encoder)."
+            f"{' or '.join(embedding_kinds)} (a two-tower model or a vision encoder)."
         )
-    model_class = LapvqaTwoTowerModel if model_type == "lapvqa_two_tower" else LapvqaVisionModel
-    model = load_model(model_class, name).to(device).eval()
+    model = load_model(kind.model_class, name).to(device).eval()
     try:
         image_processor = LapvqaImageProcessor.from_pretrained(name)
     except OSError as error:
@@ -104,12 +100,9 @@ def folder_embedder(name: str, device: torch.device) -> Embedder:
     dtype = next(model.parameters()).dtype
 
     def embed(paths: list[str]) -> torch.Tensor:
-        pixel_values = image_processor(paths)["pixel_values"].to(device, dtype)
-        if model_type == "lapvqa_two_tower":
-            return model.get_image_features(pixel_values=pixel_values).pooler_output
-        return model(pixel_values=pixel_values).pooler_output
+        return kind.image_embedding.of(model, image_processor(paths)["pixel_values"].to(device, dtype))
 
-    return Embedder(name, FOLDER_EMBEDDINGS[model_type], embed)
+    return Embedder(name, kind.image_embedding.what, embed)
 
 
 def load_embedder(model: str, encoder_checkpoint: str | None = None, device: str | None = None) -> Embedder:

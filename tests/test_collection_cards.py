@@ -37,7 +37,10 @@ def test_manifest_lists_every_upstream_file_once():
         assert f"lapvqa-ad-{encoder}" in names
     assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-coca-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
     assert {"lapvqa-pretrain-contrastive", "lapvqa-pretrain-sigmoid"} <= names
-    assert len(collection.models) == 23
+    assert {f"lapvqa-pg-{e}" for e in ("clip-vit-l14", "siglip", "florence2", "coca", "owlv2", "mae-vit-l16")} <= names
+    for encoder in ("clip-vit-l14", "siglip", "florence2", "coca", "mae-vit-l16"):
+        assert f"lapvqa-rrg-{encoder}" in names and f"lapvqa-rrg-native-{encoder}" in names
+    assert len(collection.models) == 39
     assert [m.name for m in collection.select(convertible_only=True)] == [
         "lapvqa-diffvqa-clip-vit-l14",
         "lapvqa-diffvqa-coca",
@@ -62,6 +65,22 @@ def test_manifest_lists_every_upstream_file_once():
         "lapvqa-pretrain-contrastive-vit-l14",
         "lapvqa-pretrain-sigmoid",
         "lapvqa-pretrain-sigmoid-vit-l14",
+        "lapvqa-rrg-clip-vit-l14",
+        "lapvqa-rrg-siglip",
+        "lapvqa-rrg-florence2",
+        "lapvqa-rrg-coca",
+        "lapvqa-rrg-mae-vit-l16",
+        "lapvqa-rrg-native-clip-vit-l14",
+        "lapvqa-rrg-native-siglip",
+        "lapvqa-rrg-native-florence2",
+        "lapvqa-rrg-native-coca",
+        "lapvqa-rrg-native-mae-vit-l16",
+        "lapvqa-pg-clip-vit-l14",
+        "lapvqa-pg-siglip",
+        "lapvqa-pg-florence2",
+        "lapvqa-pg-coca",
+        "lapvqa-pg-owlv2",
+        "lapvqa-pg-mae-vit-l16",
     ]
 
 
@@ -75,6 +94,12 @@ def test_manifest_carries_the_reported_results():
     siglip_ad = collection["lapvqa-ad-siglip"].results[0]
     assert (siglip_ad.value, siglip_ad.approximate) == (0.045, True)
     assert collection["lapvqa-ad-mae-vit-l16"].vis_dim == 1024
+    mae_rrg = collection["lapvqa-rrg-native-mae-vit-l16"]  # MIMIC-CXR test, encoder fine-tuned with the head
+    assert {r.type: r.value for r in mae_rrg.results} == {"bleu4": 0.032, "rougeL": 0.164, "radgraph_s": 0.195}
+    assert collection["lapvqa-rrg-native-siglip"].vis_dim == 1152 and collection["lapvqa-rrg-siglip"].results == ()
+    mae_pg = collection["lapvqa-pg-mae-vit-l16"]  # MIMIC-CXR test, fine-tuned
+    assert {r.type: r.value for r in mae_pg.results} == {"miou": 0.320, "acc25": 0.569, "pointing": 0.593}
+    assert collection["lapvqa-pg-siglip"].vis_dim == 1152 and collection["lapvqa-pg-coca"].results == ()
     for name, aucs in (("lapvqa-pretrain-contrastive", [0.653, 0.759]), ("lapvqa-pretrain-sigmoid", [0.650, 0.785])):
         assert [r.value for r in collection[name].results] == aucs  # linear-probe mean AUC: NIH CXR-14, CheXpert-5
         assert [r.value for r in collection[f"{name}-vit-l14"].results] == aucs

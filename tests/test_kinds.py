@@ -144,6 +144,8 @@ def test_every_kind_of_the_collection_is_one_registered_object():
         "coca-vision-encoder",
         "detection",
         "two-tower",
+        "report-generation",
+        "grounding",
     ]
     for kind in KINDS.values():
         assert kind_of(kind.model_type) is kind

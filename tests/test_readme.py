@@ -146,7 +146,8 @@ def test_ci_runs_the_readme_test_command():
     assert steps[-1] == [".venv/bin/python", "-m", "pytest", "-n", "2", "-q"]
     readme_torch = next(word for step in steps for word in step if word.startswith("torch=="))
     assert f"TORCH_FLOOR={readme_torch.removeprefix('torch==')}" in CI_RUN, "README's torch is CI's first environment's"
-    assert 'install .venv "torch==$TORCH_FLOOR" dev\n' in CI_RUN
+    assert 'install .venv "torch==$TORCH_FLOOR" dev,space\n' in CI_RUN, "with the Space's browser tests"
+    assert [".venv/bin/pip", "install", "-e", ".[dev,space]"] in steps, "README installs what CI's .venv has"
     assert ".venv/bin/python -m pytest -n 2 -q" in CI_RUN
     assert ".venv-floor/bin/python -m pytest -n 2 -q" in CI_RUN, "and again on the declared transformers floor"
     assert ".venv-torch-newest/bin/python -m pytest -n 2 -q" in CI_RUN, "and on the newest torch"

@@ -2,8 +2,8 @@
 
 Converted folders name their pipeline in `config.json` (`custom_pipelines`) and carry this file, so that
 `transformers.pipeline(model=DIR_OR_HUB_ID, trust_remote_code=True)` works without `lapvqa_hf` installed.
-The heads that take a frozen encoder's patch tokens (DiffVQA, VQA, detection) load that encoder from its own
-repo, as the head's `config.feature_recipe` names it, and prepare images as that recipe does.
+The heads that take a frozen encoder's patch tokens (DiffVQA, VQA, report generation, detection) load that encoder
+from its own repo, as the head's `config.feature_recipe` names it, and prepare images as that recipe does.
 
 Images may be file paths (PNG, JPEG, DICOM), PIL images or arrays; X-rays are read by `LapvqaImageProcessor`
 (16-bit, DICOM windowing, MONOCHROME1). Prepared images travel between the pipeline steps as `*_pixel_values`:
@@ -17,7 +17,14 @@ import torch
 from transformers import Pipeline, PreTrainedModel
 from transformers.utils import logging
 
-from .encoders import EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
+from .encoders import (
+    RECIPES,
+    EncoderError,
+    EncoderRecipe,
+    load_encoder,
+    load_encoder_image_processor,
+    patch_tokens,
+)
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .processing_lapvqa import left_padded, question_prompt
 
@@ -122,9 +129,25 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
                 "with `lapvqa convert ... --encoder NAME`, or build the pipeline with encoder= and a feature_recipe."
             )
         self.recipe = EncoderRecipe(**recorded)
+        if encoder is None:
+            self._require_the_fine_tuned_encoder()
         self.encoder = (encoder if encoder is not None else load_encoder(self.recipe)).to(self.device).eval()
         self.encoder_image_processor = encoder_image_processor or load_encoder_image_processor(self.recipe)
         self.xray_image_processor = LapvqaImageProcessor()
+
+    def _require_the_fine_tuned_encoder(self) -> None:
+        """A head trained with its encoder fine-tuned (`config.encoder_finetuned`, the "native" files) is not
+        reproduced by the off-the-shelf encoder: refuse, in one line, to load the recipe's own checkpoint for it."""
+        registered = RECIPES.get(self.recipe.name)
+        if not getattr(self.model.config, "encoder_finetuned", False) or registered is None:
+            return
+        if self.recipe.checkpoint == registered.checkpoint:
+            raise EncoderError(
+                f"{self.model.name_or_path or type(self.model).__name__} was trained with its {self.recipe.name} "
+                f"encoder fine-tuned, and that encoder is missing (the folder names the off-the-shelf "
+                f"{registered.checkpoint}): convert it with `--encoder-checkpoint` naming the fine-tuned encoder's "
+                "folder or Hub id, or pass that encoder to the pipeline as `encoder=`."
+            )
 
     def pixel_values(self, images: list) -> torch.Tensor:
         """Images as the encoder's own processor prepares them."""
@@ -278,6 +301,33 @@ class LapvqaDetectionPipeline(LapvqaFrozenEncoderPipeline):
         return found
 
 
+def generated_reports(tokenizer, model_outputs: dict) -> list[dict]:
+    """transformers' image-to-text output, one `{"generated_text"}` per returned sequence; `lapvqa answer` writes it
+    as `report`."""
+    return [
+        {"generated_text": tokenizer.decode(ids, skip_special_tokens=True).strip()}
+        for ids in model_outputs["generated_ids"][0]
+    ]
+
+
+class LapvqaReportGenerationPipeline(LapvqaFrozenEncoderPipeline):
+    """`pipe(image)` -> `[{"generated_text": "..."}]` (transformers' image-to-text output): the report the head
+    writes from `[bos]` over its frozen encoder's patch tokens; a list in gives a list of those out (`batch_size=`
+    batches it); generation arguments pass through to `generate()`. A head trained with a fine-tuned encoder
+    (`encoder_finetuned`) needs that encoder named (see `LapvqaFrozenEncoderPipeline`)."""
+
+    def preprocess(self, image) -> dict[str, torch.Tensor]:
+        prompt = left_padded([self.prompt_ids()], self.model.config.pad_token_id)  # [bos]
+        return {"image_pixel_values": self.prepare_image(image)[0], **prompt}
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict) -> dict[str, torch.Tensor]:
+        image_features = self.encode(model_inputs["image_pixel_values"])
+        return self._answer(model_inputs, generate_kwargs, image_features=image_features)
+
+    def postprocess(self, model_outputs: dict) -> list[dict]:
+        return generated_reports(self.tokenizer, model_outputs)
+
+
 class LapvqaCaptioningPipeline(LapvqaPipeline):
     """`pipe(image)` -> `[{"generated_text": "..."}]` (transformers' image-to-text output): a report written by the
     captioning model's own encoder and decoder; generation arguments pass through to `generate()`."""
@@ -310,11 +360,7 @@ class LapvqaCaptioningPipeline(LapvqaPipeline):
         return {"generated_ids": _generated_per_input(generated, prompt_length, len(model_inputs["input_ids"]))}
 
     def postprocess(self, model_outputs: dict) -> list[dict]:
-        # transformers' image-to-text output names the report `generated_text`; `lapvqa answer` writes it as `report`.
-        return [
-            {"generated_text": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
-            for ids in model_outputs["generated_ids"][0]
-        ]
+        return generated_reports(self.tokenizer, model_outputs)
 
 
 class LapvqaTwoTowerPipeline(LapvqaPipeline):
@@ -436,6 +482,7 @@ __all__ = [
     "LapvqaFrozenEncoderPipeline",
     "LapvqaImageEmbeddingPipeline",
     "LapvqaPipeline",
+    "LapvqaReportGenerationPipeline",
     "LapvqaTwoTowerPipeline",
     "LapvqaVQAPipeline",
     "LapvqaZeroShotFindingsPipeline",

@@ -13,6 +13,9 @@ The config is a JSON object of `TrainConfig` fields; `--set` overrides any of th
   the features were extracted with) only to complete the saved model, so that it also reports from pixels.
 - `detection`: a DETR-style detection head on VinDr-CXR boxes (`lapvqa_hf.detection_data`), the radiologists' boxes
   combined by `radiologists`; transformers' DETR set loss; validated by mAP at IoU 0.4 and 0.5 (`map40`, `map50`).
+- `grounding`: a TransVG-style phrase-grounding head on MS-CXR boxes (`lapvqa_hf.grounding_data`), each phrase
+  embedded once by the text tower of `text_recipe` / `text_checkpoint`; TransVG's L1 + GIoU loss; validated by
+  mIoU, Acc@0.25, Acc@0.5 and pointing accuracy (`miou`, `acc25`, `acc50`, `pointing`).
 
 All run the same loop; what differs (data, batches, model, validation predictions, scoring, saving) is a task
 (`TrainingTask`). The package: `config` (the fields, each task's options, the one check), `tasks`, `checkpoints`
@@ -36,6 +39,7 @@ from .command import exit_with_launcher, main
 from .config import (
     CaptioningOptions,
     DetectionOptions,
+    GroundingOptions,
     NonFiniteError,
     TrainConfig,
     TrainConfigError,
@@ -49,7 +53,9 @@ from .tasks import (
     DetectionTask,
     DiffVQAExamples,
     DiffVQATask,
+    GroundingTask,
     ReportExamples,
+    ReportGenerationTask,
     TrainingTask,
     answer_split,
     report_collate,
@@ -64,11 +70,14 @@ __all__ = [
     "CaptioningTask",
     "DetectionExamples",
     "DetectionOptions",
+    "GroundingOptions",
     "DetectionTask",
     "DiffVQAExamples",
     "DiffVQATask",
+    "GroundingTask",
     "NonFiniteError",
     "ReportExamples",
+    "ReportGenerationTask",
     "TrainConfig",
     "TrainConfigError",
     "TrainingTask",

@@ -22,7 +22,9 @@ from ..features import MANIFEST
 from ..kinds import KINDS
 from ..messages import first_line
 from ..metrics.detection import IOU_THRESHOLDS, metric_name
+from ..metrics.grounding import GROUNDING_METRICS
 from ..metrics.retrieval import RETRIEVAL_METRICS
+from ..models.text_towers import TEXT_RECIPES
 
 
 class TrainConfigError(ValueError):
@@ -52,6 +54,14 @@ class DetectionOptions:
     radiologists: str = "fused"  # how VinDr-CXR's radiologists' boxes combine, "fused" or "all"
 
 
+@dataclass(frozen=True)
+class GroundingOptions:
+    """What only phrase-grounding training takes: the text tower that embeds the phrases."""
+
+    text_recipe: str | None = None  # a `TEXT_RECIPES` name (default: the one pinned for the features' encoder)
+    text_checkpoint: str | None = None  # where its weights are read from (default: the recipe's Hub id)
+
+
 # Renamed config fields, old name -> new: a config file (or a checkpoint's record) may still use the old name.
 RENAMED_FIELDS = {"mimic_root": "data_root"}
 
@@ -59,14 +69,16 @@ RENAMED_FIELDS = {"mimic_root": "data_root"}
 @dataclass
 class TrainConfig:
     """A training run. `data_root` is the dataset release's folder: MIMIC-Diff-VQA / MIMIC-CXR (DiffVQA,
-    captioning) or VinDr-CXR (detection); its earlier name `mimic_root` is still read, with a warning.
+    captioning), VinDr-CXR (detection) or MS-CXR (grounding); its earlier name `mimic_root` is still read, with a
+    warning.
 
     `inputs` says what the model learns from: the encoder's stored features (`features_dir`; fast, the encoder
     frozen and never run), or images (`pixels`: the encoder in the loop, frozen or, with `train_encoder`, trained;
     only for tasks whose model holds its encoder).
 
-    The fields under "task options" belong to one task each (`CaptioningOptions`, `DetectionOptions`); setting
-    one for another task is an error. Made with invalid values, it raises `TrainConfigError` (every problem)."""
+    The fields under "task options" belong to one task each (`CaptioningOptions`, `DetectionOptions`,
+    `GroundingOptions`); setting one for another task is an error. Made with invalid values, it raises
+    `TrainConfigError` (every problem)."""
 
     data_root: str
     output_dir: str
@@ -81,6 +93,8 @@ class TrainConfig:
     report_sections: list[str] = field(default_factory=lambda: list(REPORT_SECTIONS))  # captioning
     vision_encoder: str | None = None  # captioning
     radiologists: str = "fused"  # detection
+    text_recipe: str | None = None  # grounding
+    text_checkpoint: str | None = None  # grounding
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
@@ -178,7 +192,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 INPUTS = ("features", "pixels")
 TEXT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "cider")  # what `score_answers` reports
 DETECTION_METRICS = tuple(metric_name(threshold) for threshold in IOU_THRESHOLDS)  # what `score_detections` reports
-METRICS = TEXT_METRICS + DETECTION_METRICS + RETRIEVAL_METRICS
+METRICS = TEXT_METRICS + DETECTION_METRICS + RETRIEVAL_METRICS + GROUNDING_METRICS
 TRACKERS = tuple(LoggerType.list())  # accelerate's (`log_with`)
 
 
@@ -222,6 +236,8 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     ),
     "vision_encoder": (lambda v: v is None or _is_text(v), "a LapvqaVisionModel folder or Hub id, or null"),
     "radiologists": (lambda v: v in RADIOLOGISTS, f"one of {', '.join(RADIOLOGISTS)}"),
+    "text_recipe": (lambda v: v is None or v in TEXT_RECIPES, f"null or one of {', '.join(TEXT_RECIPES)}"),
+    "text_checkpoint": (lambda v: v is None or _is_text(v), "a text tower's folder or Hub id, or null"),
     "learning_rate": (_is_number(0, strictly=True), "a finite number > 0"),
     "weight_decay": (_is_number(0, strictly=False), "a finite number >= 0"),
     "warmup_steps": (_is_integer(0), "an integer >= 0"),

@@ -2,6 +2,8 @@
 predictions, scores, saving). `train` runs any object with the `TrainingTask` interface; a kind names its task
 in the registry (`ModelKind.training_task`)."""
 
+import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,15 +26,19 @@ from ..features import (
     detection_image_processor,
     image_id,
 )
+from ..grounding_data import load_ms_cxr
 from ..kinds import KINDS, kind_of, save_pretrained_with_pipeline
 from ..messages import first_line
-from ..metrics import score_answers
+from ..metrics import radgraph_f1, score_answers
 from ..metrics.detection import score_detections
+from ..metrics.grounding import GROUNDING_METRICS, score_grounding
 from ..metrics.retrieval import RETRIEVAL_METRICS, score_retrieval
 from ..model_folders import load_model
 from ..models.configuration_lapvqa_captioning import LapvqaCaptioningConfig
 from ..models.configuration_lapvqa_detection import VINDR_CXR_CLASSES, LapvqaDetectionConfig
 from ..models.configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+from ..models.configuration_lapvqa_grounding import LapvqaGroundingConfig
+from ..models.configuration_lapvqa_report_generation import LapvqaReportGenerationConfig
 from ..models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig
 from ..models.configuration_lapvqa_vision import LapvqaVisionConfig
 from ..models.encoders import ENCODER_WIDTHS, EncoderRecipe, load_encoder_image_processor
@@ -40,11 +46,29 @@ from ..models.image_processing_lapvqa import LapvqaImageProcessor
 from ..models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from ..models.modeling_lapvqa_detection import LapvqaDetectionModel
 from ..models.modeling_lapvqa_diffvqa import LapvqaDiffVQAModel
+from ..models.modeling_lapvqa_grounding import LapvqaGroundingModel
+from ..models.modeling_lapvqa_report_generation import LapvqaReportGenerationModel
 from ..models.modeling_lapvqa_two_tower import LapvqaTwoTowerModel, contrastive_loss, sigmoid_loss
 from ..models.modeling_lapvqa_vision import LapvqaVisionModel
 from ..models.processing_lapvqa import LapvqaProcessor, LapvqaTwoTowerProcessor, question_prompt
+from ..models.text_towers import (
+    TEXT_RECIPES,
+    TextRecipe,
+    encode_phrases,
+    load_text_model,
+    load_text_tokenizer,
+    text_recipe_for,
+)
 from ..tokenization import build_gpt2_tokenizer, encode_questions
-from .config import DETECTION_METRICS, TASKS, TEXT_METRICS, CaptioningOptions, DetectionOptions, TrainConfig
+from .config import (
+    DETECTION_METRICS,
+    TASKS,
+    TEXT_METRICS,
+    CaptioningOptions,
+    DetectionOptions,
+    GroundingOptions,
+    TrainConfig,
+)
 
 
 class TaskDefaults:
@@ -537,6 +561,86 @@ class CaptioningTask(TaskDefaults):
         LapvqaProcessor(image_processor, tokenizer).save_pretrained(target)
 
 
+# --- report generation ------------------------------------------------------------------------------------------
+
+
+class ReportGenerationTask(TaskDefaults):
+    """A report-generation head (`LapvqaReportGenerationModel`) on MIMIC-CXR reports (FINDINGS + IMPRESSION), from
+    stored features of its frozen encoder: `[bos] + report + [eos]`, the loss on the report and its eos. Scored by
+    BLEU-1..4, ROUGE and CIDEr, and RadGraph-F1 (`radgraph_f1`) where the optional `radgraph` package is installed.
+    The saved head runs with the encoder its features were extracted with (`feature_recipe`), so it is never
+    `encoder_finetuned`, whatever it was initialised from."""
+
+    name = "report-generation"
+    model_class = LapvqaReportGenerationModel
+    options_class = None
+    image_preparation = IMAGE_PREPARATION  # the encoder's own processor
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe", "encoder_finetuned")
+    group_label = "reports"
+    metrics = TEXT_METRICS
+    generates_text = True
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "ReportGenerationTask":
+        return cls()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "ReportGenerationTask":
+        return cls()
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_mimic_cxr_reports(data_root)
+
+    def examples(self, rows, features: FeatureStore, root: Path) -> ReportExamples:
+        require_image_preparation(features, self.image_preparation)
+        return ReportExamples(rows, features, root)
+
+    def feature_width(self, model: LapvqaReportGenerationModel) -> int:
+        return model.config.vis_dim
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
+        return load_encoder_image_processor(recipe, checkpoint)
+
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaReportGenerationModel:
+        if config.init_from:
+            model = model_to_init_from(self, config.init_from, features)
+        else:
+            recipe = features.recipe
+            model = LapvqaReportGenerationModel(
+                LapvqaReportGenerationConfig(
+                    vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model
+                )
+            )
+        if config.eval_max_new_tokens > model.config.max_position_embeddings:
+            raise ValueError(
+                f"eval_max_new_tokens={config.eval_max_new_tokens} exceeds the model's "
+                f"{model.config.max_position_embeddings} learned positions; lower it."
+            )
+        model.config.encoder_finetuned = False  # it learns the features' encoder, recorded as its feature_recipe
+        return model
+
+    def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
+        return report_collate(tokenizer, max_positions)
+
+    def predict(self, model, tokenizer, dataset: ReportExamples, batch_size: int, max_new_tokens: int) -> list[str]:
+        return report_split(model, tokenizer, dataset, batch_size, max_new_tokens)
+
+    def references(self, dataset: ReportExamples) -> list[str]:
+        return [row["report"] for row in dataset.rows]
+
+    def score(self, predictions: list[str], dataset: ReportExamples) -> dict[str, dict[str, float]]:
+        references = self.references(dataset)
+        scores = score_answers(predictions, references)
+        if importlib.util.find_spec("radgraph") is not None:  # the upstream cards' RadGraph-F1, where installed
+            scores["overall"]["radgraph_f1"] = radgraph_f1(predictions, references)
+        return scores
+
+    def save(self, model: LapvqaReportGenerationModel, tokenizer, features: FeatureStore, target: Path) -> None:
+        save_pretrained_with_pipeline(model, target)
+        tokenizer.save_pretrained(target)
+
+
 # --- detection --------------------------------------------------------------------------------------------------
 
 
@@ -793,6 +897,166 @@ class TwoTowerTask(TaskDefaults):
         LapvqaTwoTowerProcessor(self.image_processor, tokenizer).save_pretrained(target)
 
 
+# --- phrase grounding -------------------------------------------------------------------------------------------
+
+
+class GroundingExamples(OneImageExamples):
+    """(image, phrase) examples of a split: the stored features of the image, the phrase's text features (computed
+    once per phrase, `phrase_features`) and the target box: (image_features, text_features, labels)."""
+
+    def __init__(self, rows, features: FeatureStore, root: Path, phrase_features: dict[str, torch.Tensor]):
+        super().__init__(rows, features, root)
+        self.phrase_features = phrase_features
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {
+            "image_features": self.features[self.ids[index]].float(),
+            "text_features": self.phrase_features[row["phrase"]],
+            "labels": torch.tensor(row["box"], dtype=torch.float32),
+        }
+
+
+def grounding_collate(examples: list[dict]) -> dict:
+    """Stacked features, phrase features and target boxes (cx, cy, w, h)."""
+    return {key: torch.stack([e[key] for e in examples]) for key in ("image_features", "text_features", "labels")}
+
+
+@torch.no_grad()
+def ground_split(model: LapvqaGroundingModel, dataset: GroundingExamples, batch_size: int) -> list[list[float]]:
+    """Each example's predicted box (cx, cy, w, h) normalised to the image."""
+    boxes = []
+    for start in range(0, len(dataset), batch_size):
+        batch = grounding_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        outputs = model(image_features=batch["image_features"].to(model.device),
+                        text_features=batch["text_features"].to(model.device))  # fmt: skip
+        boxes += outputs.pred_boxes.float().tolist()
+    return boxes
+
+
+class GroundingTask(TaskDefaults):
+    """A TransVG-style grounding head (`LapvqaGroundingModel`) on MS-CXR phrase boxes (`lapvqa_hf.grounding_data`),
+    trained with TransVG's L1 + GIoU loss and scored by mIoU, Acc@0.25, Acc@0.5 and pointing accuracy overall and
+    per finding category.
+
+    Phrases are embedded by the text tower of `text_recipe` (default: the one pinned for the features' encoder,
+    `lapvqa_hf.models.text_towers`; its weights from `text_checkpoint`), once per distinct phrase, before training:
+    the tower is loaded once, on the CPU, and never trained. A head from `init_from` keeps its own text tower."""
+
+    name = "grounding"
+    model_class = LapvqaGroundingModel
+    options_class = GroundingOptions
+    image_preparation = DETECTION_IMAGE_PREPARATION  # the head's own processor (stretched: boxes fit)
+    derived_fields = ("vis_dim", "txt_dim", "encoder_name", "feature_recipe", "text_recipe")
+    group_label = "category"
+    metrics = GROUNDING_METRICS
+    generates_text = False
+
+    def __init__(
+        self,
+        options: GroundingOptions | None = None,
+        text_recipe: TextRecipe | None = None,
+        text_normalize: bool = True,
+    ):
+        options = options or GroundingOptions()
+        self.text_recipe_name, self.text_checkpoint = options.text_recipe, options.text_checkpoint
+        if self.text_checkpoint and Path(self.text_checkpoint).is_dir():  # recorded in the model: absolute
+            self.text_checkpoint = str(Path(self.text_checkpoint).resolve())
+        self.text_recipe = text_recipe  # the model's, once it is built (or read from a saved one)
+        self.text_normalize = text_normalize
+        self._text_tower = None  # (model, tokenizer), loaded when first needed
+        self.phrase_features: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "GroundingTask":
+        return cls(config.options(GroundingOptions))
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "GroundingTask":
+        if model_config.text_recipe is None:
+            raise ValueError("the grounding model names no text tower (config.text_recipe); it cannot embed phrases.")
+        return cls(text_recipe=TextRecipe(**model_config.text_recipe), text_normalize=model_config.text_normalize)
+
+    def load_splits(self, data_root: str | Path) -> DatasetDict:
+        return load_ms_cxr(data_root)
+
+    def _encode(self, phrases: list[str]) -> torch.Tensor:
+        if self._text_tower is None:
+            self._text_tower = (load_text_model(self.text_recipe), load_text_tokenizer(self.text_recipe))
+        return encode_phrases(*self._text_tower, phrases, self.text_normalize)
+
+    def examples(self, rows, features: FeatureStore, root: Path) -> GroundingExamples:
+        require_image_preparation(features, self.image_preparation, self.name)
+        rows = list(rows)
+        new = [phrase for phrase in dict.fromkeys(row["phrase"] for row in rows) if phrase not in self.phrase_features]
+        for start in range(0, len(new), 64):
+            chunk = new[start : start + 64]
+            encoded = self._encode(chunk)
+            if encoded.shape[-1] != self.text_recipe.text_dim:
+                raise ValueError(
+                    f"the text tower {self.text_recipe.checkpoint} gives {encoded.shape[-1]}-dim phrase features, but "
+                    f"the head takes {self.text_recipe.text_dim}; set text_checkpoint to the tower it was trained with."
+                )
+            self.phrase_features.update(zip(chunk, encoded, strict=True))
+        return GroundingExamples(rows, features, root, self.phrase_features)
+
+    def feature_width(self, model: LapvqaGroundingModel) -> int:
+        return model.config.vis_dim
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: as the grounding head's own image processor
+        does (stretched to the encoder's size, so that the boxes map back)."""
+        return detection_image_processor(recipe)
+
+    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaGroundingModel:
+        recipe = features.recipe
+        if config.init_from:
+            model = model_to_init_from(self, config.init_from, features)
+            if model.config.text_recipe is None:
+                raise ValueError(f"{config.init_from} names no text tower (config.text_recipe) to embed phrases with.")
+            own = TextRecipe(**model.config.text_recipe)
+            if self.text_recipe_name not in (None, own.name):
+                raise ValueError(
+                    f"text_recipe={self.text_recipe_name!r}, but {config.init_from} was trained with the {own.name} "
+                    "text tower; remove text_recipe (text_checkpoint may name where its weights are)."
+                )
+            self.text_recipe = dataclasses.replace(own, checkpoint=self.text_checkpoint or own.checkpoint)
+            self.text_normalize = model.config.text_normalize
+        else:
+            pinned = TEXT_RECIPES[self.text_recipe_name] if self.text_recipe_name else text_recipe_for(recipe.name)
+            self.text_recipe = dataclasses.replace(pinned, checkpoint=self.text_checkpoint or pinned.checkpoint)
+            self.text_normalize = config.model.get("text_normalize", True)
+            text_dim = self._encode(["chest x-ray"]).shape[-1]  # the tower's own width (a resized one for tests)
+            self.text_recipe = dataclasses.replace(self.text_recipe, text_dim=text_dim)
+            model = LapvqaGroundingModel(
+                LapvqaGroundingConfig(
+                    vis_dim=recipe.vis_dim, txt_dim=text_dim, encoder_name=registered_encoder_name(recipe),
+                    text_recipe=dataclasses.asdict(self.text_recipe), **config.model,
+                )
+            )  # fmt: skip
+        model.config.text_recipe = dataclasses.asdict(self.text_recipe)  # where its weights were read from
+        return model
+
+    def collate(self, tokenizer, max_positions: int | None) -> Callable[[list[dict]], dict]:
+        return grounding_collate
+
+    def predict(self, model, tokenizer, dataset: GroundingExamples, batch_size: int, max_new_tokens: int) -> list:
+        return ground_split(model, dataset, batch_size)
+
+    def references(self, dataset: GroundingExamples) -> list[list[list[float]]]:
+        """Each example's ground-truth boxes (x0, y0, x1, y1), normalised."""
+        return [corners(row["boxes"]) for row in dataset.rows]
+
+    def score(self, predictions: list, dataset: GroundingExamples) -> dict[str, dict[str, float]]:
+        categories = [row["category"] for row in dataset.rows]
+        return score_grounding(corners(predictions), self.references(dataset), categories)
+
+    def save(self, model: LapvqaGroundingModel, tokenizer, features: FeatureStore, target: Path) -> None:
+        """The model with the image processor its features were prepared by, so that it grounds from pixels."""
+        save_pretrained_with_pipeline(model, target)
+        detection_image_processor(features.recipe).save_pretrained(target)
+
+
 def task_for(config: TrainConfig) -> TrainingTask:
     """The training task of `config.task`, a kind of `lapvqa_hf.kinds` that has one."""
     if config.task not in TASKS:
@@ -811,13 +1075,14 @@ def task_for_model(model_config) -> TrainingTask:
     return kind.training_task_class().from_model_config(model_config)
 
 
-def require_image_preparation(features: FeatureStore, expected: str) -> None:
-    """Refuse features whose images were prepared otherwise than the task's model takes them: a detection head needs
-    its own stretched images (so that the boxes fit), the text heads the encoder's own processor."""
+def require_image_preparation(features: FeatureStore, expected: str, task: str = "detection") -> None:
+    """Refuse features whose images were prepared otherwise than the task's model takes them: a detection or
+    grounding head (`task`) needs its own stretched images (so that the boxes fit), the text heads the encoder's own
+    processor."""
     found = features.image_preparation
     if found == expected or (found is None and expected == IMAGE_PREPARATION):  # lapvqa-hf 0.1.x: text tasks only
         return
-    task, option = ("detection", " --task detection") if expected == DETECTION_IMAGE_PREPARATION else ("text", "")
+    task, option = (task, f" --task {task}") if expected == DETECTION_IMAGE_PREPARATION else ("text", "")
     raise FeatureError(
         f"{features.output_dir} holds features of images prepared otherwise ({found or 'by lapvqa-hf 0.1.x'}); a "
         f"{task} head needs {expected!r}: extract with `lapvqa extract-features{option}` into another folder."

@@ -1,0 +1,40 @@
+"""LAPVQA report-generation head configuration."""
+
+from huggingface_hub.dataclasses import strict
+
+from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
+
+_REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_lapvqa_report_generation.LapvqaReportGenerationConfig",
+    "AutoModel": "modeling_lapvqa_report_generation.LapvqaReportGenerationModel",
+    "AutoModelForCausalLM": "modeling_lapvqa_report_generation.LapvqaReportGenerationModel",
+}
+
+
+@strict
+class LapvqaReportGenerationConfig(LapvqaDiffVQAConfig):
+    r"""
+    Configuration of [`LapvqaReportGenerationModel`]: the upstream `ReportGenerationHead` (`dmusingu/lapvqa-rrg`,
+    `dmusingu/lapvqa-rrg-native`), which writes the report of one chest X-ray from an encoder's patch tokens. It is
+    the VQA decoder without the question: a report is `[bos] + report + [eos]` and generation starts from `[bos]`.
+    Every field means what it means in [`LapvqaDiffVQAConfig`]; `max_position_embeddings` is the longest report
+    (+ bos) and, like every size, is read from the weights at conversion.
+
+    Args:
+        encoder_finetuned (`bool`, defaults to `False`): whether the encoder was trained with the head (the
+            `lapvqa-rrg-native` files). The off-the-shelf encoder does not reproduce such a head, so its pipeline
+            refuses to run from images until the fine-tuned encoder is named (`feature_recipe`'s checkpoint, or
+            `encoder=`); from features of that encoder the model runs as it is.
+        training_results (`dict`, *optional*): the upstream checkpoint's own record (`epoch`, `val_bleu4`: the
+            validation BLEU-4 at the saved epoch).
+    """
+
+    model_type = "lapvqa_report_generation"
+    remote_auto_map = _REMOTE_AUTO_MAP
+
+    max_position_embeddings: int = 256
+    encoder_finetuned: bool = False
+    training_results: dict | None = None
+
+
+__all__ = ["LapvqaReportGenerationConfig"]
