@@ -150,6 +150,26 @@ def encoder_record(encoder: str, checkpoint: str | None = None, revision: str | 
     )
 
 
+def native_encoder_note(encoder: str) -> str:
+    """What a converted `*-native` head without its fine-tuned encoder can do, said once at conversion."""
+    return (
+        f"note: the fine-tuned {encoder} encoder is not in this file; the folder runs from that encoder's features, "
+        "and from images only once it is named (--encoder-checkpoint, or encoder= to the pipeline)."
+    )
+
+
+def add_native_argument(parser: argparse.ArgumentParser, repo: str) -> None:
+    """`--native` (`--encoder-finetuned`): the head was trained with its encoder (`repo`'s files)."""
+    parser.add_argument(
+        "--native",
+        "--encoder-finetuned",
+        dest="encoder_finetuned",
+        action="store_true",
+        help=f"the encoder was fine-tuned with the head ({repo}): recorded in config.json; from images the folder "
+        "then needs the fine-tuned encoder (--encoder-checkpoint)",
+    )
+
+
 def add_encoder_arguments(parser: argparse.ArgumentParser, required: bool = True, help_suffix: str = "") -> None:
     """`--encoder` (the frozen encoder a head was trained on) and where that encoder's weights live."""
     parser.add_argument(
@@ -429,13 +449,16 @@ class AnsweringHeadConverter:
         encoder_checkpoint: str | None = None,
         encoder_revision: str | None = None,
         float32_budget: float = DEFAULT_FLOAT32_BUDGET,
+        encoder_finetuned: bool = False,
     ) -> Path:
-        """Converts, verifies and writes the model folder atomically; returns its path."""
+        """Converts, verifies and writes the model folder atomically; returns its path. `encoder_finetuned` marks a
+        head trained with its encoder (a `*-native` file), whose fine-tuned encoder `encoder_checkpoint` names."""
         checkpoint = local_checkpoint(checkpoint)
         state_dict = load_untrusted_state_dict(checkpoint)
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
         check_special_tokens(config)
         config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
+        config.encoder_finetuned = encoder_finetuned
         assumed = dict(num_attention_heads=num_attention_heads, hidden_act=hidden_act)
         config.conversion_info = conversion_record(checkpoint, self.assumptions, **assumed)
         log(
@@ -444,6 +467,8 @@ class AnsweringHeadConverter:
             f"{'yes' if config.use_final_layer_norm else 'no'}, "
             f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
         )
+        if encoder_finetuned and encoder_checkpoint is None:
+            log(native_encoder_note(encoder))
         model = self.model_class(config)
         model.load_state_dict(self.convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
         model.tie_weights()
@@ -475,11 +500,14 @@ class AnsweringHeadConverter:
 
     def convert_entry(self, entry, source: Path, output: Path, log: Callable[[str], None]) -> Path:
         """`lapvqa push`'s conversion of a collection entry (`lapvqa_hf.collection.CollectionModel`)."""
-        return self.convert(source, entry.encoder, output, overwrite=True, log=log)
+        return self.convert(
+            source, entry.encoder, output, overwrite=True, log=log, encoder_finetuned=entry.encoder_finetuned
+        )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_common_arguments(parser, f"upstream {self.what} state dict", self.example, default_heads=8)
         add_encoder_arguments(parser)
+        add_native_argument(parser, f"the *-native repos' {self.what} files")
 
     def run(self, args: argparse.Namespace) -> int:
         return run_reporting_errors(
@@ -489,6 +517,7 @@ class AnsweringHeadConverter:
                 args.output,
                 num_attention_heads=args.num_heads,
                 hidden_act=args.activation,
+                encoder_finetuned=args.encoder_finetuned,
                 **encoder_options(args),
                 **verify_and_write_options(args),
             )

@@ -146,7 +146,7 @@ class VQAHead(nn.Module):
 
 
 class ReportGenerationHead(nn.Module):
-    """`ReportGenerationHead` of `lapvqa-rrg` / `lapvqa-rrg-native` as pinned (SPEC section 7): `VQAHead` without
+    """`ReportGenerationHead` of `lapvqa-rrg` / `lapvqa-rrg-native` as pinned (docs/converting.md): `VQAHead` without
     the question, built as `ReportGenerationHead(vis_dim, d_model, num_layers, nhead)`. A report is
     `[bos] + report_ids + [eos]`; generation starts from `[bos]`. `lm_head` is tied where the file's tensors are."""
 
@@ -469,7 +469,7 @@ class DetectionHead(nn.Module):
 
 
 class VisualGroundingHead(nn.Module):
-    """`VisualGroundingHead` of `lapvqa-pg` as pinned (SPEC section 7): TransVG-style phrase grounding.
+    """`VisualGroundingHead` of `lapvqa-pg` as pinned (docs/converting.md): TransVG-style phrase grounding.
 
     `vis_proj` Linear(vis_dim -> d_model), `txt_proj` Linear(txt_dim -> d_model), `reg_token` [1, 1, d_model]; the
     sequence `[reg_token ; vis_proj(vis) ; txt_proj(txt)]` (plus the first 1 + N + 1 rows of `pos_emb` [1, max_len,

@@ -33,6 +33,7 @@ from .common import (
     DECODER_ASSUMPTIONS,
     add_common_arguments,
     add_encoder_arguments,
+    add_native_argument,
     check_special_tokens,
     command_line,
     default_generation_config,
@@ -41,6 +42,7 @@ from .common import (
     expected_shapes,
     folder_verifier,
     map_text_decoder,
+    native_encoder_note,
     original_decoder_arguments,
     save_gpt2_tokenizer,
     strip_answer,
@@ -248,10 +250,7 @@ def convert_report_generation(
         f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}; {training}"
     )
     if encoder_finetuned and encoder_checkpoint is None:
-        log(
-            f"note: the fine-tuned {encoder} encoder is not in this file; the folder reports from that encoder's "
-            "features, and from images only once it is named (--encoder-checkpoint, or encoder= to the pipeline)."
-        )
+        log(native_encoder_note(encoder))
     model = LapvqaReportGenerationModel(config)
     model.load_state_dict(convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
     model.tie_weights()
@@ -287,14 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_encoder_arguments(
         parser, required=False, help_suffix=" (required for a plain state dict; otherwise read from the checkpoint)"
     )
-    parser.add_argument(
-        "--native",
-        "--encoder-finetuned",
-        dest="encoder_finetuned",
-        action="store_true",
-        help="the encoder was fine-tuned with the head (lapvqa-rrg-native): recorded in config.json; from images the "
-        "folder then needs the fine-tuned encoder (--encoder-checkpoint)",
-    )
+    add_native_argument(parser, "lapvqa-rrg-native")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -592,7 +592,9 @@ class Answerer:
             if eos in answer:
                 answer_mask[i, answer.index(eos) + 1 :] = 0
         mask = torch.cat([prompt_mask, answer_mask], dim=1)
-        outputs = self.model(input_ids=generated, attention_mask=mask, output_attentions=True, **visual)
+        # The last token chose nothing and has no position when the answer fills the room (`room_for_new_tokens`).
+        inputs = dict(input_ids=generated[:, :-1], attention_mask=mask[:, :-1])
+        outputs = self.model(**inputs, output_attentions=True, **visual)
         attention = torch.stack(outputs.cross_attentions).float().mean(dim=(0, 2))  # [batch, length, memory]
         pictures = []
         for i, (index, row) in enumerate(rows):
@@ -658,7 +660,6 @@ class Answerer:
                     result.update(map=None, map_error=first_line(error))
             results.append(result)
         return results
-
 
     def _ground(self, rows: list[tuple[int, dict]], images: dict) -> list[dict]:
         """Each row's phrase grounded in its image: one box in the image's pixels."""

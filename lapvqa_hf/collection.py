@@ -152,6 +152,9 @@ def load_collection(path: str | Path | None = None) -> Collection:
     duplicates = sorted({m.repo_id for m in models if sum(n.repo_id == m.repo_id for n in models) > 1})
     if duplicates:
         raise ManifestError(f"repo ids listed twice: {duplicates}.")
+    upstream = sorted({m.repo_id for m in models} & {m.source.repo_id for m in models})
+    if upstream:
+        raise ManifestError(f"converted repo ids that are upstream repos (a push would overwrite them): {upstream}.")
     sources = [(m.source.repo_id, m.source.filename) for m in models]
     if len(set(sources)) != len(sources):
         raise ManifestError("two entries convert the same upstream file.")

@@ -143,7 +143,7 @@ def load_two_tower(name: str, device: torch.device):
     if model_type != LapvqaTwoTowerConfig.model_type:
         raise RetrieveError(
             f"{name} is a {model_type} model; `lapvqa retrieve` takes a two-tower model "
-            f"({LapvqaTwoTowerConfig.model_type}: lapvqa-pretrain-contrastive or lapvqa-pretrain-sigmoid)."
+            f"({LapvqaTwoTowerConfig.model_type}: lapvqa-contrastive or lapvqa-sigmoid)."
         )
     model = load_model(AutoModel, name)
     try:
@@ -321,7 +321,7 @@ def _image_queries(model, corpora: Corpora, images, errors: dict[int, str], repo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a two-tower model folder or Hub id (lapvqa-pretrain-contrastive or -sigmoid)")
+    parser.add_argument("model", help="a two-tower model folder or Hub id (lapvqa-contrastive or lapvqa-sigmoid)")
     parser.add_argument("--images", type=Path, help="CSV or JSON Lines file of id, image")
     parser.add_argument("--reports", type=Path, help="CSV or JSON Lines file of id, report: the report corpus")
     parser.add_argument(

@@ -273,6 +273,38 @@ def upstream_detection_checkpoint(head: torch.nn.Module, encoder: str, **metadat
     }
 
 
+def upstream_report_checkpoint(head: torch.nn.Module, encoder: str, **changes) -> dict:
+    """The upstream `ReportGenerationHead` file: `{state_dict, vis_dim, d_model, num_layers, nhead, encoder, epoch,
+    val_bleu4}`."""
+    return {
+        "state_dict": head.state_dict(),
+        "vis_dim": head.vis_proj.in_features,
+        "d_model": head.tok_emb.embedding_dim,
+        "num_layers": len(head.decoder.layers),
+        "nhead": head.decoder.layers[0].self_attn.num_heads,
+        "encoder": encoder,
+        "epoch": 14,
+        "val_bleu4": 0.031,
+        **changes,
+    }
+
+
+def upstream_grounding_checkpoint(head: torch.nn.Module, encoder: str, **metadata) -> dict:
+    """The upstream `VisualGroundingHead` file: the state dict plus the architecture and training record."""
+    return {
+        "state_dict": head.state_dict(),
+        "vis_dim": head.vis_proj.in_features,
+        "txt_dim": head.txt_proj.in_features,
+        "d_model": head.vis_proj.out_features,
+        "num_layers": len(head.encoder.layers),
+        "encoder": encoder,
+        "epoch": 21,
+        "val_miou": 0.318,
+        "val_acc50": 0.274,
+        **metadata,
+    }
+
+
 def _free_port() -> int:
     import socket
 

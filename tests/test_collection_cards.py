@@ -29,6 +29,32 @@ from lapvqa_hf.model_card import render_model_card, usage_snippet
 MANIFEST = json.loads(resources.files("lapvqa_hf").joinpath("collection.json").read_text())
 
 
+ENCODERS = ("clip-vit-l14", "coca", "florence2", "siglip", "owlv2")
+NATIVE_ENCODERS = ("clip-vit-l14", "siglip", "florence2", "coca", "mae-vit-l16")
+# Every file of the 13 readable upstream repos, as their cards list them (the rrg card is unreadable: the rrg-native
+# layout is assumed; the sigmoid model's periodic checkpoints every 10 of its 50 epochs), and open_clip's CoCa.
+UPSTREAM_FILES = {
+    *(("dmusingu/lapvqa-diffvqa", f"{e}_best.pt") for e in ENCODERS),
+    *(("dmusingu/lapvqa-vqa", f"{e}_best.pt") for e in ENCODERS),
+    *(("dmusingu/lapvqa-ad", f"{e}.pt") for e in (*ENCODERS, "mae-vit-l16")),
+    ("dmusingu/lapvqa-pretrain-captioning", "model_best.pt"),
+    ("dmusingu/lapvqa-pretrain-captioning", "encoder_final.pt"),
+    ("laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k", "open_clip_pytorch_model.bin"),
+    ("dmusingu/lapvqa-pretrain-contrastive", "model_best.pt"),
+    ("dmusingu/lapvqa-pretrain-contrastive", "encoder_final.pt"),
+    ("dmusingu/lapvqa-pretrain-sigmoid", "model_best.pt"),
+    ("dmusingu/lapvqa-pretrain-sigmoid", "encoder_final.pt"),
+    *(("dmusingu/lapvqa-pretrain-sigmoid", f"model_epoch{epoch:03d}.pt") for epoch in (10, 20, 30, 40, 50)),
+    *(("dmusingu/lapvqa-vqa-native", f"{e}_best.pt") for e in NATIVE_ENCODERS),
+    *(("dmusingu/lapvqa-diffvqa-native", f"{e}_best.pt") for e in NATIVE_ENCODERS),
+    ("dmusingu/lapvqa-vqa-pretrain-captioning", "pretrain-captioning_best.pt"),
+    ("dmusingu/lapvqa-diffvqa-pretrain-captioning", "pretrain-captioning_best.pt"),
+    *(("dmusingu/lapvqa-rrg", f"{e}.pt") for e in NATIVE_ENCODERS),
+    *(("dmusingu/lapvqa-rrg-native", f"{e}.pt") for e in NATIVE_ENCODERS),
+    *(("dmusingu/lapvqa-pg", f"{e}.pt") for e in (*NATIVE_ENCODERS, "owlv2")),
+}
+
+
 def test_manifest_lists_every_upstream_file_once():
     collection = load_collection()
     names = {m.name for m in collection.models}
@@ -36,52 +62,16 @@ def test_manifest_lists_every_upstream_file_once():
         assert f"lapvqa-diffvqa-{encoder}" in names and f"lapvqa-vqa-{encoder}" in names
         assert f"lapvqa-ad-{encoder}" in names
     assert {"lapvqa-captioning", "lapvqa-vit-l14", "lapvqa-coca-vit-l14", "lapvqa-ad-mae-vit-l16"} <= names
-    assert {"lapvqa-pretrain-contrastive", "lapvqa-pretrain-sigmoid"} <= names
+    assert {"lapvqa-contrastive", "lapvqa-sigmoid"} <= names
     assert {f"lapvqa-pg-{e}" for e in ("clip-vit-l14", "siglip", "florence2", "coca", "owlv2", "mae-vit-l16")} <= names
     for encoder in ("clip-vit-l14", "siglip", "florence2", "coca", "mae-vit-l16"):
         assert f"lapvqa-rrg-{encoder}" in names and f"lapvqa-rrg-native-{encoder}" in names
-    assert len(collection.models) == 39
-    assert [m.name for m in collection.select(convertible_only=True)] == [
-        "lapvqa-diffvqa-clip-vit-l14",
-        "lapvqa-diffvqa-coca",
-        "lapvqa-diffvqa-florence2",
-        "lapvqa-diffvqa-siglip",
-        "lapvqa-diffvqa-owlv2",
-        "lapvqa-captioning",
-        "lapvqa-vit-l14",
-        "lapvqa-coca-vit-l14",
-        "lapvqa-vqa-clip-vit-l14",
-        "lapvqa-vqa-coca",
-        "lapvqa-vqa-florence2",
-        "lapvqa-vqa-siglip",
-        "lapvqa-vqa-owlv2",
-        "lapvqa-ad-clip-vit-l14",
-        "lapvqa-ad-coca",
-        "lapvqa-ad-florence2",
-        "lapvqa-ad-siglip",
-        "lapvqa-ad-owlv2",
-        "lapvqa-ad-mae-vit-l16",
-        "lapvqa-pretrain-contrastive",
-        "lapvqa-pretrain-contrastive-vit-l14",
-        "lapvqa-pretrain-sigmoid",
-        "lapvqa-pretrain-sigmoid-vit-l14",
-        "lapvqa-rrg-clip-vit-l14",
-        "lapvqa-rrg-siglip",
-        "lapvqa-rrg-florence2",
-        "lapvqa-rrg-coca",
-        "lapvqa-rrg-mae-vit-l16",
-        "lapvqa-rrg-native-clip-vit-l14",
-        "lapvqa-rrg-native-siglip",
-        "lapvqa-rrg-native-florence2",
-        "lapvqa-rrg-native-coca",
-        "lapvqa-rrg-native-mae-vit-l16",
-        "lapvqa-pg-clip-vit-l14",
-        "lapvqa-pg-siglip",
-        "lapvqa-pg-florence2",
-        "lapvqa-pg-coca",
-        "lapvqa-pg-owlv2",
-        "lapvqa-pg-mae-vit-l16",
-    ]
+    assert {(m.source.repo_id, m.source.filename) for m in collection.models} == UPSTREAM_FILES
+    assert collection.select(convertible_only=True) == list(collection.models), "every upstream file converts"
+    native = {m.name for m in collection.models if m.encoder_finetuned}
+    assert native == {m.name for m in collection.models if m.source.repo_id.endswith("-native")}
+    for name in ("lapvqa-vqa-vit-l14", "lapvqa-diffvqa-vit-l14"):  # heads on the captioning-pretrained encoder
+        assert next(m for m in collection.models if m.name == name).encoder == "lapvqa-vit-l14"
 
 
 def test_manifest_carries_the_reported_results():
@@ -97,10 +87,15 @@ def test_manifest_carries_the_reported_results():
     mae_rrg = collection["lapvqa-rrg-native-mae-vit-l16"]  # MIMIC-CXR test, encoder fine-tuned with the head
     assert {r.type: r.value for r in mae_rrg.results} == {"bleu4": 0.032, "rougeL": 0.164, "radgraph_s": 0.195}
     assert collection["lapvqa-rrg-native-siglip"].vis_dim == 1152 and collection["lapvqa-rrg-siglip"].results == ()
+    for name, values in (
+        ("lapvqa-diffvqa-native-mae-vit-l16", {"bleu4": 0.472, "rouge2": 0.573, "radgraph_s": 0.288}),
+        ("lapvqa-diffvqa-vit-l14", {"bleu4": 0.468, "rouge2": 0.562, "radgraph_s": 0.303}),
+    ):
+        assert {r.type: r.value for r in collection[name].results} == values | {"bertscore_f1": 0.938}
     mae_pg = collection["lapvqa-pg-mae-vit-l16"]  # MIMIC-CXR test, fine-tuned
     assert {r.type: r.value for r in mae_pg.results} == {"miou": 0.320, "acc25": 0.569, "pointing": 0.593}
     assert collection["lapvqa-pg-siglip"].vis_dim == 1152 and collection["lapvqa-pg-coca"].results == ()
-    for name, aucs in (("lapvqa-pretrain-contrastive", [0.653, 0.759]), ("lapvqa-pretrain-sigmoid", [0.650, 0.785])):
+    for name, aucs in (("lapvqa-contrastive", [0.653, 0.759]), ("lapvqa-sigmoid", [0.650, 0.785])):
         assert [r.value for r in collection[name].results] == aucs  # linear-probe mean AUC: NIH CXR-14, CheXpert-5
         assert [r.value for r in collection[f"{name}-vit-l14"].results] == aucs
 
@@ -114,6 +109,7 @@ def test_manifest_carries_the_reported_results():
         (lambda m: m["models"][0]["results"][0].update(value=18.4), "value 18.4 outside"),
         (lambda m: m["models"][0].pop("source"), "missing field 'source'"),
         (lambda m: m["models"][0].update(repo_id="lapvqa-diffvqa"), "repo_id must be 'owner/name'"),
+        (lambda m: m["models"][0].update(repo_id="dmusingu/lapvqa-diffvqa"), "converted repo ids that are upstream"),
     ],
 )
 def test_manifest_validation(tmp_path, edit, message):

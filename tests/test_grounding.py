@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WEIGHT_SCALES, float32_bound, randomize_at_scale_, relative_error, run_without_lapvqa_hf
+from conftest import (
+    WEIGHT_SCALES,
+    float32_bound,
+    randomize_at_scale_,
+    relative_error,
+    run_without_lapvqa_hf,
+    upstream_grounding_checkpoint,
+)
 from lapvqa_hf.convert import grounding
 from lapvqa_hf.convert.original import VisualGroundingHead, randomize_
 from lapvqa_hf.convert.verify import verify_conversion
@@ -39,22 +46,6 @@ def make_head(vis_dim: int = 768, txt_dim: int = 768, seed: int = 0, scale: str 
     if scale is None:
         return randomize_(head, seed=seed).eval()
     return randomize_at_scale_(head, scale, ("box_head.2.weight",), seed=seed)
-
-
-def upstream_checkpoint(head: VisualGroundingHead, encoder: str, **metadata) -> dict:
-    """The upstream file layout: the state dict plus the architecture and training record."""
-    return {
-        "state_dict": head.state_dict(),
-        "vis_dim": head.vis_proj.in_features,
-        "txt_dim": head.txt_proj.in_features,
-        "d_model": head.vis_proj.out_features,
-        "num_layers": len(head.encoder.layers),
-        "encoder": encoder,
-        "epoch": 21,
-        "val_miou": 0.318,
-        "val_acc50": 0.274,
-        **metadata,
-    }
 
 
 def convert_in_memory(head: VisualGroundingHead, encoder: str = "coca", **options) -> LapvqaGroundingModel:
@@ -113,7 +104,7 @@ def run_cli(*args) -> int:
 def checkpoint(tmp_path):
     path = tmp_path / "coca.pt"
     head = make_head(max_len=60)
-    torch.save(upstream_checkpoint(head, "coca"), path)
+    torch.save(upstream_grounding_checkpoint(head, "coca"), path)
     return path, head
 
 
@@ -203,13 +194,13 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
 
 def test_the_text_tower_follows_the_encoder_and_can_be_named(tmp_path, capsys):
     source = tmp_path / "siglip.pt"
-    torch.save(upstream_checkpoint(make_head(1152, 1152), "siglip"), source)
+    torch.save(upstream_grounding_checkpoint(make_head(1152, 1152), "siglip"), source)
     assert run_cli(source, "--output", tmp_path / "siglip", "--num-heads", "4", "--no-verify") == 0
     assert (
         AutoConfig.from_pretrained(tmp_path / "siglip").text_recipe["checkpoint"] == "google/siglip-so400m-patch14-384"
     )
     source = tmp_path / "mae.pt"
-    torch.save(upstream_checkpoint(make_head(1024), "mae-vit-l16"), source)
+    torch.save(upstream_grounding_checkpoint(make_head(1024), "mae-vit-l16"), source)
     options = ["--num-heads", "4", "--no-verify", "--text-recipe", "owlv2", "--no-text-normalize"]
     assert run_cli(source, "--output", tmp_path / "mae", *options, "--text-checkpoint", tmp_path) == 0
     config = AutoConfig.from_pretrained(tmp_path / "mae")
@@ -367,7 +358,7 @@ PHRASES = ["small left pleural effusion", "enlarged cardiac silhouette"]
 def grounding_folder(tmp_path_factory) -> str:
     """A converted head on the lapvqa-vit-l14 recipe, its encoder and text tower tiny local folders."""
     base = tmp_path_factory.mktemp("grounding")
-    torch.save(upstream_checkpoint(make_head(1024, seed=2), "lapvqa-vit-l14"), base / "vit.pt")
+    torch.save(upstream_grounding_checkpoint(make_head(1024, seed=2), "lapvqa-vit-l14"), base / "vit.pt")
     arguments = ["--encoder-checkpoint", tiny_image_encoder(base / "encoder"), "--text-checkpoint",
                  tiny_text_tower(base / "text"), "--num-heads", "4"]  # fmt: skip
     assert run_cli(base / "vit.pt", "--output", base / "lapvqa-pg", *arguments) == 0

@@ -11,14 +11,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import upstream_detection_checkpoint
+from conftest import upstream_detection_checkpoint, upstream_grounding_checkpoint, upstream_report_checkpoint
 from hub_server import LocalHub
 from huggingface_hub import HfApi
 from lapvqa_hf.convert import diffvqa
-from lapvqa_hf.convert.original import CaptioningModel, CocaVisionTower, DetectionHead, DiffVQAHead, VQAHead, randomize_
+from lapvqa_hf.convert.original import (
+    CaptioningModel,
+    CocaVisionTower,
+    ContrastiveModel,
+    DetectionHead,
+    DiffVQAHead,
+    ReportGenerationHead,
+    VisualGroundingHead,
+    VQAHead,
+    randomize_,
+)
 
 from lapvqa_hf.collection import load_collection
 from lapvqa_hf.hub import describe, execute, plan_push, push
+from lapvqa_hf.models.text_towers import text_recipe_for
 
 SECRET = "hf_sentinelTOKENthatMustNeverBePrinted"
 # Every manifest entry converts (the exact list is specified in test_collection_cards.py).
@@ -31,6 +42,9 @@ ONE_PER_KIND = [
     "lapvqa-coca-vit-l14",
     "lapvqa-vqa-siglip",
     "lapvqa-ad-mae-vit-l16",
+    "lapvqa-sigmoid",
+    "lapvqa-rrg-native-siglip",
+    "lapvqa-pg-owlv2",
 ]
 
 
@@ -69,6 +83,25 @@ def upstream_repos() -> dict[str, dict[str, bytes]]:
         "model_best.pt": _checkpoint_bytes(captioning),
         "encoder_final.pt": _checkpoint_bytes(captioning.vision_encoder),
     }
+    two_tower = dict(img_size=56, vision_width=64, vision_depth=1, text_width=32, text_depth=1, text_ffn=48)
+    for repo in ("dmusingu/lapvqa-pretrain-contrastive", "dmusingu/lapvqa-pretrain-sigmoid"):
+        model = randomize_(ContrastiveModel(**two_tower, text_max_len=24, embed_dim=16, sigmoid="sigmoid" in repo))
+        repos[repo] = {
+            "model_best.pt": _checkpoint_bytes(model),
+            "encoder_final.pt": _checkpoint_bytes(model.vision_encoder),
+        }
+    for entry in collection.select(convertible_only=True):
+        files = repos.setdefault(entry.source.repo_id, {})
+        if entry.kind == "two-tower" and entry.source.filename.startswith("model_epoch"):  # a training checkpoint
+            model = randomize_(ContrastiveModel(**two_tower, text_max_len=24, embed_dim=16, sigmoid=True))
+            files[entry.source.filename] = _checkpoint_bytes({"epoch": 10, "model": model.state_dict()})
+        elif entry.kind == "report-generation":
+            head = randomize_(ReportGenerationHead(entry.vis_dim, d_model=64, num_layers=2, dim_feedforward=96))
+            files[entry.source.filename] = _checkpoint_bytes(upstream_report_checkpoint(head, entry.encoder))
+        elif entry.kind == "grounding":
+            text_width = text_recipe_for(entry.encoder).text_dim
+            head = randomize_(VisualGroundingHead(entry.vis_dim, text_width, d_model=32, dim_feedforward=48))
+            files[entry.source.filename] = _checkpoint_bytes(upstream_grounding_checkpoint(head, entry.encoder))
     return repos
 
 
@@ -154,7 +187,9 @@ def test_dry_run_plans_every_chosen_repo_and_writes_nothing(hub, api, tmp_path):
     text = describe(plan)
     assert "● dmusingu/lapvqa-diffvqa-coca: create repo, one commit" in text
     assert "collection LAPVQA (to be created): add" in text
-    assert text.endswith("6 repo(s) ready, 6 commit(s), 6 collection addition(s), 0 failed.")
+    assert text.endswith(
+        f"{len(ONE_PER_KIND)} repo(s) ready, {len(ONE_PER_KIND)} commit(s), {len(ONE_PER_KIND)} collection addition(s), 0 failed."
+    )
     assert api.writes() == []
 
 
@@ -270,7 +305,8 @@ def test_push_dry_run_cli_over_http_on_the_full_manifest(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in CONVERTIBLE:
         assert f"● dmusingu/{name}: create repo, one commit" in result.stdout
-    assert "19 repo(s) ready, 19 commit(s), 19 collection addition(s), 0 failed." in result.stdout
+    n = len(CONVERTIBLE)
+    assert f"{n} repo(s) ready, {n} commit(s), {n} collection addition(s), 0 failed." in result.stdout
     assert SECRET not in result.stdout + result.stderr
     assert not any(method not in ("GET", "HEAD") for method, _, _ in hub.requests), "a dry run only reads"
 

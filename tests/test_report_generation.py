@@ -14,6 +14,7 @@ from conftest import (
     randomize_at_scale_,
     relative_error,
     run_with_remote_code,
+    upstream_report_checkpoint,
 )
 from lapvqa_hf.convert import report_generation
 from lapvqa_hf.convert.original import DiffVQAHead, ReportGenerationHead, randomize_
@@ -53,21 +54,6 @@ def features(batch: int, num_patches: int, vis_dim: int, seed: int = 0) -> torch
 def bos(batch: int) -> dict[str, torch.Tensor]:
     ids = torch.full((batch, 1), SPECIAL)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def upstream_checkpoint(head: ReportGenerationHead, encoder: str, **changes) -> dict:
-    """The upstream file: `{state_dict, vis_dim, d_model, num_layers, nhead, encoder, epoch, val_bleu4}`."""
-    return {
-        "state_dict": head.state_dict(),
-        "vis_dim": head.vis_proj.in_features,
-        "d_model": head.tok_emb.embedding_dim,
-        "num_layers": len(head.decoder.layers),
-        "nhead": head.decoder.layers[0].self_attn.num_heads,
-        "encoder": encoder,
-        "epoch": 14,
-        "val_bleu4": 0.031,
-        **changes,
-    }
 
 
 @pytest.mark.parametrize("scale", WEIGHT_SCALES)
@@ -143,7 +129,7 @@ def converted_with_verify(tmp_path, scale: str, tie_weights: bool) -> tuple[str,
     head = randomize_at_scale_(
         ReportGenerationHead(1152, **SMALL, max_len=40, tie_weights=tie_weights), scale, ("lm_head.weight",)
     )
-    torch.save(upstream_checkpoint(head, "siglip"), tmp_path / "siglip.pt")
+    torch.save(upstream_report_checkpoint(head, "siglip"), tmp_path / "siglip.pt")
     lines = []
     report_generation.convert_report_generation(tmp_path / "siglip.pt", tmp_path / "out", log=lines.append)
     (verify,) = [line for line in lines if line.startswith("verify ")]
@@ -160,7 +146,7 @@ def test_verify_judges_relative_to_scale_at_every_weight_scale(tmp_path, scale):
 
 def test_converter_writes_a_verified_folder_that_loads_with_auto_classes(tmp_path, capsys):
     head = randomize_(ReportGenerationHead(1024, **SMALL, max_len=40, final_norm=False), seed=1).eval()
-    torch.save(upstream_checkpoint(head, "mae-vit-l16"), tmp_path / "mae-vit-l16.pt")
+    torch.save(upstream_report_checkpoint(head, "mae-vit-l16"), tmp_path / "mae-vit-l16.pt")
     out = tmp_path / "lapvqa-rrg-mae-vit-l16"
     assert lapvqa(["convert", "report-generation", str(tmp_path / "mae-vit-l16.pt"), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -197,7 +183,7 @@ def test_converter_writes_a_verified_folder_that_loads_with_auto_classes(tmp_pat
 
 def test_a_mapping_bug_is_caught_by_verify(tmp_path, monkeypatch, capsys):
     head = randomize_(ReportGenerationHead(768, **SMALL, max_len=40), seed=2)
-    torch.save(upstream_checkpoint(head, "coca"), tmp_path / "coca.pt")
+    torch.save(upstream_report_checkpoint(head, "coca"), tmp_path / "coca.pt")
     convert_state_dict = report_generation.convert_state_dict
 
     def swapped_cross_attention(state_dict, config):  # query and key of the first layer's cross-attention swapped
@@ -262,7 +248,7 @@ def with_extra_keys(checkpoint: dict) -> dict:
 )
 def test_checkpoints_that_disagree_are_refused_in_one_line(tmp_path, capsys, change, options, message):
     head = randomize_(ReportGenerationHead(1152, **SMALL, max_len=16))
-    torch.save(change(upstream_checkpoint(head, "siglip")), tmp_path / "siglip.pt")
+    torch.save(change(upstream_report_checkpoint(head, "siglip")), tmp_path / "siglip.pt")
     out = tmp_path / "out"
     assert lapvqa(["convert", "report-generation", str(tmp_path / "siglip.pt"), *options, "--output", str(out)]) == 1
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_without_lapvqa_hf
+from conftest import run_without_lapvqa_hf, upstream_report_checkpoint
 from lapvqa_hf.convert.original import ReportGenerationHead, randomize_
 from PIL import Image
 from test_image_processing import write_dicom
 from test_pipelines import REMOTE_PIPELINE, manual_tokens, tiny_encoder_folder
-from test_report_generation import upstream_checkpoint
 from transformers import AutoModel, pipeline
 
 from lapvqa_hf import LapvqaImageProcessor, LapvqaVisionModel
@@ -46,7 +45,7 @@ def convert(folder, encoder_folder, *options) -> str:
     """A random head's upstream checkpoint (lapvqa-vit-l14 features), converted into `folder / "rrg"` (without
     verify, which tests/test_report_generation.py tests)."""
     head = randomize_(ReportGenerationHead(1024, **TINY_HEAD), seed=3)
-    torch.save(upstream_checkpoint(head, "lapvqa-vit-l14"), folder / "head.pt")
+    torch.save(upstream_report_checkpoint(head, "lapvqa-vit-l14"), folder / "head.pt")
     encoder = ["--encoder-checkpoint", str(encoder_folder)] if encoder_folder is not None else []
     output = folder / "rrg"
     assert (

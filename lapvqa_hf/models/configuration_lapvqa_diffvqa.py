@@ -27,6 +27,10 @@ class LapvqaDiffVQAConfig(LapvqaTextDecoderConfig):
         feature_recipe (`dict`, *optional*): the frozen encoder that feeds the head and how its features are taken
             (`lapvqa_hf.encoders.EncoderRecipe`: checkpoint, revision, input size, normalisation, output), recorded
             by `lapvqa convert` and `lapvqa_hf.train`.
+        encoder_finetuned (`bool`, defaults to `False`): whether the encoder was trained with the head (the
+            `*-native` files). The off-the-shelf encoder does not reproduce such a head, so its pipeline refuses to
+            run from images until the fine-tuned encoder is named (`feature_recipe`'s checkpoint, or `encoder=`);
+            from features of that encoder the model runs as it is.
     """
 
     model_type = "lapvqa_diffvqa"
@@ -35,6 +39,7 @@ class LapvqaDiffVQAConfig(LapvqaTextDecoderConfig):
     vis_dim: int = 768
     encoder_name: str | None = None
     feature_recipe: dict | None = None
+    encoder_finetuned: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

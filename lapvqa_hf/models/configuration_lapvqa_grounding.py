@@ -24,7 +24,7 @@ class LapvqaGroundingConfig(PreTrainedConfig):
     pre-norm transformer encoder; the output at [REG] gives, through an MLP and a sigmoid, the box (cx, cy, w, h) in
     [0, 1] relative to the image the encoder saw.
 
-    The upstream card is silent on several details; these are pinned (SPEC section 7, docs/models.md) and recorded here
+    The upstream card is silent on several details; these are pinned (docs/converting.md, docs/models.md) and recorded here
     so that a different convention can be chosen: `num_attention_heads=8`, `activation_function="relu"`, dropouts 0.1
     and `layer_norm_eps=1e-5` (PyTorch's `TransformerEncoderLayer` defaults), and the phrase feature (`text_recipe`,
     `text_normalize`). The FFN width, the learned positions and the final norm are read from the weights.

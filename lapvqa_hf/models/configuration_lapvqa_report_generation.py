@@ -21,10 +21,6 @@ class LapvqaReportGenerationConfig(LapvqaDiffVQAConfig):
     (+ bos) and, like every size, is read from the weights at conversion.
 
     Args:
-        encoder_finetuned (`bool`, defaults to `False`): whether the encoder was trained with the head (the
-            `lapvqa-rrg-native` files). The off-the-shelf encoder does not reproduce such a head, so its pipeline
-            refuses to run from images until the fine-tuned encoder is named (`feature_recipe`'s checkpoint, or
-            `encoder=`); from features of that encoder the model runs as it is.
         training_results (`dict`, *optional*): the upstream checkpoint's own record (`epoch`, `val_bleu4`: the
             validation BLEU-4 at the saved epoch).
     """
@@ -33,7 +29,6 @@ class LapvqaReportGenerationConfig(LapvqaDiffVQAConfig):
     remote_auto_map = _REMOTE_AUTO_MAP
 
     max_position_embeddings: int = 256
-    encoder_finetuned: bool = False
     training_results: dict | None = None
 
 

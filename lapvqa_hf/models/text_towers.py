@@ -2,7 +2,7 @@
 converter, its pipeline and its training task.
 
 A grounding head (`dmusingu/lapvqa-pg`) takes one vector per phrase. No card says which text tower made it; the
-pins (SPEC section 7) are the projected text embedding (`get_text_features`) of the text tower that goes with the
+pins (docs/converting.md) are the projected text embedding (`get_text_features`) of the text tower that goes with the
 frozen image encoder, L2-normalised: SigLIP so400m's for `siglip`, OWLv2 large's for `owlv2`, CLIP ViT-L/14's for
 every other encoder (MAE and the collection's own ViT have no text tower; Florence-2's is an encoder-decoder).
 A `TextRecipe` is stored, as `text_recipe`, in the `config.json` of every converted or trained grounding head.
@@ -40,7 +40,7 @@ DEFAULT_TEXT_RECIPE = "clip-vit-l14"  # every other image encoder's
 
 
 def text_recipe_for(encoder: str | None) -> TextRecipe:
-    """The text tower pinned for a head on the image encoder `encoder` (SPEC section 7)."""
+    """The text tower pinned for a head on the image encoder `encoder` (docs/converting.md)."""
     return TEXT_RECIPES[ENCODER_TEXT_RECIPES.get(encoder, DEFAULT_TEXT_RECIPE)]
 
 
