@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=64, help="most tokens generated per answer or report (default 64)"
     )
     evaluate.add_argument("--output", type=Path, help="also write the scores and answers as JSON here")
+    evaluate.add_argument(
+        "--bertscore-model",
+        help="text tasks: also BERTScore (precision, recall, F1 overall) with this model, a Hub id or local folder "
+        "(bert_score's default is roberta-large at --bertscore-layer 17)",
+    )
+    evaluate.add_argument("--bertscore-layer", type=int, help="the hidden-state layer BERTScore reads (default: last)")
     evaluate.set_defaults(handler=run_evaluate)
 
     from . import answer
@@ -161,6 +167,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .data import DataError
     from .features import FeatureStore
     from .files import write_json_atomically
+    from .metrics.bertscore import bertscore, load_bertscore_model
     from .model_folders import load_config, load_model
     from .processes import leave_processes, process_state
     from .train.tasks import check_feature_width, predict_across_processes, task_for_model
@@ -183,10 +190,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         references = task.references(examples)
         scores = task.score(answers, examples)
         metrics = task.metrics
+        if args.bertscore_model:
+            if not task.generates_text:
+                raise ValueError(f"--bertscore-model scores text; a {task.name} model gives none.")
+            bert, bert_tokenizer = load_bertscore_model(args.bertscore_model, state.device)
+            scores["overall"].update(bertscore(answers, references, bert, bert_tokenizer, args.bertscore_layer))
+            metrics = (*metrics, "bertscore_f1")
         print(f"| {task.group_label} | n | {' | '.join(metrics)} |")
         print(f"|---|---|{'---|' * len(metrics)}")
         for name, row in scores.items():
-            print(f"| {name} | {row['count']} | {' | '.join(f'{row[m]:.3f}' for m in metrics)} |")
+            values = " | ".join(f"{row[m]:.3f}" if m in row else "-" for m in metrics)  # BERTScore: overall only
+            print(f"| {name} | {row['count']} | {values} |")
         if args.output:
             predictions = "answers" if task.generates_text else "detections"
             payload = {"split": args.split, "scores": scores, predictions: answers, "references": references}

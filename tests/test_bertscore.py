@@ -64,3 +64,27 @@ def test_a_model_that_cannot_be_loaded_offline_is_one_line(tmp_path):
     with pytest.raises(BertScoreError, match="could not be loaded") as error:
         load_bertscore_model("roberta-large")  # the tests run offline, with an empty cache
     assert "\n" not in str(error.value) and "local folder" in str(error.value)
+
+
+def test_lapvqa_evaluate_adds_bertscore_with_the_named_model(bert_folder, tmp_path, capsys):
+    import json
+
+    from conftest import TINY_DECODER, prepare_training_release
+
+    from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
+    from lapvqa_hf.cli import main as lapvqa
+
+    prepared = prepare_training_release(tmp_path / "release")
+    torch.manual_seed(0)
+    LapvqaDiffVQAModel(LapvqaDiffVQAConfig(vis_dim=32, **TINY_DECODER)).save_pretrained(tmp_path / "model")
+    arguments = ["evaluate", str(tmp_path / "model"), "--data-root", str(prepared / "mimic")]
+    arguments += ["--features", str(prepared / "features"), "--split", "validation", "--max-new-tokens", "4"]
+    arguments += ["--output", str(tmp_path / "scores.json"), "--bertscore-model", str(bert_folder)]
+    assert lapvqa([*arguments, "--bertscore-layer", "1"]) == 0
+    assert "| bertscore_f1 |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "scores.json").read_text())
+    model, tokenizer = load_bertscore_model(str(bert_folder))
+    expected = bertscore(result["answers"], result["references"], model, tokenizer, num_layers=1)
+    assert result["scores"]["overall"]["bertscore_f1"] == pytest.approx(expected["bertscore_f1"])
+    assert lapvqa([*arguments[:-1], str(tmp_path / "no-such-model")]) == 1
+    assert "could not be loaded" in capsys.readouterr().err

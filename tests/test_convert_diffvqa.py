@@ -267,3 +267,20 @@ def test_the_help_and_the_summary_read_as_whole_sentences(tmp_path, capsys):
     write_head(source, num_layers=1, nhead=4)
     assert run_cli(source, "--encoder", "coca", "--num-heads", "4", "--output", tmp_path / "out", "--no-verify") == 0
     assert "vis_dim 768, 1 layer, FFN 80" in capsys.readouterr().out
+
+
+def test_a_native_head_records_its_fine_tuned_encoder_and_refuses_images_without_it(checkpoint, tmp_path, capsys):
+    """`lapvqa-diffvqa-native` files hold the head alone: the off-the-shelf encoder would not reproduce it."""
+    out = tmp_path / "native"
+    assert run_cli(checkpoint, "--encoder", "coca", "--num-heads", "4", "--native", "--output", out) == 0
+    printed = capsys.readouterr().out
+    assert "note: the fine-tuned coca encoder is not in this file" in printed and "--encoder-checkpoint" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["encoder_finetuned"] is True
+    with pytest.raises(ValueError, match="trained with its coca encoder fine-tuned") as error:
+        transformers.pipeline("lapvqa-diffvqa", model=str(out), trust_remote_code=True)
+    assert "\n" not in str(error.value) and "--encoder-checkpoint" in str(error.value)
+    model = LapvqaDiffVQAModel.from_pretrained(out)  # from that encoder's features it runs as it is
+    curr_vis, ref_vis = visual_features(1, 3, 3, 768)
+    ids = torch.randint(0, 50256, (1, 4))
+    assert model(input_ids=ids, current_image_features=curr_vis, prior_image_features=ref_vis).logits.isfinite().all()
