@@ -81,7 +81,11 @@ def test_the_tabs_follow_the_kind_registry(monkeypatch):
 
 def test_each_tab_offers_the_collections_repos_of_its_kinds():
     models = load_collection().models
-    assert collection_models(TASKS["Differential VQA"]) == [m.repo_id for m in models if m.kind == "diffvqa"]
+    differential = [m.repo_id for m in models if m.kind == "diffvqa" and not m.encoder_finetuned]
+    assert (
+        collection_models(TASKS["Differential VQA"]) == differential
+        and "dmusingu/lapvqa-diffvqa-vit-l14" in differential
+    )
     reports = collection_models(TASKS["Report generation"])
     assert "dmusingu/lapvqa-captioning" in reports and "dmusingu/lapvqa-rrg-clip-vit-l14" in reports
     assert not any("native" in repo for repo in reports), "heads that need their fine-tuned encoder are left out"

@@ -326,10 +326,16 @@ BAD_VALUES = [
     ({"mixed_precision": "fp32"}, "mixed_precision='fp32': expected one of no, bf16, fp16."),
     (
         {"best_metric": "bleu"},
-        "best_metric='bleu': expected one of bleu1, bleu2, bleu3, bleu4, rouge1, rougeL, cider, map40, map50; did you "
+        "best_metric='bleu': expected one of bleu1, bleu2, bleu3, bleu4, rouge1, rougeL, cider, map40, map50, "
+        "i2r_recall1, i2r_recall5, i2r_recall10, r2i_recall1, r2i_recall5, r2i_recall10, mean_recall, miou, acc25, "
+        "acc50, pointing; did you "
         "mean 'bleu4'?",
     ),
-    ({"task": "segmentation"}, "task='segmentation': expected one of diffvqa, captioning, detection."),
+    (
+        {"task": "segmentation"},
+        "task='segmentation': expected one of diffvqa, captioning, detection, two-tower, report-generation, "
+        "grounding; did you mean 'report-generation'?",
+    ),
     ({"report_sections": []}, "report_sections=[]: expected a non-empty list of report section names."),
     ({"data_root": NOWHERE}, f"data_root: no folder {NOWHERE}; set it to the dataset release's folder."),
     (
