@@ -293,3 +293,19 @@ def test_a_coca_head_answers_from_images_with_transformers_alone(tmp_path, xrays
                               [row["question"]])  # fmt: skip
     result = run_without_lapvqa_hf(REMOTE_PIPELINE, [folder, json.dumps(row)], tmp_path)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": expected[0]}
+
+
+def test_plain_greedy_decoding_on_a_gpu_goes_through_the_device_side_loop_with_the_same_answers(
+    diffvqa_folder, xrays, monkeypatch
+):
+    """On a CUDA device the pipelines decode plain greedy requests with `greedy_generate`; here the choice is forced on
+    the CPU, where the answers must be those of `generate()`, batched and one by one."""
+    import lapvqa_hf.models.pipeline_lapvqa as pipelines
+
+    pipe = pipeline(task="lapvqa-diffvqa", model=diffvqa_folder, pipeline_class=pipelines.LapvqaDiffVQAPipeline)
+    rows = [{"prior_image": xrays[i], "current_image": xrays[i + 1], "question": q} for i, q in enumerate(QUESTIONS)]
+    expected = pipe(rows, max_new_tokens=8, batch_size=3)
+    calls = []
+    monkeypatch.setattr(pipelines, "fast_greedy_applies", lambda device, kwargs: calls.append(kwargs) or True)
+    assert pipe(rows, max_new_tokens=8, batch_size=3) == expected
+    assert pipe(rows[0], max_new_tokens=8) == expected[0] and calls

@@ -25,6 +25,7 @@ from .encoders import (
     load_encoder_image_processor,
     patch_tokens,
 )
+from .greedy_decoding import fast_greedy_applies, greedy_generate
 from .image_processing_lapvqa import LapvqaImageProcessor
 from .processing_lapvqa import left_padded, question_prompt
 
@@ -104,6 +105,10 @@ class LapvqaPipeline(Pipeline):
     def _generate(self, prompts: dict, visual_inputs: dict, generate_kwargs: dict) -> torch.Tensor:
         input_ids = prompts["input_ids"]
         generate_kwargs = fitted_generate_kwargs(self.model, input_ids.shape[1], generate_kwargs)
+        if fast_greedy_applies(self.model.device, generate_kwargs):  # plain greedy on a GPU: the step on the device
+            return greedy_generate(
+                self.model, input_ids, prompts["attention_mask"], generate_kwargs.get("max_new_tokens"), **visual_inputs
+            )
         return self.model.generate(
             input_ids=input_ids, attention_mask=prompts["attention_mask"], **visual_inputs, **generate_kwargs
         )
