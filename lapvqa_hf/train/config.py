@@ -236,7 +236,10 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     ),
     "vision_encoder": (lambda v: v is None or _is_text(v), "a LapvqaVisionModel folder or Hub id, or null"),
     "radiologists": (lambda v: v in RADIOLOGISTS, f"one of {', '.join(RADIOLOGISTS)}"),
-    "text_recipe": (lambda v: v is None or (isinstance(v, str) and v in TEXT_RECIPES), f"null or one of {', '.join(TEXT_RECIPES)}"),
+    "text_recipe": (
+        lambda v: v is None or (isinstance(v, str) and v in TEXT_RECIPES),
+        f"null or one of {', '.join(TEXT_RECIPES)}",
+    ),
     "text_checkpoint": (lambda v: v is None or _is_text(v), "a text tower's folder or Hub id, or null"),
     "learning_rate": (_is_number(0, strictly=True), "a finite number > 0"),
     "weight_decay": (_is_number(0, strictly=False), "a finite number >= 0"),
