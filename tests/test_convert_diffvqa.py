@@ -50,6 +50,7 @@ def test_converts_verifies_and_writes_a_loadable_folder(checkpoint, tmp_path, ca
         "configuration_lapvqa_diffvqa.py",
         "encoders.py",
         "generation_config.json",
+        "greedy_decoding.py",
         "image_processing_lapvqa.py",
         "model.safetensors",
         "modeling_lapvqa_common.py",

@@ -139,6 +139,7 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
         "configuration_lapvqa_common.py",
         "configuration_lapvqa_detection.py",
         "encoders.py",
+        "greedy_decoding.py",
         "image_processing_lapvqa.py",
         "model.safetensors",
         "modeling_lapvqa_common.py",
