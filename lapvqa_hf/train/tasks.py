@@ -78,6 +78,20 @@ class TaskDefaults:
     trains_from_pixels: ClassVar[bool] = False  # whether inputs "pixels" can train it (its model holds its encoder)
     trains_from_features: ClassVar[bool] = True  # whether stored features can train it
 
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "TaskDefaults":
+        """The task of a training config (a task without options of its own: the same for every config)."""
+        return cls()
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "TaskDefaults":
+        """The task of a saved model's config, for `lapvqa evaluate`."""
+        return cls()
+
+    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
+        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
+        return load_encoder_image_processor(recipe, checkpoint)
+
     def tokenizer(self, model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
         """The tokenizer of the training texts, sized to the model's learned positions; None: no text."""
         if not self.generates_text:
@@ -275,14 +289,6 @@ class DiffVQATask(TaskDefaults):
     metrics = TEXT_METRICS
     generates_text = True
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "DiffVQATask":
-        return cls()
-
-    @classmethod
-    def from_model_config(cls, model_config) -> "DiffVQATask":
-        return cls()
-
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_diff_vqa(data_root)
 
@@ -292,10 +298,6 @@ class DiffVQATask(TaskDefaults):
 
     def feature_width(self, model: LapvqaDiffVQAModel) -> int:
         return model.config.vis_dim
-
-    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
-        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
-        return load_encoder_image_processor(recipe, checkpoint)
 
     def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDiffVQAModel:
         if config.init_from:
@@ -454,10 +456,6 @@ class CaptioningTask(TaskDefaults):
     def feature_width(self, model: LapvqaCaptioningModel) -> int:
         return model.config.vision_config.hidden_size
 
-    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
-        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
-        return load_encoder_image_processor(recipe, checkpoint)
-
     def _encoder_config(self, features: FeatureStore) -> LapvqaVisionConfig:
         """The config of the encoder that made the features; checks that it is a `LapvqaVisionModel` that fits them."""
         recipe = features.recipe
@@ -580,14 +578,6 @@ class ReportGenerationTask(TaskDefaults):
     metrics = TEXT_METRICS
     generates_text = True
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "ReportGenerationTask":
-        return cls()
-
-    @classmethod
-    def from_model_config(cls, model_config) -> "ReportGenerationTask":
-        return cls()
-
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_cxr_reports(data_root)
 
@@ -597,10 +587,6 @@ class ReportGenerationTask(TaskDefaults):
 
     def feature_width(self, model: LapvqaReportGenerationModel) -> int:
         return model.config.vis_dim
-
-    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
-        """How `lapvqa extract-features` prepares images for this task: the encoder's own processor."""
-        return load_encoder_image_processor(recipe, checkpoint)
 
     def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaReportGenerationModel:
         if config.init_from:
@@ -817,14 +803,6 @@ class TwoTowerTask(TaskDefaults):
     def __init__(self):
         self.image_processor = None  # the model folder's (init_from), else one sized for the new model's encoder
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "TwoTowerTask":
-        return cls()
-
-    @classmethod
-    def from_model_config(cls, model_config) -> "TwoTowerTask":
-        return cls()
-
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_cxr_reports(data_root)
 
@@ -833,9 +811,6 @@ class TwoTowerTask(TaskDefaults):
 
     def feature_width(self, model: LapvqaTwoTowerModel) -> int:
         return model.config.vision_config.hidden_size
-
-    def feature_image_processor(self, recipe: EncoderRecipe, checkpoint: str | None = None):
-        return load_encoder_image_processor(recipe, checkpoint)
 
     def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaTwoTowerModel:
         if config.init_from:
