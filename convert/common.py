@@ -16,7 +16,16 @@ from lapvqa_hf.files import atomic_output_dir
 from lapvqa_hf.kinds import save_pretrained_with_pipeline
 from lapvqa_hf.messages import counted, run_reporting_errors, summary
 from lapvqa_hf.model_folders import looks_like_a_local_path
-from lapvqa_hf.models.encoders import ENCODER_WIDTHS, RECIPES
+from lapvqa_hf.models.encoders import (
+    ENCODER_WIDTHS,
+    RECIPES,
+    EncoderError,
+    EncoderRecipe,
+    build_encoder,
+    load_encoder_config,
+    load_encoder_image_processor,
+    patch_tokens,
+)
 from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 from .checkpoint import (
@@ -156,6 +165,105 @@ def native_encoder_note(encoder: str) -> str:
         f"note: the fine-tuned {encoder} encoder is not in this file; the folder runs from that encoder's features, "
         "and from images only once it is named (--encoder-checkpoint, or encoder= to the pipeline)."
     )
+
+
+# Where a native file holds its fine-tuned encoder beside the head (pinned; the cards call the files the head alone):
+# the encoder's own state dict, in the layout of its recipe's model class, under this prefix.
+HELD_ENCODER_PREFIX = "encoder."
+
+
+def split_held_encoder(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The head's weights, and the fine-tuned encoder's (`encoder.*`, the prefix taken off) where the file holds it."""
+    head = {key: value for key, value in state_dict.items() if not key.startswith(HELD_ENCODER_PREFIX)}
+    encoder = {
+        key[len(HELD_ENCODER_PREFIX) :]: value
+        for key, value in state_dict.items()
+        if key.startswith(HELD_ENCODER_PREFIX)
+    }
+    return head, encoder
+
+
+def hold_encoder(config: PreTrainedConfig, encoder_state: dict[str, torch.Tensor], log: Callable[[str], None]) -> None:
+    """Makes `config` (whose `feature_recipe` is set) describe a head that holds its fine-tuned encoder: the
+    architecture read from the recipe's checkpoint (config only; the weights are the file's), `encoder_finetuned`."""
+    recipe = EncoderRecipe(**config.feature_recipe)
+    try:
+        config.encoder_config = load_encoder_config(recipe, recipe.checkpoint)
+    except EncoderError as error:
+        raise ConversionError(f"{error} (its config.json gives the architecture of the file's encoder.*)") from None
+    config.encoder_finetuned = True
+    log(
+        f"the file holds the fine-tuned {recipe.name} encoder too ({counted(len(encoder_state), 'tensor')}): "
+        f"converted into the folder (architecture from {recipe.checkpoint}), which runs from images as it is"
+    )
+
+
+def load_held_encoder(model: PreTrainedModel, encoder_state: dict[str, torch.Tensor]) -> None:
+    """The file's `encoder.*` weights into `model.vision_model`, every tensor by name and shape, or one line saying
+    what does not fit."""
+    load_encoder_weights(model.vision_model, encoder_state, f"the file's {HELD_ENCODER_PREFIX}* weights")
+
+
+def load_encoder_weights(encoder: torch.nn.Module, encoder_state: dict[str, torch.Tensor], what: str) -> None:
+    """`encoder_state` into `encoder` strictly; a missing, unexpected or misshapen tensor is one line."""
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(encoder_state))
+    unexpected = sorted(set(encoder_state) - set(expected))
+    misshapen = sorted(
+        key for key in set(expected) & set(encoder_state) if expected[key].shape != encoder_state[key].shape
+    )
+    problems = [
+        f"{counted(len(keys), label)} (e.g. {HELD_ENCODER_PREFIX}{keys[0]})"
+        for keys, label in (
+            (missing, "missing tensor"),
+            (unexpected, "unexpected tensor"),
+            (misshapen, "misshapen tensor"),
+        )
+        if keys
+    ]
+    if problems:
+        raise ConversionError(
+            f"{what} do not fit a {type(encoder).__name__} of the recipe's architecture: {'; '.join(problems)}; "
+            "name the encoder they were trained from with --encoder and --encoder-checkpoint."
+        )
+    encoder.load_state_dict(encoder_state, strict=True)
+
+
+def held_encoder_pixels(
+    config: PreTrainedConfig, generator: torch.Generator, batch_size: int, names: tuple[str, ...]
+) -> dict:
+    """Random prepared images (`[batch, channels, size, size]`, float64) under each of `names`: the verify inputs of a
+    head that holds its encoder."""
+    recipe, encoder_config = EncoderRecipe(**config.feature_recipe), config.encoder_config
+    size = encoder_config.get("image_size") or recipe.image_size
+    shape = (batch_size, encoder_config.get("num_channels", 3), size, size)
+    return {name: torch.randn(shape, generator=generator, dtype=torch.float64) for name in names}
+
+
+class OriginalWithEncoder(torch.nn.Module):
+    """The faithful original of a head converted with its fine-tuned encoder: the recipe's encoder class (the layout
+    of the file's `encoder.*` weights) loaded strictly from the file, then the upstream head on its patch tokens.
+    Takes the head's arguments with prepared images in place of its `num_images` leading feature arguments."""
+
+    def __init__(
+        self, head: torch.nn.Module, encoder_state: dict[str, torch.Tensor], config: PreTrainedConfig, num_images: int
+    ):
+        super().__init__()
+        self.recipe = EncoderRecipe(**config.feature_recipe)
+        self.encoder = build_encoder(self.recipe, config.encoder_config)
+        self.encoder.load_state_dict(encoder_state, strict=True)
+        self.head = head
+        self.num_images = num_images
+
+    def _with_features(self, args: tuple) -> tuple:
+        images, rest = args[: self.num_images], args[self.num_images :]
+        return (*(patch_tokens(self.recipe, self.encoder, pixels) for pixels in images), *rest)
+
+    def forward(self, *args) -> torch.Tensor:
+        return self.head(*self._with_features(args))
+
+    def generate(self, *args) -> list[list[int]]:
+        return self.head.generate(*self._with_features(args))
 
 
 def add_native_argument(parser: argparse.ArgumentParser, repo: str) -> None:
@@ -371,8 +479,21 @@ def folder_verifier(
     )
 
 
-def save_gpt2_tokenizer(max_length: int) -> Callable[[Path], None]:
-    return lambda folder: build_gpt2_tokenizer(max_length).save_pretrained(folder)
+def head_folder_files(config: PreTrainedConfig) -> Callable[[Path], None]:
+    """What a text head's folder holds beside the model: the GPT-2 tokenizer and, where the head holds its encoder,
+    that encoder's own image processor (what the pipeline prepares images with)."""
+
+    def save(folder: Path) -> None:
+        build_gpt2_tokenizer(config.max_position_embeddings).save_pretrained(folder)
+        if config.encoder_config is not None:
+            recipe = EncoderRecipe(**config.feature_recipe)
+            try:
+                image_processor = load_encoder_image_processor(recipe)
+            except EncoderError as error:
+                raise ConversionError(str(error)) from None
+            image_processor.save_pretrained(folder)
+
+    return save
 
 
 def add_common_arguments(
@@ -434,6 +555,7 @@ class AnsweringHeadConverter:
     original_class: type[torch.nn.Module]  # the faithful upstream head (`original.DiffVQAHead`, `VQAHead`)
     probe: Callable[[PreTrainedConfig], Probe]  # the verify inputs for a config
     assumptions: tuple[str, ...]
+    num_images: int  # the images the head reads (its leading feature arguments)
 
     def convert(
         self,
@@ -454,7 +576,7 @@ class AnsweringHeadConverter:
         """Converts, verifies and writes the model folder atomically; returns its path. `encoder_finetuned` marks a
         head trained with its encoder (a `*-native` file), whose fine-tuned encoder `encoder_checkpoint` names."""
         checkpoint = local_checkpoint(checkpoint)
-        state_dict = load_untrusted_state_dict(checkpoint)
+        state_dict, encoder_state = split_held_encoder(load_untrusted_state_dict(checkpoint))
         config = self.infer_config(state_dict, encoder, num_attention_heads, hidden_act)
         check_special_tokens(config)
         config.feature_recipe = encoder_record(encoder, encoder_checkpoint, encoder_revision)
@@ -467,22 +589,36 @@ class AnsweringHeadConverter:
             f"{'yes' if config.use_final_layer_norm else 'no'}, "
             f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}"
         )
-        if encoder_finetuned and encoder_checkpoint is None:
+        head_state = self.convert_state_dict(state_dict, config)
+        if encoder_state:
+            hold_encoder(config, encoder_state, log)
+        elif encoder_finetuned and encoder_checkpoint is None:
             log(native_encoder_note(encoder))
         model = self.model_class(config)
-        model.load_state_dict(self.convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
+        model.load_state_dict(head_state, strict=False)  # complete (`convert_state_dict` checks); the encoder next
+        if encoder_state:
+            load_held_encoder(model, encoder_state)
         model.tie_weights()
         model.generation_config = default_generation_config(config)
-        tokenizer = save_gpt2_tokenizer(config.max_position_embeddings)
         verify = folder_verifier(
-            lambda: self.original_from_state_dict(state_dict, config),
+            lambda: self.original(state_dict, encoder_state, config),
             self.model_class,
             self.probe(config),
             tolerance,
             float32_budget,
             assumed,
         )
-        return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, tokenizer, log)
+        extra_files = head_folder_files(config)
+        return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, extra_files, log)
+
+    def original(
+        self, state_dict: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor], config: PreTrainedConfig
+    ) -> torch.nn.Module:
+        """The faithful original: the upstream head, with the file's encoder before it where the file holds one."""
+        head = self.original_from_state_dict(state_dict, config)
+        if not encoder_state:
+            return head
+        return OriginalWithEncoder(head, encoder_state, config, num_images=self.num_images)
 
     def original_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], config: PreTrainedConfig

@@ -22,6 +22,7 @@ from .common import (
     QuestionAnsweringProbe,
     check_encoder_width,
     expected_shapes,
+    held_encoder_pixels,
     map_text_decoder,
     read_text_decoder_fields,
     tensor_shape,
@@ -69,8 +70,12 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaDiffVQ
 def probe(
     config: LapvqaDiffVQAConfig, num_patches: tuple[int, int] = (49, 37), batch_size: int = 3, seed: int = 0
 ) -> QuestionAnsweringProbe:
-    """The verify inputs: random features of both images (their patch counts differ) and random prompts."""
+    """The verify inputs: random features of both images (their patch counts differ), or random images for a head
+    that holds its encoder, and random prompts."""
     generator = torch.Generator().manual_seed(seed)
+    if config.encoder_config is not None:  # the head holds its encoder: the images themselves
+        images = held_encoder_pixels(config, generator, batch_size, ("current_pixel_values", "prior_pixel_values"))
+        return QuestionAnsweringProbe(config, images, generator)
     current = torch.randn((batch_size, num_patches[0], config.vis_dim), generator=generator, dtype=torch.float64)
     prior = torch.randn((batch_size, num_patches[1], config.vis_dim), generator=generator, dtype=torch.float64)
     return QuestionAnsweringProbe(config, {"current_image_features": current, "prior_image_features": prior}, generator)
@@ -85,6 +90,7 @@ CONVERTER = AnsweringHeadConverter(
     original_class=DiffVQAHead,
     probe=probe,
     assumptions=ASSUMPTIONS,
+    num_images=2,
 )
 convert_diffvqa, add_arguments, run, convert_entry, main = CONVERTER.module_functions(
     "lapvqa_hf.convert.diffvqa", __doc__

@@ -10,9 +10,12 @@ is checked against the weights, `nhead` and `encoder` are taken from it and the 
 `config.json`. A plain state dict is accepted too, with `--encoder` (and `--num-heads`, default 8). Every other size
 (FFN width, positions, final norm, tied `lm_head`) is read from the weights; the activation is an option.
 
-`--native` (`--encoder-finetuned`) records that the encoder was trained with the head (`lapvqa-rrg-native`): the
-file holds the head alone, so the folder reports from images only once the fine-tuned encoder is named
-(`--encoder-checkpoint`, or `encoder=` to the pipeline). The written folder is verified against the faithful
+`--native` (`--encoder-finetuned`) records that the encoder was trained with the head (`lapvqa-rrg-native`): a
+file that holds the head alone gives a folder that reports from images only once the fine-tuned encoder is named
+(`--encoder-checkpoint`, or `encoder=` to the pipeline). A file that holds the fine-tuned encoder too (under
+`encoder.`, in the layout of its recipe's model class) has it converted into the folder, which then reports from
+images as it is; the encoder's architecture and image processor come from the recipe's checkpoint
+(`--encoder-checkpoint` to name another). The written folder is verified against the faithful
 original before it is published.
 """
 
@@ -31,6 +34,7 @@ from . import vqa
 from .checkpoint import ConversionError, StateDictMapper, conversion_record, load_untrusted_checkpoint, local_checkpoint
 from .common import (
     DECODER_ASSUMPTIONS,
+    OriginalWithEncoder,
     add_common_arguments,
     add_encoder_arguments,
     add_native_argument,
@@ -41,10 +45,14 @@ from .common import (
     encoder_record,
     expected_shapes,
     folder_verifier,
+    head_folder_files,
+    held_encoder_pixels,
+    hold_encoder,
+    load_held_encoder,
     map_text_decoder,
     native_encoder_note,
     original_decoder_arguments,
-    save_gpt2_tokenizer,
+    split_held_encoder,
     strip_answer,
     verify_and_write_options,
     write_verified,
@@ -155,7 +163,7 @@ def original_from_state_dict(
 
 
 class ReportProbe(Probe):
-    """Random features of one image: teacher-forced logits of `[bos] + report`, and greedy reports from `[bos]` (the
+    """Random features of one image (or a random image, for a head that holds its encoder): teacher-forced logits of `[bos] + report`, and greedy reports from `[bos]` (the
     original's loop, `generate()` with its cache for the converted model)."""
 
     agreement = ("greedy reports", "samples")
@@ -171,7 +179,11 @@ class ReportProbe(Probe):
     ):
         self.config = config
         generator = torch.Generator().manual_seed(seed)
-        self.features = torch.randn((batch_size, num_patches, config.vis_dim), generator=generator, dtype=torch.float64)
+        if config.encoder_config is not None:  # the head holds its encoder: the image itself
+            self.visual = held_encoder_pixels(config, generator, batch_size, ("pixel_values",))
+        else:
+            features = torch.randn((batch_size, num_patches, config.vis_dim), generator=generator, dtype=torch.float64)
+            self.visual = {"image_features": features}
         length = min(report_length, config.max_position_embeddings - 1)
         report = torch.randint(0, config.bos_token_id, (batch_size, length), generator=generator)
         self.bos = torch.full((batch_size, 1), config.bos_token_id)
@@ -179,24 +191,24 @@ class ReportProbe(Probe):
         self.max_new_tokens = min(max_new_tokens, config.max_position_embeddings)
 
     def run_original(self, original: ReportGenerationHead, with_answers: bool) -> Outputs:
-        features, config = self.features.to(dtype_of(original)), self.config
-        logits = original(features, self.text)
+        (image,), config = (tensor.to(dtype_of(original)) for tensor in self.visual.values()), self.config
+        logits = original(image, self.text)
         if not with_answers:
             return Outputs({"logit": logits})
         return Outputs(
             {"logit": logits},
-            original.generate(features, config.bos_token_id, config.eos_token_id, self.max_new_tokens),
+            original.generate(image, config.bos_token_id, config.eos_token_id, self.max_new_tokens),
         )
 
     def run_converted(self, model: LapvqaReportGenerationModel, with_answers: bool) -> Outputs:
-        features = self.features.to(model.dtype)
-        logits = model(input_ids=self.text, image_features=features).logits
+        visual = {name: tensor.to(model.dtype) for name, tensor in self.visual.items()}
+        logits = model(input_ids=self.text, **visual).logits
         if not with_answers:
             return Outputs({"logit": logits})
         generated = model.generate(
             input_ids=self.bos,
             attention_mask=torch.ones_like(self.bos),
-            image_features=features,
+            **visual,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -227,6 +239,7 @@ def convert_report_generation(
     """
     checkpoint = local_checkpoint(checkpoint)
     state_dict, metadata = load_untrusted_checkpoint(checkpoint)
+    state_dict, encoder_state = split_held_encoder(state_dict)
     encoder, num_attention_heads = resolve_metadata(metadata, encoder, num_attention_heads)
     config = infer_config(state_dict, encoder, num_attention_heads, hidden_act)
     check_metadata(metadata, config)
@@ -249,22 +262,32 @@ def convert_report_generation(
         f"positions, final norm {'yes' if config.use_final_layer_norm else 'no'}, "
         f"lm_head {'tied' if config.tie_word_embeddings else 'untied'}; {training}"
     )
-    if encoder_finetuned and encoder_checkpoint is None:
+    head_state = convert_state_dict(state_dict, config)
+    if encoder_state:
+        hold_encoder(config, encoder_state, log)
+    elif encoder_finetuned and encoder_checkpoint is None:
         log(native_encoder_note(encoder))
     model = LapvqaReportGenerationModel(config)
-    model.load_state_dict(convert_state_dict(state_dict, config), strict=not config.tie_word_embeddings)
+    model.load_state_dict(head_state, strict=False)  # complete (`convert_state_dict` checks); the encoder next
+    if encoder_state:
+        load_held_encoder(model, encoder_state)
     model.tie_weights()
     model.generation_config = default_generation_config(config)
+
+    def original() -> torch.nn.Module:
+        head = original_from_state_dict(state_dict, config)
+        return OriginalWithEncoder(head, encoder_state, config, num_images=1) if encoder_state else head
+
     verify = folder_verifier(
-        lambda: original_from_state_dict(state_dict, config),
+        original,
         LapvqaReportGenerationModel,
         ReportProbe(config),
         tolerance,
         float32_budget,
         {"num_attention_heads": num_attention_heads, "hidden_act": hidden_act},
     )
-    tokenizer = save_gpt2_tokenizer(config.max_position_embeddings)
-    return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, tokenizer, log)
+    extra_files = head_folder_files(config)
+    return write_verified(model, output, verify if run_verify else None, checkpoint, overwrite, extra_files, log)
 
 
 def convert_entry(entry, source: Path, output: Path, log) -> Path:

@@ -23,6 +23,7 @@ from .common import (
     QuestionAnsweringProbe,
     check_encoder_width,
     expected_shapes,
+    held_encoder_pixels,
     map_text_decoder,
     read_text_decoder_fields,
     tensor_shape,
@@ -71,8 +72,13 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LapvqaVQACon
 
 
 def probe(config: LapvqaVQAConfig, num_patches: int = 49, batch_size: int = 3, seed: int = 0) -> QuestionAnsweringProbe:
-    """The verify inputs: random features of one image and random prompts."""
+    """The verify inputs: random features of one image (or a random image, for a head that holds its encoder) and
+    random prompts."""
     generator = torch.Generator().manual_seed(seed)
+    if config.encoder_config is not None:  # the head holds its encoder: the image itself
+        return QuestionAnsweringProbe(
+            config, held_encoder_pixels(config, generator, batch_size, ("pixel_values",)), generator
+        )
     features = torch.randn((batch_size, num_patches, config.vis_dim), generator=generator, dtype=torch.float64)
     return QuestionAnsweringProbe(config, {"image_features": features}, generator)
 
@@ -86,6 +92,7 @@ CONVERTER = AnsweringHeadConverter(
     original_class=VQAHead,
     probe=probe,
     assumptions=ASSUMPTIONS,
+    num_images=1,
 )
 convert_vqa, add_arguments, run, convert_entry, main = CONVERTER.module_functions("lapvqa_hf.convert.vqa", __doc__)
 

@@ -31,6 +31,11 @@ class LapvqaDiffVQAConfig(LapvqaTextDecoderConfig):
             `*-native` files). The off-the-shelf encoder does not reproduce such a head, so its pipeline refuses to
             run from images until the fine-tuned encoder is named (`feature_recipe`'s checkpoint, or `encoder=`);
             from features of that encoder the model runs as it is.
+        encoder_config (`dict`, *optional*): the architecture of the encoder the folder holds beside the head (the
+            config of `feature_recipe`'s model class, as a dict). Set, the model holds that encoder as
+            `vision_model`, loads its weights with the head's, and takes images (`pixel_values`, or
+            `prior_pixel_values` / `current_pixel_values` for DiffVQA) as well as patch tokens: a native head
+            converted with its fine-tuned encoder, or one fine-tuned end to end (`lapvqa train`, inputs "pixels").
     """
 
     model_type = "lapvqa_diffvqa"
@@ -40,6 +45,7 @@ class LapvqaDiffVQAConfig(LapvqaTextDecoderConfig):
     encoder_name: str | None = None
     feature_recipe: dict | None = None
     encoder_finetuned: bool = False
+    encoder_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -49,6 +55,11 @@ class LapvqaDiffVQAConfig(LapvqaTextDecoderConfig):
     def validate_architecture(self):
         super().validate_architecture()
         require_encoder_width(self.encoder_name, self.vis_dim)
+        if self.encoder_config is not None and self.feature_recipe is None:
+            raise ValueError(
+                "encoder_config describes an encoder held by the model, which needs feature_recipe to say which "
+                "encoder class it is and how its patch tokens are taken."
+            )
 
 
 __all__ = ["LapvqaDiffVQAConfig"]

@@ -127,6 +127,42 @@ def load_encoder(recipe: EncoderRecipe, checkpoint: str | None = None) -> "torch
     return model
 
 
+def encoder_class(recipe: EncoderRecipe) -> type:
+    """The model class a recipe names: transformers' own, or this package's (a sibling module, imported here by
+    name so that it ships with every head folder's remote code)."""
+    if recipe.library == "transformers":
+        import transformers
+
+        return getattr(transformers, recipe.model_class)
+    from .modeling_lapvqa_coca import LapvqaCocaVisionModel
+    from .modeling_lapvqa_vision import LapvqaVisionModel
+
+    return {model_class.__name__: model_class for model_class in (LapvqaCocaVisionModel, LapvqaVisionModel)}[
+        recipe.model_class
+    ]
+
+
+def load_encoder_config(recipe: EncoderRecipe, checkpoint: str | None = None, revision: str | None = None) -> dict:
+    """The architecture of a recipe's encoder (its config, as a dict), read from `checkpoint` (default the recipe's):
+    what a head that holds its own fine-tuned encoder records as `encoder_config`."""
+    source = checkpoint or recipe.checkpoint
+    try:
+        config = encoder_class(recipe).config_class.from_pretrained(source, revision=revision or recipe.revision)
+    except OSError as error:
+        raise _unreachable(recipe, source, error) from None
+    return config.to_dict()
+
+
+def build_encoder(recipe: EncoderRecipe, encoder_config: dict) -> "torch.nn.Module":
+    """The recipe's encoder with the architecture `encoder_config` gives (its weights initialised, to be loaded):
+    the encoder a head holds when its folder carries the fine-tuned encoder."""
+    model_class = encoder_class(recipe)
+    config = model_class.config_class.from_dict(encoder_config)
+    if recipe.model_class == "ViTMAEModel":
+        config.mask_ratio = 0.0  # as in `load_encoder`: the whole image
+    return model_class(config)
+
+
 def load_encoder_image_processor(recipe: EncoderRecipe, checkpoint: str | None = None):
     """The encoder's own image processor: the one saved with its checkpoint (transformers' `AutoImageProcessor`; a
     `LapvqaImageProcessor` for the collection's ViT, open_clip's evaluation transform as a `CLIPImageProcessor`
@@ -179,7 +215,10 @@ __all__ = [
     "RECIPES",
     "EncoderError",
     "EncoderRecipe",
+    "build_encoder",
+    "encoder_class",
     "load_encoder",
+    "load_encoder_config",
     "load_encoder_image_processor",
     "patch_tokens",
     "require_encoder_width",

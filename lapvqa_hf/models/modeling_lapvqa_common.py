@@ -26,6 +26,7 @@ from transformers.utils.generic import TransformersKwargs, can_return_tuple, mer
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_lapvqa_common import LapvqaTextDecoderConfig
+from .encoders import EncoderRecipe, build_encoder, patch_tokens
 
 # transformers 5.24 renamed the cache that `generate()` hands to `forward` and reads back from the outputs from
 # `past_key_values` to `cache`. The forwards accept both names; outputs carry the cache under the installed name.
@@ -542,7 +543,39 @@ class LapvqaCrossAttentionGenerationMixin(GenerationMixin):
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
 
 
-class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
+class LapvqaHeldEncoderMixin:
+    """What the heads fed by an encoder's patch tokens (DiffVQA, VQA, report generation) add when their folder holds
+    that encoder too (`config.encoder_config`, a native head converted with its fine-tuned encoder or one trained end
+    to end): the encoder as `vision_model`, and images turned into patch tokens as `config.feature_recipe` says."""
+
+    def _held_encoder(self) -> nn.Module | None:
+        """The encoder `config.encoder_config` describes (weights loaded with the head's), or None."""
+        if self.config.encoder_config is None:
+            return None
+        return build_encoder(EncoderRecipe(**self.config.feature_recipe), self.config.encoder_config)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The held encoder's patch tokens `[batch, num_patches, vis_dim]` of prepared images."""
+        if self.vision_model is None:
+            raise ValueError(
+                f"{type(self).__name__} holds no encoder (config.encoder_config is empty), so it takes patch tokens, "
+                "not pixels: encode the images with the encoder config.feature_recipe names, or use the pipeline."
+            )
+        dtype = next(self.vision_model.parameters()).dtype
+        return patch_tokens(EncoderRecipe(**self.config.feature_recipe), self.vision_model, pixel_values.to(dtype))
+
+    def _features_or_pixels(
+        self, features: torch.Tensor | None, pixels: torch.Tensor | None, names: str
+    ) -> torch.Tensor | None:
+        """One image's patch tokens, given (`features`) or from the held encoder (`pixels`); `names` names the pair."""
+        if pixels is None:
+            return features
+        if features is not None:
+            raise ValueError(f"Pass the image once: as {names}, not both.")
+        return self.image_features(pixels)
+
+
+class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin, LapvqaHeldEncoderMixin):
     """The text decoder over one chest X-ray's frozen-encoder patch tokens, shared by the VQA head (prompts
     `question + [bos]`) and the report-generation head (prompts `[bos]`).
 
@@ -556,6 +589,7 @@ class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionG
 
     def __init__(self, config: LapvqaTextDecoderConfig):
         super().__init__(config)
+        self.vision_model = self._held_encoder()
         self.visual_projection = LapvqaLinear(config.vis_dim, config.hidden_size)
         self.decoder = LapvqaTextDecoder(config)
         self.lm_head = LapvqaLinear(config.hidden_size, config.vocab_size, bias=False)
@@ -590,6 +624,7 @@ class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionG
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        pixel_values: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
@@ -600,6 +635,9 @@ class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionG
                 Needed for padded batches, since pad, bos and eos share the id 50256.
             image_features (`torch.Tensor` of shape `[batch, N, vis_dim]`): the frozen encoder's patch tokens of
                 the image. Ignored once cached.
+            pixel_values (`torch.Tensor` of shape `[batch, channels, height, width]`, *optional*): the image as the
+                encoder's processor prepares it, instead of `image_features`, where the model holds its encoder
+                (`config.encoder_config`). Ignored once cached.
             cache (`Cache`, *optional*): the self- and cross-attention cache of earlier steps, as `generate()`
                 passes it; `past_key_values` is its name before transformers 5.24 and is accepted too.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
@@ -607,7 +645,10 @@ class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionG
             logits_to_keep (`int` or `torch.Tensor`): compute logits for the last N positions only (0 = all).
         """
         cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
-        memory = None if self._memory_is_cached(cache) else self.encode_visual(image_features)
+        memory = None
+        if not self._memory_is_cached(cache):
+            image_features = self._features_or_pixels(image_features, pixel_values, "image_features or pixel_values")
+            memory = self.encode_visual(image_features)
         return self._decode_with_memory(
             memory,
             "`image_features` holds",
@@ -629,6 +670,7 @@ __all__ = [
     "LapvqaAttention",
     "LapvqaCrossAttentionGenerationMixin",
     "LapvqaDecoderLayer",
+    "LapvqaHeldEncoderMixin",
     "LapvqaLinear",
     "LapvqaMLP",
     "LapvqaPreTrainedModel",

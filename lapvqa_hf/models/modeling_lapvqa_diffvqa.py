@@ -9,6 +9,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_lapvqa_diffvqa import LapvqaDiffVQAConfig
 from .modeling_lapvqa_common import (
     LapvqaCrossAttentionGenerationMixin,
+    LapvqaHeldEncoderMixin,
     LapvqaLinear,
     LapvqaPreTrainedModel,
     LapvqaTextDecoder,
@@ -19,13 +20,15 @@ from .modeling_lapvqa_common import (
 PRIOR_FRAME, CURRENT_FRAME = 0, 1
 
 
-class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin):
+class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin, LapvqaHeldEncoderMixin):
     """The upstream `DiffVQAHead`: answers a question about the change between a prior and a current X-ray.
 
     The visual memory is `[vis_proj(prior) + frame_emb(0) ; vis_proj(current) + frame_emb(1)]`
     (`[B, N_prior + N_current, hidden]`); the decoder attends to it at every layer. Inputs follow the upstream
     layout `question + [bos] + answer + [eos]`, and `generate()` continues `question + [bos]`. The upstream card's
-    names for the two images' features, `ref_vis` (prior) and `curr_vis` (current), are accepted too.
+    names for the two images' features, `ref_vis` (prior) and `curr_vis` (current), are accepted too. A model that
+    holds its encoder (`config.encoder_config`) takes the images themselves as `prior_pixel_values` /
+    `current_pixel_values`.
     """
 
     config: LapvqaDiffVQAConfig
@@ -34,6 +37,7 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
 
     def __init__(self, config: LapvqaDiffVQAConfig):
         super().__init__(config)
+        self.vision_model = self._held_encoder()
         self.visual_projection = LapvqaLinear(config.vis_dim, config.hidden_size)
         self.frame_embeddings = nn.Embedding(2, config.hidden_size)
         self.decoder = LapvqaTextDecoder(config)
@@ -92,6 +96,8 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        prior_pixel_values: torch.Tensor | None = None,
+        current_pixel_values: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
@@ -103,6 +109,9 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
             prior_image_features / current_image_features (`torch.Tensor` of shape `[batch, N, vis_dim]`): the
                 frozen encoder's patch tokens of the prior and the current image (N may differ; the upstream card
                 calls them `ref_vis` and `curr_vis`, names accepted too). Ignored once cached.
+            prior_pixel_values / current_pixel_values (`torch.Tensor` of shape `[batch, channels, height, width]`,
+                *optional*): the images as the encoder's processor prepares them, instead of their patch tokens,
+                where the model holds its encoder (`config.encoder_config`). Ignored once cached.
             cache (`Cache`, *optional*): the self- and cross-attention cache of earlier steps, as `generate()`
                 passes it; `past_key_values` is its name before transformers 5.24 and is accepted too.
             labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets aligned with `input_ids`
@@ -113,7 +122,15 @@ class LapvqaDiffVQAModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMi
             kwargs, prior_image_features=prior_image_features, current_image_features=current_image_features
         )
         cache = resolve_cache_argument(self, cache, past_key_values, kwargs)
-        memory = None if self._memory_is_cached(cache) else self.encode_visual(**images)
+        memory = None
+        if not self._memory_is_cached(cache):
+            prior = self._features_or_pixels(
+                images["prior_image_features"], prior_pixel_values, "prior_image_features or prior_pixel_values"
+            )
+            current = self._features_or_pixels(
+                images["current_image_features"], current_pixel_values, "current_image_features or current_pixel_values"
+            )
+            memory = self.encode_visual(prior, current)
         return self._decode_with_memory(
             memory,
             "The visual features hold",

@@ -10,6 +10,7 @@ Images may be file paths (PNG, JPEG, DICOM), PIL images or arrays; X-rays are re
 transformers' batching treats a key named `pixel_values` as feature-extractor output, which these pipelines lack.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -117,7 +118,8 @@ class LapvqaPipeline(Pipeline):
 class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
     """What the heads fed by a frozen encoder share: the encoder named by the head's `feature_recipe` and its own
     image processor, loaded once (pass `encoder=` / `encoder_image_processor=` to reuse loaded ones), and batched
-    encoding. X-rays are read by `LapvqaImageProcessor` (16-bit, DICOM), then prepared by the encoder's processor,
+    encoding. A folder that holds its encoder (`config.encoder_config`: a native head with its fine-tuned encoder)
+    runs with that encoder (`model.vision_model`) and the image processor saved beside it. X-rays are read by `LapvqaImageProcessor` (16-bit, DICOM), then prepared by the encoder's processor,
     as `lapvqa extract-features` prepares them for training."""
 
     _load_processor = False
@@ -134,6 +136,14 @@ class LapvqaFrozenEncoderPipeline(LapvqaPipeline):
                 "with `lapvqa convert ... --encoder NAME`, or build the pipeline with encoder= and a feature_recipe."
             )
         self.recipe = EncoderRecipe(**recorded)
+        held = getattr(self.model, "vision_model", None)  # a folder that holds its (fine-tuned) encoder
+        if encoder is None and held is not None:
+            encoder = held
+            # saved beside the weights: the processor of the encoder the folder holds
+            encoder_image_processor = encoder_image_processor or load_encoder_image_processor(
+                dataclasses.replace(self.recipe, revision=getattr(self.model.config, "_commit_hash", None)),
+                self.model.name_or_path,
+            )
         if encoder is None:
             self._require_the_fine_tuned_encoder()
         self.encoder = (encoder if encoder is not None else load_encoder(self.recipe)).to(self.device).eval()
