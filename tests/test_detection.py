@@ -136,14 +136,18 @@ def test_converts_an_upstream_checkpoint_end_to_end(checkpoint, tmp_path, capsys
     assert "verify passed: float64 max |Δlogit| = " in printed and "argmax class identical for 30/30 queries" in printed
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "configuration_lapvqa_coca.py",
         "configuration_lapvqa_common.py",
         "configuration_lapvqa_detection.py",
+        "configuration_lapvqa_vision.py",
         "encoders.py",
         "greedy_decoding.py",
         "image_processing_lapvqa.py",
         "model.safetensors",
+        "modeling_lapvqa_coca.py",
         "modeling_lapvqa_common.py",
         "modeling_lapvqa_detection.py",
+        "modeling_lapvqa_vision.py",
         "pipeline_lapvqa.py",
         "preprocessor_config.json",
         "processing_lapvqa.py",

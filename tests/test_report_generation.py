@@ -206,7 +206,8 @@ def edited(checkpoint: dict, **changes) -> dict:
 
 
 def with_extra_keys(checkpoint: dict) -> dict:
-    extra = {"encoder.blocks.0.norm1.weight": torch.ones(4), "encoder.cls_token": torch.zeros(1, 1, 4)}
+    # Not under `encoder.` (where a native file holds its fine-tuned encoder: tests/test_native_heads.py)
+    extra = {"vision_encoder.blocks.0.norm1.weight": torch.ones(4), "vision_encoder.cls_token": torch.zeros(1, 1, 4)}
     return {**checkpoint, "state_dict": {**checkpoint["state_dict"], **extra}}
 
 
@@ -224,7 +225,7 @@ def with_extra_keys(checkpoint: dict) -> dict:
             with_extra_keys,
             [],
             r"unknown keys in the checkpoint \(not part of the expected layout\): "
-            r"\['encoder.blocks.0.norm1.weight', 'encoder.cls_token'\]",
+            r"\['vision_encoder.blocks.0.norm1.weight', 'vision_encoder.cls_token'\]",
         ),
         (lambda c: c["state_dict"], [], "a plain state dict carries no encoder name; pass --encoder."),
         (
