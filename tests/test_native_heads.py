@@ -114,7 +114,9 @@ def test_the_folder_runs_from_pixels_as_remote_code_without_the_package(tmp_path
     source = native_file("vqa", "lapvqa-vit-l14", encoder, tmp_path / "native.pt")
     assert convert("vqa", "lapvqa-vit-l14", source, off_the_shelf, tmp_path / "out") == 0
     inputs = {"input_ids": torch.tensor([[11, 12, 13, 50256]] * 2), "pixel_values": torch.randn(2, 3, 224, 224)}
-    remote = run_with_remote_code(tmp_path / "out", inputs, tmp_path, generate={"max_new_tokens": 4, "do_sample": False})
+    remote = run_with_remote_code(
+        tmp_path / "out", inputs, tmp_path, generate={"max_new_tokens": 4, "do_sample": False}
+    )
     local = AutoModel.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.allclose(remote["outputs"]["logits"], local(**inputs).logits, atol=1e-5)

@@ -24,6 +24,7 @@ from ..messages import first_line
 from ..metrics.detection import IOU_THRESHOLDS, metric_name
 from ..metrics.grounding import GROUNDING_METRICS
 from ..metrics.retrieval import RETRIEVAL_METRICS
+from ..models.encoders import RECIPES
 from ..models.text_towers import TEXT_RECIPES
 
 
@@ -55,6 +56,15 @@ class DetectionOptions:
 
 
 @dataclass(frozen=True)
+class HeldEncoderOptions:
+    """What DiffVQA and report-generation training from images (inputs "pixels", the "native" recipe) take: the
+    encoder the head learns with, held by the model and saved in its folder (`init_from` may give it instead)."""
+
+    encoder: str | None = None  # a recipe name (default: the one `init_from`'s head records)
+    encoder_checkpoint: str | None = None  # where its starting weights are read from (default: the recipe's Hub id)
+
+
+@dataclass(frozen=True)
 class GroundingOptions:
     """What only phrase-grounding training takes: the text tower that embeds the phrases."""
 
@@ -76,8 +86,8 @@ class TrainConfig:
     frozen and never run), or images (`pixels`: the encoder in the loop, frozen or, with `train_encoder`, trained;
     only for tasks whose model holds its encoder).
 
-    The fields under "task options" belong to one task each (`CaptioningOptions`, `DetectionOptions`,
-    `GroundingOptions`); setting one for another task is an error. Made with invalid values, it raises
+    The fields under "task options" belong to some tasks only (`CaptioningOptions`, `DetectionOptions`,
+    `GroundingOptions`, `HeldEncoderOptions`); setting one for another task is an error. Made with invalid values, it raises
     `TrainConfigError` (every problem)."""
 
     data_root: str
@@ -95,6 +105,8 @@ class TrainConfig:
     radiologists: str = "fused"  # detection
     text_recipe: str | None = None  # grounding
     text_checkpoint: str | None = None  # grounding
+    encoder: str | None = None  # diffvqa, report-generation (inputs pixels)
+    encoder_checkpoint: str | None = None  # diffvqa, report-generation (inputs pixels)
     # optimisation
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
@@ -241,6 +253,8 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
         f"null or one of {', '.join(TEXT_RECIPES)}",
     ),
     "text_checkpoint": (lambda v: v is None or _is_text(v), "a text tower's folder or Hub id, or null"),
+    "encoder": (lambda v: v is None or (isinstance(v, str) and v in RECIPES), f"null or one of {', '.join(RECIPES)}"),
+    "encoder_checkpoint": (lambda v: v is None or _is_text(v), "an encoder's folder or Hub id, or null"),
     "learning_rate": (_is_number(0, strictly=True), "a finite number > 0"),
     "weight_decay": (_is_number(0, strictly=False), "a finite number >= 0"),
     "warmup_steps": (_is_integer(0), "an integer >= 0"),
@@ -308,14 +322,23 @@ def config_problems(values: dict) -> list[str]:
     if task not in TASKS:
         return problems
     task_class = KINDS[task].training_task_class()
-    for other in TASKS:  # options of another task, set to other than their default
+    used_by: dict[str, list[str]] = {}  # options of other tasks, set to other than their default -> those tasks
+    for other in TASKS:
         options_class = KINDS[other].training_task_class().options_class
-        if other == task or options_class is None:
+        if other == task or options_class is None or options_class is task_class.options_class:
             continue
         for option in dataclasses.fields(options_class):
             default = option.default if option.default is not MISSING else option.default_factory()
             if option.name in valid and _plain(valid[option.name]) != _plain(default):
-                problems.append(f"{option.name}: only used with task {other}; remove it.")
+                used_by.setdefault(option.name, []).append(other)
+    for option, tasks in used_by.items():
+        problems.append(f"{option}: only used with task {' or '.join(tasks)}; remove it.")
+    if task_class.options_class is HeldEncoderOptions and inputs == "features":
+        for key in ("encoder", "encoder_checkpoint"):
+            if valid.get(key):
+                problems.append(
+                    f"{key}: only used with inputs pixels (the stored features name their encoder); remove it."
+                )
     if inputs == "pixels" and not task_class.trains_from_pixels:
         problems.append(
             f"inputs=pixels: task {task} trains on stored features only (its frozen encoder is not part of its "

@@ -41,7 +41,7 @@ from ..models.configuration_lapvqa_grounding import LapvqaGroundingConfig
 from ..models.configuration_lapvqa_report_generation import LapvqaReportGenerationConfig
 from ..models.configuration_lapvqa_two_tower import LapvqaTwoTowerConfig
 from ..models.configuration_lapvqa_vision import LapvqaVisionConfig
-from ..models.encoders import ENCODER_WIDTHS, EncoderRecipe, load_encoder_image_processor
+from ..models.encoders import ENCODER_WIDTHS, RECIPES, EncoderRecipe, load_encoder, load_encoder_image_processor
 from ..models.image_processing_lapvqa import LapvqaImageProcessor
 from ..models.modeling_lapvqa_captioning import LapvqaCaptioningModel
 from ..models.modeling_lapvqa_detection import LapvqaDetectionModel
@@ -67,6 +67,7 @@ from .config import (
     CaptioningOptions,
     DetectionOptions,
     GroundingOptions,
+    HeldEncoderOptions,
     TrainConfig,
 )
 
@@ -212,6 +213,16 @@ def batch_tokens(batch: dict) -> torch.Tensor:
 # --- DiffVQA ----------------------------------------------------------------------------------------------------
 
 
+def require_questions(rows: list[dict]) -> None:
+    """Every row must ask a question: refused now, not by the prompt builder in the middle of training."""
+    empty = [i for i, row in enumerate(rows) if not isinstance(row["question"], str) or not row["question"].strip()]
+    if empty:
+        raise DataError(
+            f"{len(empty)} row(s) of the data have no question, e.g. row {empty[0]} (images "
+            f"{rows[empty[0]]['prior_image']}, {rows[empty[0]]['current_image']}); remove or fill them."
+        )
+
+
 class DiffVQAExamples(torch.utils.data.Dataset):
     """Rows of a split with their stored features: (prior and current image features, question, answer, question type)."""
 
@@ -220,14 +231,7 @@ class DiffVQAExamples(torch.utils.data.Dataset):
         self.features = features
         self.ids = [(image_id(row["prior_image"], root), image_id(row["current_image"], root)) for row in self.rows]
         require_features(features, [i for pair in self.ids for i in pair])
-        empty = [
-            i for i, row in enumerate(self.rows) if not isinstance(row["question"], str) or not row["question"].strip()
-        ]
-        if empty:  # refused now, not by the prompt builder in the middle of training
-            raise DataError(
-                f"{len(empty)} row(s) of the data have no question, e.g. row {empty[0]} (images "
-                f"{self.rows[empty[0]]['prior_image']}, {self.rows[empty[0]]['current_image']}); remove or fill them."
-            )
+        require_questions(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -238,6 +242,64 @@ class DiffVQAExamples(torch.utils.data.Dataset):
         return {
             "prior_image_features": self.features[prior_id].float(),
             "current_image_features": self.features[current_id].float(),
+            "question": row["question"],
+            "answer": row["answer"],
+            "question_type": row["question_type"],
+        }
+
+
+# What examples give the model of their images: stored features, or images prepared for the encoder it holds.
+VISUAL_INPUTS = (
+    "image_features",
+    "pixel_values",
+    "prior_image_features",
+    "current_image_features",
+    "prior_pixel_values",
+    "current_pixel_values",
+)
+
+
+def _visual_inputs(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The examples' stored features (`image_features`, `prior_/current_image_features`) or prepared images
+    (`pixel_values`, `prior_/current_pixel_values`), stacked."""
+    return {key: torch.stack([e[key] for e in examples]) for key in VISUAL_INPUTS if key in examples[0]}
+
+
+def image_paths(rows: list[dict], columns: tuple[str, ...]) -> list[list[str]]:
+    """The image files each row names in `columns` (absolute, as the loaders give them); refused in one line if any
+    does not exist."""
+    paths = [[os.path.abspath(row[column]) for column in columns] for row in rows]
+    missing = [path for row_paths in paths for path in row_paths if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of the data do not exist, e.g. {missing[0]}; fix data_root.")
+    return paths
+
+
+def prepared_images(paths: list[str], image_processor) -> torch.Tensor:
+    """X-ray files read (16-bit, DICOM) and prepared by the encoder's own processor: `[len(paths), C, H, W]`; an image
+    that cannot be read stops training with an error naming it."""
+    try:
+        return LapvqaImageProcessor().encoder_pixel_values(paths, image_processor)
+    except (ValueError, OSError) as error:
+        raise DataError(f"{', '.join(paths)}: cannot be read ({first_line(error)}); fix or remove it.") from None
+
+
+class DiffVQAImageExamples(DiffVQAExamples):
+    """Rows of a split with both images, read and prepared when taken (inputs "pixels", the encoder in the loop):
+    (prior and current pixel values, question, answer, question type)."""
+
+    def __init__(self, rows, image_processor):
+        self.rows = list(rows)
+        self.paths = image_paths(self.rows, ("prior_image", "current_image"))
+        require_questions(self.rows)
+        self.image_processor = image_processor
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        prior, current = prepared_images(self.paths[index], self.image_processor)
+        return {
+            "prior_pixel_values": prior,
+            "current_pixel_values": current,
             "question": row["question"],
             "answer": row["answer"],
             "question_type": row["question_type"],
@@ -255,11 +317,7 @@ def training_collate(tokenizer, max_positions: int):
             answer = tokenizer(example["answer"], add_special_tokens=False)["input_ids"]
             sequences.append((prompt + answer + [eos])[:max_positions])
             labels.append(([-100] * len(prompt) + answer + [eos])[:max_positions])
-        return {
-            **_right_padded(sequences, labels, eos),
-            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
-            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
-        }
+        return {**_right_padded(sequences, labels, eos), **_visual_inputs(examples)}
 
     return collate
 
@@ -268,23 +326,93 @@ def answer_split(model, tokenizer, dataset: DiffVQAExamples, batch_size: int, ma
     """Greedy answers for every row of `dataset`."""
 
     def inputs_of(examples: list[dict]) -> dict[str, torch.Tensor]:
-        return {
-            **encode_questions(tokenizer, [e["question"] for e in examples]),
-            "current_image_features": torch.stack([e["current_image_features"] for e in examples]),
-            "prior_image_features": torch.stack([e["prior_image_features"] for e in examples]),
-        }
+        return {**encode_questions(tokenizer, [e["question"] for e in examples]), **_visual_inputs(examples)}
 
     return _generate_split(model, tokenizer, dataset, batch_size, max_new_tokens, inputs_of)
 
 
-class DiffVQATask(TaskDefaults):
-    """A DiffVQA head on MIMIC-Diff-VQA questions about (prior, current) pairs, scored per question type."""
+class HeldEncoderTraining(TaskDefaults):
+    """Inputs "pixels" for the heads fed by an encoder's patch tokens (DiffVQA, report generation): the model holds
+    the encoder (`vision_model`: the recipe `encoder` from `encoder_checkpoint`, or the one `init_from`'s folder
+    holds or records), frozen or, with `train_encoder`, fine-tuned end to end with the head (the "native" recipe).
+    The saved folder holds that encoder and its image processor, so that it runs from images as it is."""
+
+    options_class = HeldEncoderOptions
+    trains_from_pixels = True
+
+    def __init__(self, options: HeldEncoderOptions | None = None):
+        self.options = options or HeldEncoderOptions()
+        self.image_processor = None  # inputs "pixels": the encoder's own, which prepares the images
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "HeldEncoderTraining":
+        return cls(config.options(HeldEncoderOptions))
+
+    @classmethod
+    def pixel_input_problems(cls, values: dict) -> list[str]:
+        if values.get("init_from") or values.get("encoder"):
+            return []
+        return [
+            "inputs=pixels: name the encoder the head learns with (encoder, one of "
+            f"{', '.join(RECIPES)}) or a head to start from (init_from)."
+        ]
+
+    def head_with_its_encoder(self, config: TrainConfig, new_head: Callable[[EncoderRecipe], PreTrainedModel]):
+        """The head (`init_from`'s, else `new_head(recipe)`) holding its encoder, which is frozen unless
+        `train_encoder`."""
+        options = self.options
+        if config.init_from:
+            model = load_model(self.model_class, config.init_from)
+            recorded = (model.config.feature_recipe or {}).get("name")
+            if options.encoder is not None and options.encoder != recorded:
+                raise ValueError(
+                    f"encoder={options.encoder!r}, but {config.init_from} is a head on {recorded or 'no named'} "
+                    "features; remove encoder (the head's own is used) or start without init_from."
+                )
+        else:
+            model = new_head(RECIPES[options.encoder])
+        if model.vision_model is not None:  # the folder holds its encoder, and the processor beside it
+            self.image_processor = AutoImageProcessor.from_pretrained(config.init_from)
+        else:
+            recipe = EncoderRecipe(**model.config.feature_recipe)
+            if options.encoder_checkpoint:
+                recipe = dataclasses.replace(recipe, checkpoint=options.encoder_checkpoint, revision=None)
+            model.vision_model = load_encoder(recipe)
+            model.config.feature_recipe = dataclasses.asdict(recipe)
+            model.config.encoder_config = model.vision_model.config.to_dict()
+            self.image_processor = load_encoder_image_processor(recipe)
+        model.vision_model.requires_grad_(config.train_encoder)
+        model.config.encoder_finetuned = bool(model.config.encoder_finetuned or config.train_encoder)
+        return model
+
+    def save(self, model: PreTrainedModel, tokenizer, features: FeatureStore | None, target: Path) -> None:
+        """The head (with the encoder it holds, inputs "pixels", and that encoder's image processor) and its
+        tokenizer."""
+        save_pretrained_with_pipeline(model, target)
+        tokenizer.save_pretrained(target)
+        if features is None:
+            self.image_processor.save_pretrained(target)
+
+
+def new_head_config(config_class, recipe: EncoderRecipe, overrides: dict):
+    """A new head's config on `recipe`'s patch tokens, with the user's `model` overrides."""
+    return config_class(
+        vis_dim=recipe.vis_dim,
+        encoder_name=registered_encoder_name(recipe),
+        feature_recipe=dataclasses.asdict(recipe),
+        **overrides,
+    )
+
+
+class DiffVQATask(HeldEncoderTraining):
+    """A DiffVQA head on MIMIC-Diff-VQA questions about (prior, current) pairs, scored per question type: on stored
+    features of its frozen encoder, or on images with the encoder it holds (`HeldEncoderTraining`)."""
 
     name = "diffvqa"
     model_class = LapvqaDiffVQAModel
-    options_class = None
     image_preparation = IMAGE_PREPARATION  # the encoder's own processor
-    derived_fields = ("vis_dim", "encoder_name", "feature_recipe")  # model config fields set from the features
+    # model config fields set from the features or the encoder
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe", "encoder_config", "encoder_finetuned")
     group_label = "question type"
     metrics = TEXT_METRICS
     generates_text = True
@@ -292,20 +420,22 @@ class DiffVQATask(TaskDefaults):
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_diff_vqa(data_root)
 
-    def examples(self, rows, features: FeatureStore, root: Path) -> DiffVQAExamples:
+    def examples(self, rows, features: FeatureStore | None, root: Path) -> DiffVQAExamples:
+        if features is None:  # inputs "pixels"
+            return DiffVQAImageExamples(rows, self.image_processor)
         require_image_preparation(features, self.image_preparation)
         return DiffVQAExamples(rows, features, root)
 
     def feature_width(self, model: LapvqaDiffVQAModel) -> int:
         return model.config.vis_dim
 
-    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaDiffVQAModel:
+    def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaDiffVQAModel:
+        if features is None:
+            new_head = lambda recipe: LapvqaDiffVQAModel(new_head_config(LapvqaDiffVQAConfig, recipe, config.model))  # noqa: E731
+            return self.head_with_its_encoder(config, new_head)
         if config.init_from:
             return model_to_init_from(self, config.init_from, features)
-        recipe = features.recipe
-        return LapvqaDiffVQAModel(
-            LapvqaDiffVQAConfig(vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model)
-        )
+        return LapvqaDiffVQAModel(new_head_config(LapvqaDiffVQAConfig, features.recipe, config.model))
 
     def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
         return training_collate(tokenizer, max_positions)
@@ -318,10 +448,6 @@ class DiffVQATask(TaskDefaults):
 
     def score(self, predictions: list[str], dataset: DiffVQAExamples) -> dict[str, dict[str, float]]:
         return score_answers(predictions, self.references(dataset), [row["question_type"] for row in dataset.rows])
-
-    def save(self, model: LapvqaDiffVQAModel, tokenizer, features: FeatureStore, target: Path) -> None:
-        save_pretrained_with_pipeline(model, target)
-        tokenizer.save_pretrained(target)
 
 
 # --- captioning -------------------------------------------------------------------------------------------------
@@ -353,28 +479,15 @@ class ReportImageExamples(torch.utils.data.Dataset):
 
     def __init__(self, rows, image_processor):
         self.rows = list(rows)
-        self.paths = [os.path.abspath(row["image"]) for row in self.rows]  # as the loaders give them
-        missing = [path for path in self.paths if not Path(path).is_file()]
-        if missing:
-            raise DataError(f"{len(missing)} image(s) of the data do not exist, e.g. {missing[0]}; fix data_root.")
+        self.paths = image_paths(self.rows, ("image",))
         self.image_processor = image_processor
-        self.xray_image_processor = LapvqaImageProcessor()  # reads X-rays (16-bit, DICOM) for the encoder's processor
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        try:
-            (pixels,) = self.xray_image_processor.encoder_pixel_values([self.paths[index]], self.image_processor)
-        except (ValueError, OSError) as error:
-            raise DataError(f"{self.paths[index]}: cannot be read ({first_line(error)}); fix or remove it.") from None
+        (pixels,) = prepared_images(self.paths[index], self.image_processor)
         return {"pixel_values": pixels, "report": self.rows[index]["report"]}
-
-
-def _visual_inputs(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """The examples' stored features (`image_features`) or prepared images (`pixel_values`), stacked."""
-    key = "pixel_values" if "pixel_values" in examples[0] else "image_features"
-    return {key: torch.stack([e[key] for e in examples])}
 
 
 def report_collate(tokenizer, max_positions: int):
@@ -562,18 +675,18 @@ class CaptioningTask(TaskDefaults):
 # --- report generation ------------------------------------------------------------------------------------------
 
 
-class ReportGenerationTask(TaskDefaults):
+class ReportGenerationTask(HeldEncoderTraining):
     """A report-generation head (`LapvqaReportGenerationModel`) on MIMIC-CXR reports (FINDINGS + IMPRESSION), from
     stored features of its frozen encoder: `[bos] + report + [eos]`, the loss on the report and its eos. Scored by
     BLEU-1..4, ROUGE and CIDEr, and RadGraph-F1 (`radgraph_f1`) where the optional `radgraph` package is installed.
-    The saved head runs with the encoder its features were extracted with (`feature_recipe`), so it is never
-    `encoder_finetuned`, whatever it was initialised from."""
+    On stored features the saved head runs with the encoder its features were extracted with (`feature_recipe`), so
+    it is not `encoder_finetuned`, whatever it was initialised from; on images it holds its encoder
+    (`HeldEncoderTraining`), fine-tuned with `train_encoder`."""
 
     name = "report-generation"
     model_class = LapvqaReportGenerationModel
-    options_class = None
     image_preparation = IMAGE_PREPARATION  # the encoder's own processor
-    derived_fields = ("vis_dim", "encoder_name", "feature_recipe", "encoder_finetuned")
+    derived_fields = ("vis_dim", "encoder_name", "feature_recipe", "encoder_config", "encoder_finetuned")
     group_label = "reports"
     metrics = TEXT_METRICS
     generates_text = True
@@ -581,29 +694,30 @@ class ReportGenerationTask(TaskDefaults):
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_cxr_reports(data_root)
 
-    def examples(self, rows, features: FeatureStore, root: Path) -> ReportExamples:
+    def examples(self, rows, features: FeatureStore | None, root: Path) -> ReportExamples | ReportImageExamples:
+        if features is None:  # inputs "pixels"
+            return ReportImageExamples(rows, self.image_processor)
         require_image_preparation(features, self.image_preparation)
         return ReportExamples(rows, features, root)
 
     def feature_width(self, model: LapvqaReportGenerationModel) -> int:
         return model.config.vis_dim
 
-    def build_model(self, config: TrainConfig, features: FeatureStore) -> LapvqaReportGenerationModel:
-        if config.init_from:
+    def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaReportGenerationModel:
+        config_class = LapvqaReportGenerationConfig
+        if features is None:
+            new_head = lambda recipe: LapvqaReportGenerationModel(new_head_config(config_class, recipe, config.model))  # noqa: E731
+            model = self.head_with_its_encoder(config, new_head)
+        elif config.init_from:
             model = model_to_init_from(self, config.init_from, features)
+            model.config.encoder_finetuned = False  # it learns the features' encoder, recorded as its feature_recipe
         else:
-            recipe = features.recipe
-            model = LapvqaReportGenerationModel(
-                LapvqaReportGenerationConfig(
-                    vis_dim=recipe.vis_dim, encoder_name=registered_encoder_name(recipe), **config.model
-                )
-            )
+            model = LapvqaReportGenerationModel(new_head_config(config_class, features.recipe, config.model))
         if config.eval_max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(
                 f"eval_max_new_tokens={config.eval_max_new_tokens} exceeds the model's "
                 f"{model.config.max_position_embeddings} learned positions; lower it."
             )
-        model.config.encoder_finetuned = False  # it learns the features' encoder, recorded as its feature_recipe
         return model
 
     def collate(self, tokenizer, max_positions: int) -> Callable[[list[dict]], dict]:
@@ -621,10 +735,6 @@ class ReportGenerationTask(TaskDefaults):
         if importlib.util.find_spec("radgraph") is not None:  # the upstream cards' RadGraph-F1, where installed
             scores["overall"]["radgraph_f1"] = radgraph_f1(predictions, references)
         return scores
-
-    def save(self, model: LapvqaReportGenerationModel, tokenizer, features: FeatureStore, target: Path) -> None:
-        save_pretrained_with_pipeline(model, target)
-        tokenizer.save_pretrained(target)
 
 
 # --- detection --------------------------------------------------------------------------------------------------
