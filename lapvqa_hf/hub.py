@@ -256,7 +256,12 @@ def prepare_repo(
     config = json.loads((folder / "config.json").read_text())
     verify_summary = next((line for line in verify_lines if line.startswith("verify ")), None)
     card = render_model_card(
-        entry, collection, config.get("conversion_info"), verify_summary, config.get("training_results")
+        entry,
+        collection,
+        config.get("conversion_info"),
+        verify_summary,
+        config.get("training_results"),
+        holds_encoder=config.get("encoder_config") is not None,
     )
     card.save(folder / "README.md")
     plan.folder = folder

@@ -226,6 +226,9 @@ ENCODER_NOTE = (
     "# The pipeline loads the frozen {encoder} encoder from its own repo (once; the Hugging Face cache serves it "
     "offline)."
 )
+HELD_ENCODER_NOTE = (
+    "# This repo holds the head and its {encoder} encoder, fine-tuned together: the pipeline needs nothing else."
+)
 NATIVE_ENCODER_NOTE = (
     "# This head was trained with its {encoder} encoder fine-tuned, which this repo does not hold: the pipeline\n"
     '# refuses to run from images until that encoder is named (see "The fine-tuned encoder" below).'

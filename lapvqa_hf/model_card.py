@@ -5,12 +5,13 @@ from importlib import resources
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .collection import Collection, CollectionModel
-from .kinds import ENCODER_NOTE, IMAGES_NOTE, KINDS, NATIVE_ENCODER_NOTE
+from .kinds import ENCODER_NOTE, HELD_ENCODER_NOTE, IMAGES_NOTE, KINDS, NATIVE_ENCODER_NOTE
 from .models.encoders import RECIPES
 
 
-def usage_snippet(entry: CollectionModel) -> str:
-    note = NATIVE_ENCODER_NOTE if entry.encoder_finetuned else ENCODER_NOTE
+def usage_snippet(entry: CollectionModel, holds_encoder: bool = False) -> str:
+    """The card's usage code; `holds_encoder`: the converted folder holds its fine-tuned encoder."""
+    note = HELD_ENCODER_NOTE if holds_encoder else NATIVE_ENCODER_NOTE if entry.encoder_finetuned else ENCODER_NOTE
     encoder_note = note.format(encoder=entry.encoder_label)
     card = KINDS[entry.kind].card
     return card.usage.format(repo_id=entry.repo_id, encoder_note=encoder_note, images=IMAGES_NOTE)
@@ -69,9 +70,11 @@ def render_model_card(
     conversion_info: dict | None = None,
     verify_summary: str | None = None,
     training_results: dict | None = None,
+    holds_encoder: bool = False,
 ) -> ModelCard:
-    """The card of a converted repo; `conversion_info` is the converted `config.json`'s record of assumptions and
-    `training_results` the upstream checkpoint's own training record (detection heads: epoch, validation mAP)."""
+    """The card of a converted repo; `conversion_info` is the converted `config.json`'s record of assumptions,
+    `training_results` the upstream checkpoint's own training record (detection heads: epoch, validation mAP), and
+    `holds_encoder` whether the folder holds its fine-tuned encoder (a native file that held it)."""
     if entry.kind not in KINDS:
         raise ValueError(f"{entry.repo_id}: no model class converts {entry.kind!r} checkpoints yet, so it has no card.")
     card = KINDS[entry.kind].card
@@ -87,7 +90,7 @@ def render_model_card(
         source_file=entry.source.filename,
         source_sha256=conversion_info.get("source_sha256"),
         verify_summary=verify_summary or "see `lapvqa convert` output",
-        usage=usage_snippet(entry),
+        usage=usage_snippet(entry, holds_encoder),
         results=entry.results,
         dataset_name=entry.dataset.name,
         dataset_split=entry.dataset.split,
@@ -98,6 +101,8 @@ def render_model_card(
         training_data=card.training_data,
         kind=entry.kind,
         encoder_finetuned=entry.encoder_finetuned,
+        holds_encoder=holds_encoder,
+        converter_command=KINDS[entry.kind].command,
         encoder_label=entry.encoder_label,
         encoder_class=RECIPES[entry.encoder].model_class,
         repo_id=entry.repo_id,

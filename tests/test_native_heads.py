@@ -16,6 +16,8 @@ from test_pipelines import tiny_encoder_folder
 from transformers import AutoModel, pipeline
 
 from lapvqa_hf.cli import main as lapvqa
+from lapvqa_hf.collection import load_collection
+from lapvqa_hf.model_card import render_model_card
 from lapvqa_hf.models.encoders import RECIPES, EncoderRecipe, load_encoder, load_encoder_image_processor, patch_tokens
 from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
 
@@ -163,3 +165,14 @@ def test_encoder_weights_that_do_not_fit_the_recipe_are_refused_in_one_line(chan
     assert error.startswith("error: the file's encoder.* weights do not fit a ViTMAEModel")
     assert expected in error and "\n" not in error and "--encoder-checkpoint" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_of_a_folder_that_holds_its_encoder_says_it_needs_nothing_else():
+    collection = load_collection()
+    (entry,) = collection.select(["lapvqa-diffvqa-native-mae-vit-l16"])
+    holding = render_model_card(entry, collection, {"assumptions": []}, holds_encoder=True).text
+    assert "and the upstream file holds both: so does" in holding and "(a `ViTMAEModel`" not in holding
+    assert "refuses to run from images" not in holding and "the pipeline needs nothing else" in holding
+    head_alone = render_model_card(entry, collection, {"assumptions": []}).text
+    assert "the pipeline refuses to run from images" in head_alone
+    assert "lapvqa convert diffvqa FILE --native --encoder-checkpoint FINE_TUNED_ENCODER" in head_alone
