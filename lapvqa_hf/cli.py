@@ -113,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help=COMMANDS["evaluate"],
-        description="Answers (DiffVQA) or reports on (captioning) a split greedily, or detects its boxes "
-        "(detection) or grounds its phrases (grounding), and scores it. Under `accelerate launch -m lapvqa_hf.cli "
+        description="Answers (DiffVQA) or reports on (captioning, report generation) a split greedily, or detects its "
+        "boxes (detection) or grounds its phrases (grounding), and scores it, from stored features or, for a model "
+        "that holds its encoder, from the images. Under `accelerate launch -m lapvqa_hf.cli "
         "evaluate ...` the processes share the split out.",
     )
-    evaluate.add_argument("model", help="a DiffVQA, captioning, detection or grounding model folder or Hub id")
+    evaluate.add_argument(
+        "model", help="a DiffVQA, captioning, report-generation, detection or grounding model folder or Hub id"
+    )
     evaluate.add_argument(
         "--data-root",
         "--mimic-root",  # its earlier name
@@ -126,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a MIMIC-Diff-VQA / MIMIC-CXR release (detection: VinDr-CXR; grounding: MS-CXR)",
     )
-    evaluate.add_argument("--features", type=Path, required=True, help="features of the model's encoder")
+    evaluate.add_argument(
+        "--features",
+        type=Path,
+        help="features of the model's encoder; without it, a model that holds its encoder (captioning, a native "
+        "DiffVQA or report head) is scored from the images, read by its own image processor",
+    )
     evaluate.add_argument(
         "--split", default="test", choices=["train", "validation", "test"], help="the split to score (default test)"
     )
@@ -180,8 +188,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         splits = task.load_splits(args.data_root)
         if args.split not in splits:
             raise DataError(f"{args.data_root} has no {args.split} split; it has {sorted(splits)}.")
-        features = FeatureStore(args.features)
-        check_feature_width(args.model, task.feature_width(model), features)
+        if args.features is not None:
+            features = FeatureStore(args.features)
+            check_feature_width(args.model, task.feature_width(model), features)
+        elif task.trains_from_pixels and getattr(model, "vision_model", None) is not None:
+            features = None  # from the images, through the encoder the model holds
+            task.prepare_images_as(args.model)
+        else:
+            raise ValueError(
+                f"--features: {args.model} holds no encoder to read the images with; name the features of its "
+                "encoder (`lapvqa extract-features`)."
+            )
         examples = task.examples(splits[args.split], features, Path(os.path.abspath(args.data_root)))
         tokenizer = task.tokenizer(model)
         answers = predict_across_processes(task, model, tokenizer, examples, args.batch_size, args.max_new_tokens)

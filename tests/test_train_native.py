@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from test_pipelines import tiny_encoder_folder
 from transformers import pipeline
 
+from lapvqa_hf import LapvqaDiffVQAConfig, LapvqaDiffVQAModel
+from lapvqa_hf.cli import main as lapvqa
 from lapvqa_hf.data import load_mimic_cxr_reports, load_mimic_diff_vqa, write_synthetic_mimic_diff_vqa
 from lapvqa_hf.models.encoders import RECIPES, EncoderRecipe, load_encoder, patch_tokens
 from lapvqa_hf.models.image_processing_lapvqa import LapvqaImageProcessor
@@ -81,6 +83,21 @@ def test_a_diffvqa_head_trained_from_images_runs_from_images_through_its_pipelin
         if train_encoder:  # the fine-tuned encoder, not the off-the-shelf one, feeds the head
             assert not torch.allclose(tokens, patch_tokens(pipe.recipe, off_the_shelf(prepared), pixels), atol=1e-3)
     assert answer == {"answer": pipe.tokenizer.decode(generated[0, len(prompt) :], skip_special_tokens=True).strip()}
+
+    if train_encoder:  # `lapvqa evaluate` without features scores from the images, as training validated
+        evaluate = ["evaluate", str(best), "--data-root", str(prepared / "mimic"), "--split", "validation"]
+        options = ["--max-new-tokens", "4", "--batch-size", "3", "--output", str(tmp_path / "scores.json")]
+        assert lapvqa([*evaluate, *options]) == 0
+        scores = json.loads((tmp_path / "scores.json").read_text())["scores"]["overall"]
+        assert scores == pytest.approx(json.loads((tmp_path / "run" / "best.json").read_text())["scores"]["overall"])
+
+
+def test_evaluate_without_features_needs_a_model_that_holds_its_encoder(prepared, tmp_path, capsys):
+    LapvqaDiffVQAModel(LapvqaDiffVQAConfig(vis_dim=1024, **TINY_DECODER)).save_pretrained(tmp_path / "head")
+    assert lapvqa(["evaluate", str(tmp_path / "head"), "--data-root", str(prepared / "mimic")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("holds no encoder to read the images with; name the features of its encoder "
+                          "(`lapvqa extract-features`).")  # fmt: skip
 
 
 def test_a_report_head_fine_tuned_with_its_encoder_reports_from_images(prepared, tmp_path):

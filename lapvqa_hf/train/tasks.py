@@ -78,6 +78,15 @@ class TaskDefaults:
 
     trains_from_pixels: ClassVar[bool] = False  # whether inputs "pixels" can train it (its model holds its encoder)
     trains_from_features: ClassVar[bool] = True  # whether stored features can train it
+    image_processor = None  # inputs "pixels": the encoder's own, which prepares the images of `examples`
+
+    def prepare_images_as(self, folder: str) -> None:
+        """Image examples (`examples(rows, None, root)`) prepared by the image processor saved in the model `folder`
+        (a model that holds its encoder): what `lapvqa evaluate` without features reads the images with."""
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        except OSError as error:
+            raise OSError(f"{folder} has no image processor to prepare the images ({first_line(error)}).") from None
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "TaskDefaults":
@@ -342,7 +351,6 @@ class HeldEncoderTraining(TaskDefaults):
 
     def __init__(self, options: HeldEncoderOptions | None = None):
         self.options = options or HeldEncoderOptions()
-        self.image_processor = None  # inputs "pixels": the encoder's own, which prepares the images
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "HeldEncoderTraining":
@@ -372,7 +380,7 @@ class HeldEncoderTraining(TaskDefaults):
         else:
             model = new_head(RECIPES[options.encoder])
         if model.vision_model is not None:  # the folder holds its encoder, and the processor beside it
-            self.image_processor = AutoImageProcessor.from_pretrained(config.init_from)
+            self.prepare_images_as(config.init_from)
         else:
             recipe = EncoderRecipe(**model.config.feature_recipe)
             if options.encoder_checkpoint:
@@ -541,7 +549,6 @@ class CaptioningTask(TaskDefaults):
         self.report_sections = list(options.report_sections)
         self.vision_encoder = options.vision_encoder
         self._encoder: LapvqaVisionModel | None = None
-        self.image_processor = None  # inputs "pixels": the encoder's own, which prepares the images
 
     @classmethod
     def pixel_input_problems(cls, values: dict) -> list[str]:
@@ -623,10 +630,7 @@ class CaptioningTask(TaskDefaults):
                 ) from None
             model = LapvqaCaptioningModel(LapvqaCaptioningConfig(vision_config=encoder.config, **config.model))
             model.vision_model.load_state_dict(encoder.state_dict())
-        try:
-            self.image_processor = AutoImageProcessor.from_pretrained(source)
-        except OSError as error:
-            raise OSError(f"{source} has no image processor to prepare the images ({first_line(error)}).") from None
+        self.prepare_images_as(source)
         model.vision_model.requires_grad_(config.train_encoder)
         return model
 
@@ -910,9 +914,6 @@ class TwoTowerTask(TaskDefaults):
     metrics = RETRIEVAL_METRICS
     generates_text = False
 
-    def __init__(self):
-        self.image_processor = None  # the model folder's (init_from), else one sized for the new model's encoder
-
     def load_splits(self, data_root: str | Path) -> DatasetDict:
         return load_mimic_cxr_reports(data_root)
 
@@ -925,10 +926,7 @@ class TwoTowerTask(TaskDefaults):
     def build_model(self, config: TrainConfig, features: FeatureStore | None) -> LapvqaTwoTowerModel:
         if config.init_from:
             model = load_model(LapvqaTwoTowerModel, config.init_from)
-            try:
-                self.image_processor = AutoImageProcessor.from_pretrained(config.init_from)
-            except OSError as error:
-                raise OSError(f"{config.init_from} has no image processor ({first_line(error)}).") from None
+            self.prepare_images_as(config.init_from)
         else:
             model = LapvqaTwoTowerModel(LapvqaTwoTowerConfig(**config.model))
             self.image_processor = LapvqaImageProcessor.for_encoder(model.config.vision_config)
