@@ -4,13 +4,14 @@ whose pipeline runs from images as it is; verify checks the encoder and the head
 original; weights that do not fit the recipe's encoder are refused in one line."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_with_remote_code, upstream_report_checkpoint
+from conftest import WEIGHT_SCALES, randomize_at_scale_, run_with_remote_code, upstream_report_checkpoint
 from lapvqa_hf.convert import common as convert_common
-from lapvqa_hf.convert.original import DiffVQAHead, ReportGenerationHead, VQAHead, randomize_
+from lapvqa_hf.convert.original import DiffVQAHead, ReportGenerationHead, VQAHead
 from PIL import Image
 from test_pipelines import tiny_encoder_folder
 from transformers import AutoModel, pipeline
@@ -34,10 +35,12 @@ def fine_tuned(encoder: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
     return encoder.eval()
 
 
-def native_file(kind: str, encoder_name: str, encoder: torch.nn.Module, path, extra: dict | None = None):
-    """An upstream head of `kind` on `encoder_name`'s features, saved with `encoder`'s weights under `encoder.`."""
-    head = randomize_(HEADS[kind](RECIPES[encoder_name].vis_dim, max_len=40, **TINY_HEAD), seed=3)
-    weights = {**head.state_dict(), **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **(extra or {})}
+def native_file(kind: str, encoder_name: str, encoder: torch.nn.Module, path, scale: str = "tiny"):
+    """An upstream head of `kind` on `encoder_name`'s features (weights at `scale`, see `randomize_at_scale_`),
+    saved with `encoder`'s weights under `encoder.`."""
+    head = HEADS[kind](RECIPES[encoder_name].vis_dim, max_len=40, **TINY_HEAD)
+    randomize_at_scale_(head, scale, ("lm_head.weight",), seed=3)
+    weights = {**head.state_dict(), **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
     if kind == "report-generation":
         torch.save(upstream_report_checkpoint(head, encoder_name, state_dict=weights), path)
     else:
@@ -105,6 +108,22 @@ def test_a_native_file_with_its_encoder_converts_into_a_folder_that_runs_from_im
     named = pipeline(model=str(tmp_path / "out"), trust_remote_code=True, encoder=encoder,
                      encoder_image_processor=processor)  # fmt: skip
     assert answer == named(pipeline_inputs(kind, xrays), max_new_tokens=5)
+
+
+@pytest.mark.parametrize("scale", WEIGHT_SCALES)
+def test_verify_passes_at_every_weight_scale_judged_relative_to_the_outputs(scale, tmp_path, capsys):
+    """Tiny, trained-like (logits of tens) and large (std 3) heads over the fine-tuned encoder: float64 agrees to
+    rounding, relative to the logits' scale, and every greedy answer is identical."""
+    off_the_shelf = tiny_encoder_folder("lapvqa-vit-l14", tmp_path / "off-the-shelf")
+    encoder = fine_tuned(load_encoder(EncoderRecipe(**{**RECIPES["lapvqa-vit-l14"].__dict__,
+                                                       "checkpoint": str(off_the_shelf)})))  # fmt: skip
+    source = native_file("diffvqa", "lapvqa-vit-l14", encoder, tmp_path / "native.pt", scale=scale)
+    assert convert("diffvqa", "lapvqa-vit-l14", source, off_the_shelf, tmp_path / "out") == 0
+    (report,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verify ")]
+    assert report.startswith("verify passed") and "greedy answers identical for 3/3 samples" in report
+    relative = float(re.search(r"Δlogit\| = \S+, relative (\S+)", report).group(1))
+    print(f"{scale}: {report}")  # the closing numbers, with -s
+    assert relative < 1e-12
 
 
 def test_the_folder_runs_from_pixels_as_remote_code_without_the_package(tmp_path):
