@@ -20,7 +20,11 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.generic import TransformersKwargs, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -358,6 +362,46 @@ class LapvqaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
+class LapvqaPreNormEncoderMixin:
+    """The pre-norm transformer encoder of the box heads (detection, grounding), once: `encoder_layers`
+    `LapvqaTransformerEncoderLayer`s of width `d_model`, then an optional final LayerNorm
+    (`encoder_final_layer_norm`). Mixed into each head's own `PreTrainedModel`, which gives it its config class."""
+
+    _can_record_outputs = {
+        "hidden_states": LapvqaTransformerEncoderLayer,
+        "attentions": OutputRecorder(LapvqaAttention, index=1),
+    }
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList(
+            [
+                LapvqaTransformerEncoderLayer(
+                    config,
+                    config.d_model,
+                    config.num_attention_heads,
+                    config.encoder_ffn_dim,
+                    config.activation_function,
+                )  # fmt: skip
+                for _ in range(config.encoder_layers)
+            ]
+        )
+        self.layer_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_final_layer_norm else None
+        )
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, inputs_embeds: torch.Tensor, **kwargs) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
 class LapvqaPreTrainedModel(PreTrainedModel):
     """What the text-decoder models share (DiffVQA, VQA, the text decoder itself): attention backends, gradient
     checkpointing, cache placement, and the decoder's recordable outputs."""
@@ -673,6 +717,7 @@ __all__ = [
     "LapvqaHeldEncoderMixin",
     "LapvqaLinear",
     "LapvqaMLP",
+    "LapvqaPreNormEncoderMixin",
     "LapvqaPreTrainedModel",
     "LapvqaSingleImageDecoderModel",
     "LapvqaTextDecoder",

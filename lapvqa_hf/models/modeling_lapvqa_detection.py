@@ -14,7 +14,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_lapvqa_detection import LapvqaDetectionConfig
-from .modeling_lapvqa_common import LapvqaAttention, LapvqaMLP, LapvqaTransformerEncoderLayer
+from .modeling_lapvqa_common import LapvqaAttention, LapvqaMLP, LapvqaPreNormEncoderMixin
 
 
 @dataclass
@@ -121,42 +121,8 @@ class LapvqaDetectionPreTrainedModel(PreTrainedModel):
             init.normal_(module.object_queries, mean=0.0, std=self.config.initializer_range)
 
 
-class LapvqaDetectionEncoder(LapvqaDetectionPreTrainedModel):
+class LapvqaDetectionEncoder(LapvqaPreNormEncoderMixin, LapvqaDetectionPreTrainedModel):
     """Pre-norm transformer encoder over the projected visual tokens, with an optional final LayerNorm."""
-
-    _can_record_outputs = {
-        "hidden_states": LapvqaTransformerEncoderLayer,
-        "attentions": OutputRecorder(LapvqaAttention, index=1),
-    }
-
-    def __init__(self, config: LapvqaDetectionConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList(
-            [
-                LapvqaTransformerEncoderLayer(
-                    config,
-                    config.d_model,
-                    config.num_attention_heads,
-                    config.encoder_ffn_dim,
-                    config.activation_function,
-                )  # fmt: skip
-                for _ in range(config.encoder_layers)
-            ]
-        )
-        self.layer_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_final_layer_norm else None
-        )
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(self, inputs_embeds: torch.Tensor, **kwargs) -> BaseModelOutput:
-        hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, **kwargs)
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
-        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 class LapvqaDetectionDecoder(LapvqaDetectionPreTrainedModel):

@@ -10,11 +10,10 @@ from transformers.loss.loss_for_object_detection import center_to_corners_format
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_lapvqa_grounding import LapvqaGroundingConfig
-from .modeling_lapvqa_common import LapvqaAttention, LapvqaTransformerEncoderLayer
+from .modeling_lapvqa_common import LapvqaPreNormEncoderMixin
 
 
 @dataclass
@@ -78,42 +77,8 @@ class LapvqaGroundingPreTrainedModel(PreTrainedModel):
                 init.normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
 
 
-class LapvqaGroundingEncoder(LapvqaGroundingPreTrainedModel):
+class LapvqaGroundingEncoder(LapvqaPreNormEncoderMixin, LapvqaGroundingPreTrainedModel):
     """Pre-norm transformer encoder over [REG; visual tokens; phrase token], with an optional final LayerNorm."""
-
-    _can_record_outputs = {
-        "hidden_states": LapvqaTransformerEncoderLayer,
-        "attentions": OutputRecorder(LapvqaAttention, index=1),
-    }
-
-    def __init__(self, config: LapvqaGroundingConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList(
-            [
-                LapvqaTransformerEncoderLayer(
-                    config,
-                    config.d_model,
-                    config.num_attention_heads,
-                    config.encoder_ffn_dim,
-                    config.activation_function,
-                )  # fmt: skip
-                for _ in range(config.encoder_layers)
-            ]
-        )
-        self.layer_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.encoder_final_layer_norm else None
-        )
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(self, inputs_embeds: torch.Tensor, **kwargs) -> BaseModelOutput:
-        hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, **kwargs)
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
-        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 class LapvqaGroundingMLPPredictionHead(nn.Module):
