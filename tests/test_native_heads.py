@@ -109,6 +109,16 @@ def test_a_native_file_with_its_encoder_converts_into_a_folder_that_runs_from_im
                      encoder_image_processor=processor)  # fmt: skip
     assert answer == named(pipeline_inputs(kind, xrays), max_new_tokens=5)
 
+    # `lapvqa answer` over a file of rows, through the same pipeline.
+    row = pipeline_inputs(kind, xrays)
+    row = row if isinstance(row, dict) else {"image": row}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    arguments = ["--input", tmp_path / "rows.jsonl", "--output", tmp_path / "out.jsonl", "--max-new-tokens", "5"]
+    assert lapvqa(["answer", str(tmp_path / "out"), *map(str, arguments), "--device", "cpu"]) == 0
+    (written,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = answer["answer"] if isinstance(answer, dict) else answer[0]["generated_text"]
+    assert written.get("answer", written.get("report")) == expected
+
 
 @pytest.mark.parametrize("scale", WEIGHT_SCALES)
 def test_verify_passes_at_every_weight_scale_judged_relative_to_the_outputs(scale, tmp_path, capsys):
