@@ -263,7 +263,7 @@ def test_pixel_inputs_are_refused_where_they_cannot_work(prepared, tmp_path):
     assert raised.value.problems == [
         "inputs=pixels: name the encoder to train from: vision_encoder (a LapvqaVisionModel) or init_from."
     ]
-    assert config_problems({"task": "detection", "inputs": "pixels"}) == [
+    assert config_problems({"task": "detection", "inputs": "pixels", "best_metric": "map50"}) == [
         "inputs=pixels: task detection trains on stored features only (its frozen encoder is not part of its model); "
         "set inputs to features."
     ]
