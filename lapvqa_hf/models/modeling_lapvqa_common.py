@@ -598,7 +598,7 @@ class LapvqaHeldEncoderMixin:
             return None
         return build_encoder(EncoderRecipe(**self.config.feature_recipe), self.config.encoder_config)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The held encoder's patch tokens `[batch, num_patches, vis_dim]` of prepared images."""
         if self.vision_model is None:
             raise ValueError(
@@ -616,7 +616,7 @@ class LapvqaHeldEncoderMixin:
             return features
         if features is not None:
             raise ValueError(f"Pass the image once: as {names}, not both.")
-        return self.image_features(pixels)
+        return self.encode_pixels(pixels)
 
 
 class LapvqaSingleImageDecoderModel(LapvqaPreTrainedModel, LapvqaCrossAttentionGenerationMixin, LapvqaHeldEncoderMixin):
