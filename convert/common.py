@@ -199,13 +199,9 @@ def hold_encoder(config: PreTrainedConfig, encoder_state: dict[str, torch.Tensor
 
 
 def load_held_encoder(model: PreTrainedModel, encoder_state: dict[str, torch.Tensor]) -> None:
-    """The file's `encoder.*` weights into `model.vision_model`, every tensor by name and shape, or one line saying
-    what does not fit."""
-    load_encoder_weights(model.vision_model, encoder_state, f"the file's {HELD_ENCODER_PREFIX}* weights")
-
-
-def load_encoder_weights(encoder: torch.nn.Module, encoder_state: dict[str, torch.Tensor], what: str) -> None:
-    """`encoder_state` into `encoder` strictly; a missing, unexpected or misshapen tensor is one line."""
+    """The file's `encoder.*` weights into `model.vision_model`, every tensor by name and shape; a missing,
+    unexpected or misshapen tensor is refused in one line."""
+    encoder = model.vision_model
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(encoder_state))
     unexpected = sorted(set(encoder_state) - set(expected))
@@ -223,7 +219,7 @@ def load_encoder_weights(encoder: torch.nn.Module, encoder_state: dict[str, torc
     ]
     if problems:
         raise ConversionError(
-            f"{what} do not fit a {type(encoder).__name__} of the recipe's architecture: {'; '.join(problems)}; "
+            f"the file's {HELD_ENCODER_PREFIX}* weights do not fit a {type(encoder).__name__} of the recipe's architecture: {'; '.join(problems)}; "
             "name the encoder they were trained from with --encoder and --encoder-checkpoint."
         )
     encoder.load_state_dict(encoder_state, strict=True)
