@@ -1,9 +1,11 @@
 """The fine-tuning guide's section (docs/fine-tuning.md), run as written on the synthetic release: data, features, `accelerate launch`
 training of a DiffVQA head and of the captioning decoder (from features, and from images with its encoder),
-evaluation, and a saved folder ready to publish.
+the native recipe (a DiffVQA head fine-tuned with its encoder from images), evaluation, and a saved folder ready to
+publish.
 
 Only the scale is shrunk (fewer subjects, a few steps, a tiny DiffVQA decoder, tiny converted models standing in
-for `lapvqa-pretrain-captioning[-encoder]`); every command line of the guide runs unchanged otherwise."""
+for `lapvqa-pretrain-captioning[-encoder]`, a tiny MAE standing in for `facebook/vit-mae-large`); every command line
+of the guide runs unchanged otherwise."""
 
 import json
 import os
@@ -18,6 +20,7 @@ from conftest import run_with_remote_code
 from lapvqa_hf.convert.captioning import convert_captioning
 from lapvqa_hf.convert.original import CaptioningModel, randomize_
 from lapvqa_hf.convert.vision_encoder import convert_vision_encoder
+from test_pipelines import tiny_encoder_folder
 
 GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md").read_text()
 SECTION = re.search(r"## Fine-tuning a DiffVQA head or the captioning decoder\n(.*?)(\n## |\Z)", GUIDE, re.S).group(1)
@@ -34,13 +37,15 @@ SMALL_RUN = [
 
 def shrunk_script() -> str:
     script = "\n".join(re.findall(r"```bash\n(.*?)```", SECTION, re.S))
-    assert script.count("accelerate launch -m lapvqa_hf.train") == 3 and "lapvqa evaluate" in script
+    assert script.count("accelerate launch -m lapvqa_hf.train") == 4 and "lapvqa evaluate" in script
     script = script.replace("--subjects 40", "--subjects 8")
 
     def shrink(match: re.Match) -> str:
         overrides = list(SMALL_RUN)
-        if "captioning" not in match.group(0):  # the DiffVQA run: a tiny decoder
+        if "captioning" not in match.group(0):  # the DiffVQA runs: a tiny decoder
             overrides.append(f"model={json.dumps(TINY_DIFFVQA, separators=(',', ':'))}")
+        if "native" in match.group(0):  # its encoder's starting weights: the tiny MAE (the guide's come from the Hub)
+            overrides.append("encoder_checkpoint=mae-stand-in")
         return match.group(0) + "".join(f" --set '{o}'" for o in overrides)
 
     return re.sub(r"^accelerate launch -m lapvqa_hf\.train .*$", shrink, script, flags=re.M)
@@ -74,6 +79,7 @@ def write_pretrained_stand_ins(folder: Path) -> None:
     convert_vision_encoder(
         folder / "encoder_final.pt", folder / "lapvqa-pretrain-captioning-encoder", num_attention_heads=4, **quiet
     )
+    tiny_encoder_folder("mae-vit-l16", folder / "mae-stand-in")
 
 
 @pytest.mark.slow
@@ -105,6 +111,18 @@ def test_the_fine_tuning_section_runs_end_to_end(tmp_path):
         (tmp_path / task).mkdir()
         remote = run_with_remote_code(best, {"input_ids": torch.tensor([[50256]]), **inputs}, tmp_path / task)
         assert remote["outputs"]["logits"].shape == (1, 1, 50257)
+
+    # The native recipe: the head holds its fine-tuned encoder and runs from images as it is.
+    best = tmp_path / "runs" / "diffvqa-native" / "best"
+    config = json.loads((best / "config.json").read_text())
+    assert config["encoder_finetuned"] is True and config["encoder_config"]["model_type"] == "vit_mae"
+    assert "preprocessor_config.json" in {p.name for p in best.iterdir()}
+    (tmp_path / "native").mkdir()
+    remote = run_with_remote_code(
+        best, {"input_ids": torch.tensor([[50256]]), "prior_pixel_values": torch.randn(1, 3, 224, 224),
+               "current_pixel_values": torch.randn(1, 3, 224, 224)}, tmp_path / "native",
+    )  # fmt: skip
+    assert remote["outputs"]["logits"].shape == (1, 1, 50257)
 
     # From images, the encoder trained too: the saved model holds it, with the processor that prepared the images.
     best = tmp_path / "runs" / "captioning-pixels" / "best"
