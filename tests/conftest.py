@@ -366,6 +366,21 @@ def training_config_values(base: Path, output: Path, **changes) -> dict:
     return values | changes
 
 
+@pytest.fixture(scope="module")
+def xrays(tmp_path_factory) -> list[str]:
+    """An 8-bit PNG, a 16-bit PNG and a MONOCHROME1 DICOM (the image tests of report generation and native heads)."""
+    import numpy as np
+    from PIL import Image
+    from test_image_processing import write_dicom
+
+    folder = tmp_path_factory.mktemp("xrays")
+    generator = np.random.default_rng(0)
+    Image.fromarray(generator.integers(0, 255, (40, 36), dtype=np.uint8)).save(folder / "cxr.png")
+    Image.fromarray(generator.integers(200, 3000, (50, 44), dtype=np.uint16)).save(folder / "cxr16.png")
+    dicom = write_dicom(folder / "cxr.dcm", generator.integers(0, 4096, (48, 40)), "MONOCHROME1", window=(2048, 4096))
+    return [str(folder / "cxr.png"), str(folder / "cxr16.png"), str(dicom)]
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """accelerate's state is a process-wide singleton: each training test starts and ends without one."""

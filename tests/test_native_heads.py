@@ -6,13 +6,11 @@ original; weights that do not fit the recipe's encoder are refused in one line."
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 from conftest import WEIGHT_SCALES, randomize_at_scale_, run_with_remote_code, upstream_report_checkpoint
 from lapvqa_hf.convert import common as convert_common
 from lapvqa_hf.convert.original import DiffVQAHead, ReportGenerationHead, VQAHead
-from PIL import Image
 from test_pipelines import tiny_encoder_folder
 from transformers import AutoModel, pipeline
 
@@ -54,15 +52,6 @@ def convert(kind: str, encoder_name: str, source, encoder_folder, output, *optio
         ["convert", kind, str(source), *encoder, "--encoder-checkpoint", str(encoder_folder), "--native", *options,
          "--output", str(output)]
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def xrays(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("xrays")
-    generator = np.random.default_rng(0)
-    Image.fromarray(generator.integers(0, 255, (40, 36), dtype=np.uint8)).save(folder / "prior.png")
-    Image.fromarray(generator.integers(200, 3000, (50, 44), dtype=np.uint16)).save(folder / "current.png")
-    return [str(folder / "prior.png"), str(folder / "current.png")]
 
 
 def pipeline_inputs(kind: str, xrays: list[str]):

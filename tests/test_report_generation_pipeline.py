@@ -10,7 +10,6 @@ import torch
 from conftest import run_without_lapvqa_hf, upstream_report_checkpoint
 from lapvqa_hf.convert.original import ReportGenerationHead, randomize_
 from PIL import Image
-from test_image_processing import write_dicom
 from test_pipelines import REMOTE_PIPELINE, manual_tokens, tiny_encoder_folder
 from transformers import AutoModel, pipeline
 
@@ -22,17 +21,6 @@ from lapvqa_hf.tokenization import build_gpt2_tokenizer
 
 SPECIAL = 50256
 TINY_HEAD = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=48, max_len=40)
-
-
-@pytest.fixture(scope="module")
-def xrays(tmp_path_factory) -> list[str]:
-    """An 8-bit PNG, a 16-bit PNG and a MONOCHROME1 DICOM."""
-    folder = tmp_path_factory.mktemp("xrays")
-    generator = np.random.default_rng(0)
-    Image.fromarray(generator.integers(0, 255, (40, 36), dtype=np.uint8)).save(folder / "cxr.png")
-    Image.fromarray(generator.integers(200, 3000, (50, 44), dtype=np.uint16)).save(folder / "cxr16.png")
-    dicom = write_dicom(folder / "cxr.dcm", generator.integers(0, 4096, (48, 40)), "MONOCHROME1", window=(2048, 4096))
-    return [str(folder / "cxr.png"), str(folder / "cxr16.png"), str(dicom)]
 
 
 @pytest.fixture(scope="module")
